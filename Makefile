@@ -1,0 +1,52 @@
+# The whole set-up is two commands: `make demo` and `make test`. Both install what is missing
+# (Debian packages, the Python virtualenv, the Go-built control plane) and are quiet when it is there.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Editable installs use setuptools' strict mode (a link tree), so a new Python file needs a
+# reinstall: the stamp is keyed on the list of Python files and on pyproject.toml.
+PY_LIST_HASH := $(shell { git ls-files -co --exclude-standard -- '*.py' 2>/dev/null; cat pyproject.toml; } | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(PY_LIST_HASH)
+EXTRAS := operator,dev
+PYTEST_ARGS ?=
+
+.PHONY: test demo deps system-deps binaries lint unit clean help
+
+help:
+	@echo "make demo   - bring up the local GPU cluster and show voxscale at work"
+	@echo "make test   - install whatever is missing, then lint, type-check and run the whole suite"
+
+test: deps lint
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - that proves nothing, failing"; exit 1; fi; \
+	exit $$rc
+
+demo: deps
+	@$(BIN)/voxscale demo
+
+lint: deps
+	@$(BIN)/ruff check --quiet .
+	@$(BIN)/mypy --no-error-summary -p voxscale -p voxscale.operator -p voxscale.inference
+	@$(BIN)/mypy --no-error-summary tests
+
+deps: system-deps $(STAMP) binaries
+
+system-deps:
+	@hack/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "voxscale needs Python >= 3.11")'
+	@test -x $(BIN)/python || { echo "creating virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing voxscale[$(EXTRAS)] into $(VENV)"
+	@{ $(BIN)/pip install --disable-pip-version-check --upgrade pip && \
+	   $(BIN)/pip install --disable-pip-version-check -e ".[$(EXTRAS)]" --config-settings editable_mode=strict; \
+	 } > $(VENV)/pip.log 2>&1 || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }
+	@rm -f $(VENV)/.installed-*; touch $@
+
+binaries: $(STAMP)
+	@$(BIN)/voxscale cluster build
+
+clean:
+	-@test -x $(BIN)/voxscale && $(BIN)/voxscale cluster down
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install the Debian packages voxscale's tests and demo use, only if missing; silent otherwise.
+set -euo pipefail
+
+# command -> Debian package
+declare -A wanted=(
+  [prometheus]=prometheus
+)
+missing=()
+for cmd in "${!wanted[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+done
+if ! command -v go >/dev/null 2>&1; then
+  echo "the Go toolchain (go) is required to build the local control plane; install Go >= 1.24" >&2
+  exit 1
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

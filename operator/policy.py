@@ -1,0 +1,248 @@
+"""Typed view of a TTSDeployment's scaling settings, parsed from its (defaulted) spec.
+
+The CRD's schema and CEL rules refuse most bad manifests at admission; what they cannot judge
+(a cron expression, a timezone name) is checked here, and every error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import zoneinfo
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from croniter import croniter
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SpecError(ValueError):
+    """A setting the operator cannot use; `field` is the JSON path a user has to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def parse_duration(text: str, field: str) -> dt.timedelta:
+    """Go-style duration ('90s', '1m30s', '2h') as used by Kubernetes APIs."""
+    if not isinstance(text, str) or not text:
+        raise SpecError(field, f"expected a duration such as 30s, 2m or 1h30m, got {text!r}")
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if pos != len(text):
+        raise SpecError(field, f"expected a duration such as 30s, 2m or 1h30m, got {text!r}")
+    return dt.timedelta(seconds=total)
+
+
+def format_duration(td: dt.timedelta) -> str:
+    """'2m10s'-style text for explanations."""
+    secs = round(td.total_seconds())
+    h, rem = divmod(secs, 3600)
+    m, s = divmod(rem, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
+    return out
+
+
+class TriggerType(StrEnum):
+    GPU_UTILIZATION = "gpuUtilization"
+    QUEUE_LENGTH = "queueLength"
+    LATENCY_P95 = "latencyP95"
+    PROMQL = "promql"
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    type: TriggerType
+    target: float | None = None
+    tolerance: float = 0.1
+    scale_up_above: float | None = None
+    sustain_for: dt.timedelta = dt.timedelta(0)
+    scale_down_below: float | None = None
+    gpu_metric: str = "DCGM_FI_DEV_GPU_UTIL"
+    query: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return {"gpuUtilization": "%", "latencyP95": "s"}.get(self.type.value, "")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    cron: str
+    timezone: zoneinfo.ZoneInfo
+    duration: dt.timedelta
+    min_replicas: int
+    prewarm: dt.timedelta = dt.timedelta(0)
+
+    def active_window(self, now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+        """The (start, end) of the window in force at `now` (pre-warm included), or None.
+
+        The window opens `prewarm` before each cron start and closes `duration` after it. Cron is read
+        in the schedule's own timezone, so 08:00 stays 08:00 local across DST changes.
+        """
+        probe = (now + self.prewarm).astimezone(self.timezone)
+        # croniter's get_prev is strict; nudge forward so a start exactly at `probe` counts.
+        it = croniter(self.cron, probe + dt.timedelta(seconds=1))
+        start: dt.datetime = it.get_prev(dt.datetime)
+        if start > probe:
+            start = it.get_prev(dt.datetime)
+        if now < start + self.duration:
+            return start - self.prewarm, start + self.duration
+        return None
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    stabilization_window: dt.timedelta
+    max_step_pods: int
+    max_step_percent: int
+    period: dt.timedelta
+    cooldown: dt.timedelta
+
+
+class FallbackMode(StrEnum):
+    HOLD = "hold"
+    FIXED = "fixed"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    mode: FallbackMode = FallbackMode.HOLD
+    replicas: int | None = None
+    allow_below_current: bool = False
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """Everything the engine needs from a TTSDeployment's spec."""
+
+    min_replicas: int
+    max_replicas: int
+    interval: dt.timedelta
+    paused: bool
+    triggers: tuple[Trigger, ...]
+    schedules: tuple[Schedule, ...]
+    scale_up: StepPolicy
+    scale_down: StepPolicy
+    fallback: Fallback
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ScalingPolicy:
+        """Parse a defaulted `spec` (as stored by the API server, or after crd.apply_defaults)."""
+        replicas = spec.get("replicas", {})
+        scaling = spec.get("scaling", {})
+        lo, hi = int(replicas.get("min", 1)), int(replicas.get("max", 10))
+        if lo > hi:
+            raise SpecError("spec.replicas.min", f"min ({lo}) must be <= max ({hi})")
+        if lo == 0 and not replicas.get("allowScaleToZero", False):
+            raise SpecError("spec.replicas.min", "0 requires spec.replicas.allowScaleToZero: true")
+        triggers = tuple(
+            _parse_trigger(t, f"spec.scaling.triggers[{i}]") for i, t in enumerate(scaling.get("triggers", []))
+        )
+        names = [t.name for t in triggers]
+        if len(set(names)) != len(names):
+            raise SpecError("spec.scaling.triggers", f"trigger names must be unique, got {names}")
+        schedules = tuple(
+            _parse_schedule(s, f"spec.scaling.schedules[{i}]", hi) for i, s in enumerate(scaling.get("schedules", []))
+        )
+        fb = scaling.get("fallback", {})
+        fallback = Fallback(
+            FallbackMode(fb.get("mode", "hold")),
+            fb.get("replicas"),
+            bool(fb.get("allowBelowCurrent", False)),
+        )
+        if fallback.mode is FallbackMode.FIXED and fallback.replicas is None:
+            raise SpecError("spec.scaling.fallback.replicas", "required when mode is fixed")
+        return cls(
+            min_replicas=lo,
+            max_replicas=hi,
+            interval=parse_duration(scaling.get("interval", "10s"), "spec.scaling.interval"),
+            paused=bool(scaling.get("paused", False)),
+            triggers=triggers,
+            schedules=schedules,
+            scale_up=_parse_step(scaling.get("scaleUp", {}), "spec.scaling.scaleUp", _UP_DEFAULTS),
+            scale_down=_parse_step(scaling.get("scaleDown", {}), "spec.scaling.scaleDown", _DOWN_DEFAULTS),
+            fallback=fallback,
+        )
+
+
+# Used only when a spec did not go through CRD defaulting (unit tests with partial dicts); the
+# CRD file's defaults are the real ones and crd.apply_defaults() fills them in first.
+_UP_DEFAULTS = {"stabilizationWindow": "0s", "maxStepPods": 4, "maxStepPercent": 100, "period": "15s", "cooldown": "0s"}
+_DOWN_DEFAULTS = {"stabilizationWindow": "5m", "maxStepPods": 1, "maxStepPercent": 10, "period": "1m", "cooldown": "2m"}
+
+
+def _parse_step(raw: dict[str, Any], field: str, defaults: dict[str, Any]) -> StepPolicy:
+    v = {**defaults, **raw}
+    return StepPolicy(
+        stabilization_window=parse_duration(v["stabilizationWindow"], f"{field}.stabilizationWindow"),
+        max_step_pods=int(v["maxStepPods"]),
+        max_step_percent=int(v["maxStepPercent"]),
+        period=parse_duration(v["period"], f"{field}.period"),
+        cooldown=parse_duration(v["cooldown"], f"{field}.cooldown"),
+    )
+
+
+def _parse_trigger(raw: dict[str, Any], field: str) -> Trigger:
+    try:
+        kind = TriggerType(str(raw.get("type")))
+    except ValueError:
+        allowed = ", ".join(t.value for t in TriggerType)
+        raise SpecError(f"{field}.type", f"unknown trigger type {raw.get('type')!r}; use one of {allowed}") from None
+    trig = Trigger(
+        name=str(raw.get("name") or kind.value),
+        type=kind,
+        target=_opt_float(raw.get("target")),
+        tolerance=float(raw.get("tolerance", 0.1)),
+        scale_up_above=_opt_float(raw.get("scaleUpAbove")),
+        sustain_for=parse_duration(raw.get("sustainFor", "0s"), f"{field}.sustainFor"),
+        scale_down_below=_opt_float(raw.get("scaleDownBelow")),
+        gpu_metric=str(raw.get("gpuMetric", "DCGM_FI_DEV_GPU_UTIL")),
+        query=raw.get("query"),
+    )
+    if trig.target is None and trig.scale_up_above is None:
+        raise SpecError(field, "a trigger needs target (proportional) or scaleUpAbove (threshold)")
+    if trig.target is not None and trig.target <= 0:
+        raise SpecError(f"{field}.target", "must be > 0")
+    if kind is TriggerType.PROMQL and not trig.query:
+        raise SpecError(f"{field}.query", "a promql trigger needs query")
+    return trig
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _parse_schedule(raw: dict[str, Any], field: str, max_replicas: int) -> Schedule:
+    tz_name = raw.get("timezone", "UTC")
+    try:
+        tz = zoneinfo.ZoneInfo(tz_name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise SpecError(f"{field}.timezone", f"unknown IANA timezone {tz_name!r} (e.g. Europe/Berlin, UTC)") from None
+    cron = str(raw.get("cron", ""))
+    if len(cron.split()) != 5 or not croniter.is_valid(cron):
+        raise SpecError(f"{field}.cron", f"cannot parse cron expression {cron!r}; use 5 fields, e.g. '0 8 * * *'")
+    sched = Schedule(
+        name=str(raw.get("name", "")),
+        cron=cron,
+        timezone=tz,
+        duration=parse_duration(raw.get("duration", ""), f"{field}.duration"),
+        min_replicas=int(raw.get("minReplicas", 0)),
+        prewarm=parse_duration(raw.get("prewarm", "0s"), f"{field}.prewarm"),
+    )
+    if sched.min_replicas > max_replicas:
+        raise SpecError(f"{field}.minReplicas", f"{sched.min_replicas} exceeds spec.replicas.max ({max_replicas})")
+    if sched.prewarm >= sched.duration:
+        raise SpecError(f"{field}.prewarm", "must be shorter than duration")
+    return sched

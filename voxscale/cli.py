@@ -1,0 +1,121 @@
+"""`voxscale`: one command line for the whole project; later subsystems add their subcommands here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from voxscale import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cluster_build(args: argparse.Namespace) -> int:
+    from voxscale.localcluster import binaries
+
+    for name, path in binaries.ensure_all(args.component or None, force=args.force).items():
+        if args.verbose:
+            print(f"{name}: {path}")
+    return 0
+
+
+def _cluster_up(args: argparse.Namespace) -> int:
+    from voxscale.localcluster.cluster import LocalCluster
+
+    cluster = LocalCluster(args.name)
+    if cluster.is_up():
+        print(f"cluster {args.name!r} is already up", file=sys.stderr)
+    else:
+        cluster.up(gpu_nodes=args.gpu_nodes)
+    print("\n".join(cluster.env_lines()))
+    return 0
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from voxscale.localcluster.cluster import LocalCluster
+
+    LocalCluster(args.name).down()
+    return 0
+
+
+def _cluster_env(args: argparse.Namespace) -> int:
+    from voxscale.localcluster.cluster import LocalCluster
+
+    try:
+        print("\n".join(LocalCluster(args.name).env_lines()))
+    except RuntimeError as exc:
+        print(f"voxscale: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    from voxscale.localcluster.cluster import LocalCluster
+
+    cluster = LocalCluster(args.name)
+    st = cluster.state
+    if st is None:
+        print(f"cluster {args.name!r}: down")
+        return 1
+    print(f"cluster {args.name!r}: state in {st.directory}")
+    for proc, alive in cluster.running().items():
+        print(f"  {proc:<24} pid {st.pids[proc]:<8} {'running' if alive else 'EXITED'}")
+    print(f"  apiserver  {st.apiserver_url}  {'ready' if cluster.is_up() else 'NOT ready'}")
+    print(f"  prometheus {st.prometheus_url}")
+    if cluster.is_up():
+        print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product", check=False).stdout.rstrip())
+        return 0
+    return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from voxscale import demo
+
+    return demo.run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxscale", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voxscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cluster = sub.add_parser("cluster", help="a local Kubernetes control plane + Prometheus on 127.0.0.1")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = csub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--name", default="default", help="which local cluster (default: %(default)s)")
+        p.set_defaults(handler=handler)
+        return p
+
+    up = add("up", _cluster_up, "build what is missing, start the cluster, print its env")
+    up.add_argument("--gpu-nodes", type=int, default=4, help="fake 8-GPU nodes to register (default: %(default)s)")
+    add("down", _cluster_down, "stop every process `up` started and remove its state")
+    add("status", _cluster_status, "show the cluster's processes, endpoints and nodes")
+    add("env", _cluster_env, "print export lines for KUBECONFIG, the Prometheus URL and PATH")
+    build = csub.add_parser("build", help="build the pinned binaries into the cache (no-op when cached)")
+    build.add_argument("component", nargs="*", help="etcd, kubernetes, kwok, helm (default: all)")
+    build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.add_argument("-v", "--verbose", action="store_true", help="print where each component lives")
+    build.set_defaults(handler=_cluster_build)
+
+    demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, TimeoutError, KeyError) as exc:
+        print(f"voxscale: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

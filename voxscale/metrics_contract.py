@@ -1,0 +1,83 @@
+"""The metrics contract: the one place that names what the inference server exports and the operator queries.
+
+Both sides import these definitions (the server to register its collectors, the operator to build
+PromQL), so a rename cannot silently break autoscaling. Pure data: no prometheus_client import here,
+so the operator image does not need the server's dependencies to read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    GAUGE = "gauge"
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def series(self) -> str:
+        """The name a PromQL query uses: histograms are queried through their _bucket series."""
+        return f"{self.name}_bucket" if self.kind is Kind.HISTOGRAM else self.name
+
+
+# Latency buckets cover a TTS request: from a short cached phrase to a long paragraph under load.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0)
+
+QUEUE_DEPTH = Metric("voxscale_queue_depth", Kind.GAUGE, "Requests accepted and waiting for a batch slot.")
+INFLIGHT = Metric("voxscale_inflight_requests", Kind.GAUGE, "Requests being synthesised right now.")
+QUEUE_CAPACITY = Metric("voxscale_queue_capacity", Kind.GAUGE, "The bounded queue's size (requests beyond it get 429).")
+REQUEST_LATENCY = Metric(
+    "voxscale_request_duration_seconds",
+    Kind.HISTOGRAM,
+    "End-to-end time of a synthesis request, from acceptance to the last audio byte.",
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Metric(
+    "voxscale_queue_wait_seconds", Kind.HISTOGRAM, "Time a request waited in the queue.", buckets=_LATENCY_BUCKETS
+)
+BATCH_SIZE = Metric(
+    "voxscale_batch_size", Kind.HISTOGRAM, "Requests per executed batch.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+AUDIO_SECONDS = Metric("voxscale_audio_seconds_total", Kind.COUNTER, "Seconds of audio produced.")
+REQUESTS = Metric("voxscale_requests_total", Kind.COUNTER, "Finished requests by outcome.", labels=("code",))
+ERRORS = Metric("voxscale_errors_total", Kind.COUNTER, "Failed or refused requests by kind.", labels=("kind",))
+# Published by the server from NVML only when no dcgm-exporter runs beside it.
+GPU_UTILIZATION = Metric(
+    "voxscale_gpu_utilization_ratio", Kind.GAUGE, "GPU busy ratio 0-1 seen by this server (NVML).", labels=("gpu",)
+)
+GPU_MEMORY_USED = Metric("voxscale_gpu_memory_used_bytes", Kind.GAUGE, "GPU memory used (NVML).", labels=("gpu",))
+
+SERVER_METRICS: tuple[Metric, ...] = (
+    QUEUE_DEPTH,
+    INFLIGHT,
+    QUEUE_CAPACITY,
+    REQUEST_LATENCY,
+    QUEUE_WAIT,
+    BATCH_SIZE,
+    AUDIO_SECONDS,
+    REQUESTS,
+    ERRORS,
+    GPU_UTILIZATION,
+    GPU_MEMORY_USED,
+)
+
+# NVIDIA dcgm-exporter's series. It labels each with the pod/namespace/container using the GPU
+# (its Kubernetes pod-resources mapping), which is how GPU load is joined to a TTSDeployment.
+DCGM_GPU_UTIL = Metric("DCGM_FI_DEV_GPU_UTIL", Kind.GAUGE, "GPU utilisation in percent (0-100).", ("pod", "namespace"))
+DCGM_ENGINE_ACTIVE = Metric(
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE", Kind.GAUGE, "Graphics engine active ratio (0-1).", ("pod", "namespace")
+)
+
+# Labels the operator puts on every inference pod, so any series carrying `pod` can be joined back.
+POD_LABEL_TTSDEPLOYMENT = "voxscale.io/ttsdeployment"
