@@ -136,6 +136,10 @@ def _fmt(trigger: Trigger, value: float) -> str:
     return f"{value:.3g}{trigger.unit}"
 
 
+def _named(trigger: Trigger, value: float) -> str:
+    return f"{trigger.name} {_fmt(trigger, value)}"
+
+
 def _step_limit(policy: StepPolicy, base: int, up: bool) -> int:
     by_percent = base * policy.max_step_percent / 100
     return max(policy.max_step_pods, math.ceil(by_percent) if up else math.floor(by_percent))
@@ -170,11 +174,11 @@ def _recommend(
             within = abs(ratio - 1) <= trigger.tolerance
         target = _fmt(trigger, trigger.target)
         if within:
-            recs.append((obs.replicas, f"{_fmt(trigger, value)} within {trigger.tolerance:.0%} of target {target}"))
+            recs.append((obs.replicas, f"{_named(trigger, value)} within {trigger.tolerance:.0%} of target {target}"))
         else:
-            recs.append((rec, f"{_fmt(trigger, value)} vs target {target}"))
+            recs.append((rec, f"{_named(trigger, value)} vs target {target}"))
     if trigger.scale_up_above is not None and above_for is not None:
-        above = f"{_fmt(trigger, value)} > {_fmt(trigger, trigger.scale_up_above)} for {format_duration(above_for)}"
+        above = f"{_named(trigger, value)} > {_fmt(trigger, trigger.scale_up_above)} for {format_duration(above_for)}"
         if above_for < trigger.sustain_for:
             pending = f"{above} of {format_duration(trigger.sustain_for)}"
         elif obs.starting > 0:
@@ -182,7 +186,7 @@ def _recommend(
         else:
             recs.append((obs.replicas + step_up, above))
     if not recs:
-        return None, pending or f"{_fmt(trigger, value)}, no threshold crossed"
+        return None, pending or f"{_named(trigger, value)}, no threshold crossed"
     rec, note = max(recs, key=lambda r: r[0])
     return rec, f"{note}; {pending}" if pending else note
 
@@ -282,8 +286,10 @@ def decide(
     reactive = best.recommendation if best is not None and best.recommendation is not None else lo
     raw = min(max(reactive, floor, lo), hi)
 
+    # Stabilisation looks at what the load asked for; schedule floors are applied on top, so the end of
+    # a window is not mistaken for a load that might come back.
     window = max(policy.scale_up.stabilization_window, policy.scale_down.stabilization_window)
-    recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, raw))
+    recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, min(max(reactive, lo), hi)))
     if not policy.triggers:
         metrics_message = "no triggers configured"
     elif metrics.error:
@@ -374,15 +380,17 @@ def _scale_down(tick: _Tick, must: int, below_since: dict[str, dt.datetime]) -> 
     down, now, current = tick.policy.scale_down, tick.now, tick.current
     window = down.stabilization_window
     span = format_duration(window)
+    above_since = tick.next_history.above_since
     for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
-        if t.name not in below_since:
-            return tick.decide(current, "steady", f"steady at {current}: {t.name} {r.note}")
-        if now - below_since[t.name] < window:
-            limit = f"{t.scale_down_below:g}{t.unit}" if t.scale_down_below is not None else "its target"
+        # Above its scale-up threshold (even if not for long enough yet), or not below its scale-down one.
+        if t.name in above_since or t.name not in below_since:
+            return tick.decide(current, "steady", f"steady at {current}: {r.note}")
+    for t in tick.policy.triggers:
+        if t.scale_down_below is not None and now - below_since[t.name] < window:
             calm = format_duration(now - below_since[t.name])
-            return tick.decide(
-                current, "stabilizing", f"{t.name} below {limit} for {calm} of {span}: holding {current}"
-            )
+            limit = f"{t.scale_down_below:g}{t.unit}"
+            message = f"{t.name} below {limit} for {calm} of {span}: holding {current}"
+            return tick.decide(current, "stabilizing", message)
     data_since = tick.next_history.data_since
     if data_since is None or now - data_since < window:
         return tick.decide(
