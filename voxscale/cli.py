@@ -75,6 +75,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run()
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from voxscale.operator import runner
+
+    return runner.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"voxscale {__version__}")
@@ -99,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.add_argument("-v", "--verbose", action="store_true", help="print where each component lives")
     build.set_defaults(handler=_cluster_build)
+
+    op = sub.add_parser("operator", help="run the TTSDeployment operator (kopf) against the current cluster")
+    from voxscale.operator.runner import add_arguments
+
+    add_arguments(op)
+    op.set_defaults(handler=_operator)
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
     demo.set_defaults(handler=_demo)

@@ -1,0 +1,53 @@
+{{- define "voxscale.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "voxscale.labels" -}}
+app.kubernetes.io/name: voxscale-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "voxscale.serviceAccountName" -}}
+{{- default (include "voxscale.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* The operator's permissions: exactly the verbs it uses, nothing more. */}}
+{{- define "voxscale.watchRules" -}}
+# Watch TTSDeployments; kopf keeps its bookkeeping in their annotations (patch).
+- apiGroups: ["voxscale.io"]
+  resources: ["ttsdeployments"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["voxscale.io"]
+  resources: ["ttsdeployments/status"]
+  verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion, which needs this where the
+# OwnerReferencesPermissionEnforcement admission plugin is on.
+- apiGroups: ["voxscale.io"]
+  resources: ["ttsdeployments/finalizers"]
+  verbs: ["update"]
+# Children, by server-side apply; replicas through the scale subresource.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch", "delete"]
+# Decisions and errors as Events.
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# Optional Prometheus credentials (spec.scaling.prometheus.auth).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}

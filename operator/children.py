@@ -1,0 +1,176 @@
+"""Pure builders of the objects a TTSDeployment owns: Deployment, Service, PodDisruptionBudget.
+
+They take the (defaulted) TTSDeployment and return manifests for server-side apply. The Deployment
+never carries `spec.replicas`: the replica count belongs to the scaling engine, which writes it through
+the scale subresource under its own field manager, so re-applying the spec can never reset it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from voxscale.metrics_contract import POD_LABEL_TTSDEPLOYMENT
+from voxscale.operator.crd import GROUP, KIND, VERSION
+
+MANAGED_BY = "voxscale"
+CONTAINER = "tts"
+PORT_NAME = "http"
+# The pod's grace period covers the preStop pause plus the server's drain of accepted requests.
+TERMINATION_GRACE_SECONDS = 90
+PRESTOP_PAUSE_SECONDS = 5
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {POD_LABEL_TTSDEPLOYMENT: name}
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "voxscale-inference",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **selector_labels(name),
+    }
+
+
+def owner_reference(ttsd: dict[str, Any]) -> dict[str, Any]:
+    meta = ttsd["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(ttsd: dict[str, Any]) -> dict[str, Any]:
+    meta = ttsd["metadata"]
+    return {
+        "name": meta["name"],
+        "namespace": meta["namespace"],
+        "labels": common_labels(meta["name"]),
+        "ownerReferences": [owner_reference(ttsd)],
+    }
+
+
+def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pipeline settings handed to the inference server, then the user's own variables."""
+    model = spec["model"]
+    ours: list[dict[str, Any]] = [
+        {"name": "VOXSCALE_VOICE", "value": str(model.get("voice", ""))},
+        {"name": "VOXSCALE_PRECISION", "value": str(model.get("precision", "fp16"))},
+        {"name": "VOXSCALE_MAX_BATCH_SIZE", "value": str(model.get("maxBatchSize", 8))},
+        {"name": "VOXSCALE_MAX_QUEUE", "value": str(model.get("maxQueueLength", 64))},
+        {"name": "VOXSCALE_PORT", "value": str(spec.get("service", {}).get("port", 8000))},
+        {"name": "VOXSCALE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "VOXSCALE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    user = list(model.get("env", []))
+    user_names = {e["name"] for e in user}
+    return [e for e in ours if e["name"] not in user_names] + user
+
+
+def container_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    res = spec.get("resources", {})
+    requests = dict(res.get("requests", {}))
+    limits = dict(res.get("limits", {}))
+    gpus = int(res.get("gpus", 1))
+    if gpus > 0:
+        # Extended resources are set as limits; the API server copies them to requests.
+        limits["nvidia.com/gpu"] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = {k: str(v) for k, v in requests.items()}
+    if limits:
+        out["limits"] = {k: str(v) for k, v in limits.items()}
+    return out
+
+
+def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
+    name = ttsd["metadata"]["name"]
+    spec = ttsd["spec"]
+    model = spec["model"]
+    port = int(spec.get("service", {}).get("port", 8000))
+    probe_base = {"httpGet": {"path": "/readyz", "port": PORT_NAME}}
+    pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": model["image"],
+                "imagePullPolicy": model.get("imagePullPolicy", "IfNotPresent"),
+                "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+                "env": server_env(spec),
+                "resources": container_resources(spec),
+                # Model loading can take minutes: the startup probe holds the others off until it is done.
+                "startupProbe": {
+                    "httpGet": {"path": "/healthz", "port": PORT_NAME},
+                    "periodSeconds": 5,
+                    "failureThreshold": 120,
+                },
+                "readinessProbe": {**probe_base, "periodSeconds": 2, "failureThreshold": 2},
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": PORT_NAME},
+                    "periodSeconds": 10,
+                    "failureThreshold": 3,
+                },
+                # Give Endpoints time to drop the pod before SIGTERM; the server then drains accepted work.
+                "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_SECONDS}}},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+    }
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        if spec.get(key):
+            pod_spec[key] = spec[key]
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(ttsd),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(name)},
+            # GPUs are scarce: surge one pod at a time and never drop below the current capacity.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": common_labels(name), "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service(ttsd: dict[str, Any]) -> dict[str, Any]:
+    port = int(ttsd["spec"].get("service", {}).get("port", 8000))
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ttsd),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ttsd["metadata"]["name"]),
+            "ports": [{"name": PORT_NAME, "port": port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(ttsd: dict[str, Any]) -> dict[str, Any] | None:
+    """A PDB only when at least two replicas are promised: one voluntary eviction at a time."""
+    if int(ttsd["spec"].get("replicas", {}).get("min", 1)) < 2:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ttsd),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ttsd["metadata"]["name"])}},
+    }

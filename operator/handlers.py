@@ -1,0 +1,97 @@
+"""kopf handlers: thin glue between watch events and the reconcile/scale shells.
+
+Imported for its side effect of registering handlers; `runner.run()` starts kopf after this process
+has won leader election.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from voxscale.operator.crd import GROUP, PLURAL, VERSION
+from voxscale.operator.kube import Kube
+from voxscale.operator.scaler import Scaler
+
+
+class Runtime:
+    """What the handlers share; set up by runner.run() before kopf starts."""
+
+    kube: Kube
+    scaler: Scaler
+    task: asyncio.Task[None] | None = None
+
+
+RUNTIME = Runtime()
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our status schema is strict: keep kopf's own bookkeeping in annotations, not in status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="voxscale.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="voxscale.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # the scaler posts its own, more useful, Events
+    settings.watching.server_timeout = 120
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    RUNTIME.task = asyncio.create_task(RUNTIME.scaler.run_forever())
+
+
+@kopf.on.cleanup()
+async def _cleanup(**_: Any) -> None:
+    if RUNTIME.task is not None:
+        RUNTIME.task.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def _track(type: str, body: kopf.Body, **_: Any) -> None:
+    obj = dict(body)
+    if type == "DELETED":
+        RUNTIME.scaler.remove((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+    else:
+        RUNTIME.scaler.upsert(_plain(obj))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def _reconcile(body: kopf.Body, reason: str, **_: Any) -> None:
+    """Make the children match the spec (never touching the replica count)."""
+    obj = _plain(dict(body))
+    try:
+        applied = RUNTIME.kube.apply_children(obj)
+    except ApiException as exc:
+        if exc.status in (400, 403, 422):
+            msg = f"cannot apply children: HTTP {exc.status}: {_api_message(exc)}"
+            RUNTIME.kube.event(obj, "Warning", "ReconcileFailed", msg)
+            raise kopf.PermanentError(msg) from exc
+        raise kopf.TemporaryError(f"API error {exc.status}; retrying", delay=5) from exc
+    if reason == "create":
+        RUNTIME.kube.event(obj, "Normal", "Created", f"created {', '.join(applied)}")
+    elif reason == "update":
+        RUNTIME.kube.event(obj, "Normal", "Updated", f"applied the new spec to {', '.join(applied)}")
+    RUNTIME.scaler.upsert(obj)
+    RUNTIME.scaler.mark_due((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+
+def _plain(obj: Any) -> Any:
+    """kopf bodies are views; the builders want plain dicts and lists."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _api_message(exc: ApiException) -> str:
+    import json
+
+    try:
+        return str(json.loads(exc.body or "{}").get("message", exc.reason))
+    except ValueError:
+        return str(exc.reason)

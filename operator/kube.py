@@ -1,0 +1,167 @@
+"""The operator's Kubernetes calls, in one thin layer: server-side apply of children, the scale
+subresource, status patches and Events. Every call is retried with backoff on conflicts, timeouts and
+a restarting API server; anything else is raised for the caller to report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from voxscale.operator import children
+from voxscale.operator.crd import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("voxscale.operator")
+T = TypeVar("T")
+
+APPLY_MANAGER = "voxscale-operator"  # owns everything in the children except the replica count
+SCALE_MANAGER = "voxscale-scaler"  # owns spec.replicas, through the scale subresource
+RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+
+
+def load_config() -> None:
+    """In-cluster credentials when running in a pod, otherwise KUBECONFIG."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def retrying(call: Callable[[], T], what: str, attempts: int = 6) -> T:
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except ApiException as exc:
+            if exc.status not in RETRYABLE_STATUS or attempt == attempts:
+                raise
+            log.info("%s: HTTP %s, retrying in %.1fs", what, exc.status, delay)
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            log.info("%s: %s, retrying in %.1fs", what, exc.__class__.__name__, delay)
+        time.sleep(delay * (1 + random.random() / 2))
+        delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+        self.apps = client.AppsV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.policy = client.PolicyV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    # ------------------------------------------------------------------ children
+    def apply_children(self, ttsd: dict[str, Any]) -> list[str]:
+        """Create or update the Deployment, Service and PDB; returns what was applied or removed."""
+        ns, name = ttsd["metadata"]["namespace"], ttsd["metadata"]["name"]
+        wanted: list[tuple[str, Callable[..., Any], dict[str, Any] | None]] = [
+            ("Deployment", self.apps.patch_namespaced_deployment, children.deployment(ttsd)),
+            ("Service", self.core.patch_namespaced_service, children.service(ttsd)),
+            (
+                "PodDisruptionBudget",
+                self.policy.patch_namespaced_pod_disruption_budget,
+                children.pod_disruption_budget(ttsd),
+            ),
+        ]
+        done = []
+        for kind, patch, body in wanted:
+            if body is not None:
+                retrying(functools.partial(self._apply, patch, name, ns, body), f"apply {kind} {ns}/{name}")
+                done.append(kind)
+        if wanted[2][2] is None and self._delete_pdb_if_ours(ns, name):
+            done.append("PodDisruptionBudget (removed: min < 2)")
+        return done
+
+    @staticmethod
+    def _apply(patch: Callable[..., Any], name: str, ns: str, body: dict[str, Any]) -> Any:
+        return patch(
+            name,
+            ns,
+            body,
+            field_manager=APPLY_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    def _delete_pdb_if_ours(self, ns: str, name: str) -> bool:
+        try:
+            pdb = self.policy.read_namespaced_pod_disruption_budget(name, ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        labels = (pdb.metadata.labels if pdb.metadata else None) or {}
+        if labels.get("app.kubernetes.io/managed-by") != children.MANAGED_BY:
+            return False
+        retrying(lambda: self.policy.delete_namespaced_pod_disruption_budget(name, ns), f"delete PDB {ns}/{name}")
+        return True
+
+    # ------------------------------------------------------------------ scaling
+    def list_deployments(self, namespaces: list[str] | None) -> dict[tuple[str, str], Any]:
+        """Every voxscale-managed Deployment in one list call per namespace scope (not per object)."""
+        selector = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
+        calls: list[Callable[[], Any]] = (
+            [functools.partial(self.apps.list_namespaced_deployment, ns, label_selector=selector) for ns in namespaces]
+            if namespaces
+            else [functools.partial(self.apps.list_deployment_for_all_namespaces, label_selector=selector)]
+        )
+        items: list[Any] = []
+        for call in calls:
+            items += retrying(call, "list Deployments").items
+        return {(d.metadata.namespace, d.metadata.name): d for d in items}
+
+    def scale(self, ns: str, name: str, replicas: int) -> None:
+        body = {"spec": {"replicas": replicas}}
+        retrying(
+            lambda: self.apps.patch_namespaced_deployment_scale(name, ns, body, field_manager=SCALE_MANAGER),
+            f"scale Deployment {ns}/{name}",
+        )
+
+    # ------------------------------------------------------------------ status and events
+    def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        retrying(
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, PLURAL, name, {"status": status}
+            ),
+            f"patch status {ns}/{name}",
+        )
+
+    def event(self, ttsd: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event on the TTSDeployment (best effort: an Event is never worth a failure)."""
+        meta = ttsd["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind="TTSDeployment",
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=kind,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component="voxscale-operator"),
+            reporting_component="voxscale-operator",
+            reporting_instance="voxscale-operator",
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)

@@ -1,0 +1,171 @@
+"""Prometheus adapter: one query per metric kind per tick for every TTSDeployment it serves.
+
+A thin shell around `queries.py` on `prometheus-api-client`. An error, a timeout or an empty result
+is reported as such (never as zero); the engine decides what missing data means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from voxscale.operator import queries
+from voxscale.operator.engine import Metrics
+from voxscale.operator.policy import ScalingPolicy
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to query; TTSDeployments sharing one are batched together."""
+
+    url: str
+    timeout_seconds: float = 5.0
+    headers: tuple[tuple[str, str], ...] = ()
+    basic_auth: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    namespace: str
+    name: str
+    policy: ScalingPolicy
+    endpoint: Endpoint
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+@dataclass
+class QueryStats:
+    """Counts for the operator's own /metrics and the benchmark (queries must not grow with objects)."""
+
+    queries: int = 0
+    errors: int = 0
+    last_round_queries: int = 0
+    last_round_seconds: float = 0.0
+    errors_by_url: dict[str, int] = field(default_factory=dict)
+
+
+class PrometheusSource:
+    def __init__(self) -> None:
+        self.stats = QueryStats()
+        self._clients: dict[Endpoint, PrometheusConnect] = {}
+
+    def _client(self, ep: Endpoint) -> PrometheusConnect:
+        if ep not in self._clients:
+            # No client-side retries: the next tick is the retry, and a hung query must not stall a tick.
+            self._clients[ep] = PrometheusConnect(
+                url=ep.url,
+                headers=dict(ep.headers) or None,
+                auth=ep.basic_auth,
+                timeout=ep.timeout_seconds,
+                retry=Retry(total=0),
+            )
+        return self._clients[ep]
+
+    def _query(self, ep: Endpoint, promql: str) -> list[dict[str, Any]]:
+        self.stats.queries += 1
+        self.stats.last_round_queries += 1
+        try:
+            result: list[dict[str, Any]] = self._client(ep).custom_query(promql)
+            return result
+        except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
+            self.stats.errors += 1
+            self.stats.errors_by_url[ep.url] = self.stats.errors_by_url.get(ep.url, 0) + 1
+            raise QueryError(_describe(ep, exc)) from exc
+
+    def fetch(self, targets: Sequence[Target]) -> dict[Key, Metrics]:
+        """Metrics for each target, with one batched query per metric kind and endpoint."""
+        started = time.monotonic()
+        self.stats.last_round_queries = 0
+        values: dict[Key, dict[str, float]] = defaultdict(dict)
+        errors: dict[Key, str] = {}
+        by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
+        for t in targets:
+            by_endpoint[t.endpoint].append(t)
+        for ep, group in by_endpoint.items():
+            namespaces = sorted({t.namespace for t in group})
+            needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
+            for t in group:
+                for trig in t.policy.triggers:
+                    key = queries.batch_key(trig)
+                    if key is not None:
+                        needed[key].append((t, trig.name))
+                    else:
+                        self._custom(ep, t, trig.name, trig.query or "", values, errors)
+            for batch, users in needed.items():
+                try:
+                    result = self._query(ep, queries.batch_query(batch, namespaces))
+                    samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None)
+                except QueryError as exc:
+                    for t, _ in users:
+                        errors.setdefault(t.key, str(exc))
+                    continue
+                for t, trig_name in users:
+                    if t.key in samples:
+                        values[t.key][trig_name] = samples[t.key]
+        self.stats.last_round_seconds = time.monotonic() - started
+        return {t.key: Metrics(dict(values[t.key]), errors.get(t.key)) for t in targets}
+
+    def _custom(
+        self,
+        ep: Endpoint,
+        t: Target,
+        trigger: str,
+        promql: str,
+        values: dict[Key, dict[str, float]],
+        errors: dict[Key, str],
+    ) -> None:
+        try:
+            result = self._query(ep, queries.custom(promql, t.namespace, t.name))
+        except QueryError as exc:
+            errors.setdefault(t.key, str(exc))
+            return
+        if len(result) == 1:
+            values[t.key][trigger] = float(result[0]["value"][1])
+        elif len(result) > 1:
+            errors.setdefault(t.key, f"trigger {trigger}: query returned {len(result)} series, expected one")
+
+
+class QueryError(RuntimeError):
+    pass
+
+
+def _describe(ep: Endpoint, exc: Exception) -> str:
+    if isinstance(exc, requests.Timeout):
+        return f"Prometheus at {ep.url} timed out after {ep.timeout_seconds:g}s"
+    if isinstance(exc, requests.ConnectionError):
+        return f"Prometheus at {ep.url} unreachable"
+    return f"Prometheus at {ep.url}: {exc}"
+
+
+def _by_owner(result: Iterable[dict[str, Any]], nan_means: float | None = None) -> dict[Key, float]:
+    """{(namespace, ttsdeployment): value} from a batched query.
+
+    NaN comes from a quantile over zero requests: the series exist but nothing was served. For
+    latency that means "no latency pressure" (`nan_means=0`); elsewhere it counts as no data.
+    """
+    out: dict[Key, float] = {}
+    for series in result:
+        labels = series.get("metric", {})
+        owner = labels.get(queries.OWNER_LABEL)
+        if not owner or "namespace" not in labels:
+            continue
+        value = float(series["value"][1])
+        if value != value:  # NaN
+            if nan_means is None:
+                continue
+            value = nan_means
+        out[(labels["namespace"], owner)] = value
+    return out

@@ -1,0 +1,99 @@
+"""PromQL for every trigger kind, batched: one query per kind answers for ALL TTSDeployments.
+
+Series are joined to their TTSDeployment by the labels dcgm-exporter and a Prometheus pod scrape
+really carry: `namespace` and `pod`. A Deployment's pods are named `<deployment>-<template hash>-<5
+chars>`, and a TTSDeployment's Deployment has its name, so `label_replace` recovers the owner from
+the pod name inside Prometheus and `by (namespace, ttsdeployment)` returns one sample per object.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from voxscale import metrics_contract as mc
+from voxscale.operator.policy import Trigger, TriggerType
+
+OWNER_LABEL = "ttsdeployment"
+# kube's pod-template-hash alphabet (no vowels, no 0/1/3) and the 5-character random suffix.
+_POD_NAME = "(.+)-[bcdfghjklmnpqrstvwxz2456789]{6,10}-[bcdfghjklmnpqrstvwxz2456789]{5}"
+LATENCY_WINDOW = "1m"
+
+# What each GPU series means, normalised to percent.
+_GPU_SCALE = {
+    mc.DCGM_GPU_UTIL.name: 1.0,
+    mc.DCGM_ENGINE_ACTIVE.name: 100.0,
+    mc.GPU_UTILIZATION.name: 100.0,
+}
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a string for use inside a PromQL double-quoted label matcher."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _namespace_matcher(namespaces: Iterable[str]) -> str:
+    ns = sorted(set(namespaces))
+    if not ns:
+        return ""
+    alternatives = "|".join(re.escape(n) for n in ns)
+    return f'namespace=~"{escape_label_value(alternatives)}"'
+
+
+def _with_owner(expr: str) -> str:
+    return f'label_replace({expr}, "{OWNER_LABEL}", "$1", "pod", "{_POD_NAME}")'
+
+
+def _selector(series: str, namespaces: Iterable[str]) -> str:
+    matchers = ", ".join(m for m in (_namespace_matcher(namespaces), 'pod!=""') if m)
+    return f"{series}{{{matchers}}}"
+
+
+def gpu_utilization(metric: str, namespaces: Iterable[str]) -> str:
+    """Average GPU busy percent over each TTSDeployment's pods."""
+    scale = _GPU_SCALE[metric]
+    inner = f"avg by (namespace, {OWNER_LABEL}) ({_with_owner(_selector(metric, namespaces))})"
+    return inner if scale == 1.0 else f"{scale:g} * {inner}"
+
+
+def queue_length(namespaces: Iterable[str]) -> str:
+    """Requests waiting, summed over each TTSDeployment's pods."""
+    return f"sum by (namespace, {OWNER_LABEL}) ({_with_owner(_selector(mc.QUEUE_DEPTH.series, namespaces))})"
+
+
+def latency_p95(namespaces: Iterable[str]) -> str:
+    """p95 request latency (seconds) per TTSDeployment over the last minute."""
+    rate = f"rate({_selector(mc.REQUEST_LATENCY.series, namespaces)}[{LATENCY_WINDOW}])"
+    return f"histogram_quantile(0.95, sum by (namespace, {OWNER_LABEL}, le) ({_with_owner(rate)}))"
+
+
+def custom(query: str, namespace: str, name: str) -> str:
+    """A user's PromQL with $namespace, $name and $pods substituted (escaped as label values)."""
+    pods = f"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"
+    return (
+        query.replace("$namespace", escape_label_value(namespace))
+        .replace("$name", escape_label_value(name))
+        .replace("$pods", escape_label_value(pods))
+    )
+
+
+def batch_key(trigger: Trigger) -> str | None:
+    """Triggers sharing a key are answered by one batched query (None: a per-object custom query)."""
+    if trigger.type is TriggerType.GPU_UTILIZATION:
+        return f"gpu:{trigger.gpu_metric}"
+    if trigger.type is TriggerType.QUEUE_LENGTH:
+        return "queue"
+    if trigger.type is TriggerType.LATENCY_P95:
+        return "latency"
+    return None
+
+
+def batch_query(key: str, namespaces: Iterable[str]) -> str:
+    kind, _, arg = key.partition(":")
+    if kind == "gpu":
+        return gpu_utilization(arg, namespaces)
+    if kind == "queue":
+        return queue_length(namespaces)
+    if kind == "latency":
+        return latency_p95(namespaces)
+    raise ValueError(f"unknown batch key {key!r}")

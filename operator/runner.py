@@ -1,0 +1,92 @@
+"""`voxscale operator`: leader election, the operator's own /metrics, then kopf."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+from prometheus_client import start_http_server
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: the whole cluster",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("VOXSCALE_PROMETHEUS_URL"),
+        help="Prometheus for TTSDeployments that name none (env VOXSCALE_PROMETHEUS_URL)",
+    )
+    p.add_argument("--metrics-port", type=int, default=8080, help="the operator's own /metrics (0: off)")
+    p.add_argument("--health-port", type=int, default=8081, help="kopf liveness endpoint /healthz (0: off)")
+    p.add_argument("--bind", default="0.0.0.0", help="address for the metrics and health endpoints")
+    p.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold a coordination Lease before acting, so replicas never act at once",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader-election Lease (env POD_NAMESPACE)",
+    )
+    p.add_argument("--lease-name", default="voxscale-operator", help="name of the Lease")
+    p.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=15,
+        help="a dead leader is replaced after at most this long (default %(default)s)",
+    )
+    p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}", help="this replica's name")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from voxscale.operator import handlers
+    from voxscale.operator.kube import Kube, load_config
+    from voxscale.operator.leader import LeaseElector
+    from voxscale.operator.scaler import Scaler
+
+    logging.getLogger().handlers.clear()  # a library may have called basicConfig on import
+    kopf.configure(verbose=args.verbose)  # kopf owns the root log handler; ours log through it
+    if not args.verbose:
+        # One line per watch event drowns the decisions; keep kopf's per-object chatter for -v.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("voxscale").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    load_config()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind)
+    elector = None
+    if args.leader_election:
+        renew = max(1.0, args.lease_seconds / 3)
+        elector = LeaseElector(args.lease_namespace, args.lease_name, args.identity, args.lease_seconds, renew)
+        elector.acquire()
+        elector.keep_renewing()
+    handlers.RUNTIME.kube = Kube()
+    handlers.RUNTIME.scaler = Scaler(
+        handlers.RUNTIME.kube, default_prometheus_url=args.prometheus_url, namespaces=args.namespace or None
+    )
+    liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not args.namespace,
+                namespaces=list(args.namespace),
+                standalone=True,  # leader election above replaces kopf's peering
+                liveness_endpoint=liveness,
+            )
+        )
+    finally:
+        if elector is not None:
+            elector.release()  # a clean stop hands over at once instead of after the lease expires
+    return 0

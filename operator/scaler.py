@@ -1,0 +1,253 @@
+"""The scaling loop: the imperative shell around `engine.decide()`.
+
+Every round it takes the TTSDeployments whose interval has elapsed, lists their Deployments in one
+call, asks Prometheus once per metric kind for all of them, runs the engine for each, writes the new
+replica count through the scale subresource, and records the decision in status and Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from voxscale.operator import status as st
+from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
+from voxscale.operator.kube import Kube
+from voxscale.operator.policy import ScalingPolicy, SpecError, parse_duration
+from voxscale.operator.prometheus import Endpoint, Key, PrometheusSource, Target
+
+log = logging.getLogger("voxscale.operator.scaler")
+
+DECISIONS = Counter("voxscale_operator_decisions", "Scaling decisions by rule.", ["rule"])
+SCALE_EVENTS = Counter("voxscale_operator_scale_events", "Replica changes written.", ["direction"])
+PROM_ERRORS = Counter("voxscale_operator_prometheus_errors", "TTSDeployments whose metrics query failed.")
+PROM_QUERIES = Counter("voxscale_operator_prometheus_queries", "PromQL queries sent.")
+TICK_SECONDS = Histogram(
+    "voxscale_operator_tick_seconds",
+    "Duration of one scaling round (all due TTSDeployments).",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TRACKED = Gauge("voxscale_operator_ttsdeployments", "TTSDeployments the operator is scaling.")
+
+STATUS_REFRESH_SECONDS = 30.0  # write status at least this often even when nothing visible changed
+
+
+@dataclass
+class Tracked:
+    body: dict[str, Any]
+    policy: ScalingPolicy | None = None
+    spec_error: str | None = None
+    generation: int = -1
+    next_due: float = 0.0
+    history: History = field(default_factory=History)
+    decision: Decision | None = None
+    written: dict[str, Any] | None = None
+    written_at: float = 0.0
+    metrics_ok: bool | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.body["metadata"]["namespace"], self.body["metadata"]["name"])
+
+
+class Scaler:
+    def __init__(
+        self,
+        kube: Kube,
+        source: PrometheusSource | None = None,
+        default_prometheus_url: str | None = None,
+        namespaces: list[str] | None = None,
+        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.kube = kube
+        self.source = source or PrometheusSource()
+        self.default_prometheus_url = default_prometheus_url
+        self.namespaces = namespaces or None
+        self.wall_clock = wall_clock
+        self.tracked: dict[Key, Tracked] = {}
+
+    # ---------------------------------------------------------------- registry (fed by kopf events)
+    def upsert(self, body: dict[str, Any]) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        tr = self.tracked.get(key)
+        if tr is None:
+            tr = Tracked(body=body, history=History.from_dict((body.get("status") or {}).get("engine")))
+            self.tracked[key] = tr
+        tr.body = body
+        generation = int(body["metadata"].get("generation", 0))
+        if generation != tr.generation:
+            tr.generation = generation
+            try:
+                tr.policy, tr.spec_error = ScalingPolicy.from_spec(body["spec"]), None
+            except SpecError as exc:
+                tr.policy, tr.spec_error = None, str(exc)
+            except (KeyError, TypeError, ValueError) as exc:
+                tr.policy, tr.spec_error = None, f"spec: {exc}"
+            tr.next_due = 0.0  # evaluate a changed spec at once
+        TRACKED.set(len(self.tracked))
+
+    def remove(self, key: Key) -> None:
+        self.tracked.pop(key, None)
+        TRACKED.set(len(self.tracked))
+
+    def mark_due(self, key: Key) -> None:
+        if key in self.tracked:
+            self.tracked[key].next_due = 0.0
+
+    # ---------------------------------------------------------------- the loop
+    async def run_forever(self, granularity: float = 0.5) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:
+                log.exception("scaling round failed; retrying next round")
+            await asyncio.sleep(granularity)
+
+    def tick(self) -> int:
+        """One round over every due TTSDeployment; returns how many were evaluated."""
+        mono = time.monotonic()
+        due = [tr for tr in self.tracked.values() if tr.next_due <= mono]
+        if not due:
+            return 0
+        started = time.perf_counter()
+        now = self.wall_clock()
+        deployments = self.kube.list_deployments(self.namespaces)
+        targets, endpoint_errors = [], {}
+        for tr in due:
+            if tr.policy is None or not tr.policy.triggers:
+                continue
+            try:
+                targets.append(Target(tr.key[0], tr.key[1], tr.policy, self._endpoint(tr.body)))
+            except SpecError as exc:
+                endpoint_errors[tr.key] = str(exc)
+        queries_before = self.source.stats.queries
+        metrics = self.source.fetch(targets)
+        PROM_QUERIES.inc(self.source.stats.queries - queries_before)
+        for tr in due:
+            interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
+            tr.next_due = mono + interval
+            m = metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
+            try:
+                self._evaluate(tr, deployments.get(tr.key), m, now)
+            except Exception:
+                log.exception("evaluating %s/%s failed", *tr.key)
+        TICK_SECONDS.observe(time.perf_counter() - started)
+        return len(due)
+
+    def _endpoint(self, body: dict[str, Any]) -> Endpoint:
+        prom = (body["spec"].get("scaling") or {}).get("prometheus") or {}
+        url = prom.get("url") or self.default_prometheus_url
+        if not url:
+            raise SpecError(
+                "spec.scaling.prometheus.url",
+                "no Prometheus URL: set it here or start the operator with --prometheus-url",
+            )
+        timeout = parse_duration(prom.get("timeout", "5s"), "spec.scaling.prometheus.timeout").total_seconds()
+        auth = prom.get("auth") or {}
+        ns = body["metadata"]["namespace"]
+        if "bearerTokenSecretRef" in auth:
+            ref = auth["bearerTokenSecretRef"]
+            token = self._secret_value(ns, ref["name"], ref["key"], "spec.scaling.prometheus.auth.bearerTokenSecretRef")
+            return Endpoint(url, timeout, headers=(("Authorization", f"Bearer {token}"),))
+        if "basicAuthSecretRef" in auth:
+            ref = auth["basicAuthSecretRef"]
+            field_path = "spec.scaling.prometheus.auth.basicAuthSecretRef"
+            user = self._secret_value(ns, ref["name"], "username", field_path)
+            password = self._secret_value(ns, ref["name"], "password", field_path)
+            return Endpoint(url, timeout, basic_auth=(user, password))
+        return Endpoint(url, timeout)
+
+    def _secret_value(self, ns: str, name: str, key: str, field_path: str) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            secret = self.kube.core.read_namespaced_secret(name, ns)
+        except ApiException as exc:
+            raise SpecError(field_path, f"cannot read Secret {ns}/{name}: HTTP {exc.status}") from exc
+        data = secret.data or {}
+        if key not in data:
+            raise SpecError(field_path, f"Secret {ns}/{name} has no key {key!r}")
+        return base64.b64decode(data[key]).decode().strip()
+
+    def _evaluate(self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime) -> None:
+        ns, name = tr.key
+        if dep is None:
+            # Deleted by hand, or not created yet: make the children again.
+            applied = self.kube.apply_children(tr.body)
+            self.kube.event(tr.body, "Normal", "ChildrenRecreated", f"applied {', '.join(applied)}")
+            tr.next_due = 0.0
+            self._write_status(tr, None, 0, 0, deployment_found=False, now=now)
+            return
+        replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
+        ready = int(dep.status.ready_replicas or 0)
+        if tr.policy is None:
+            self._write_status(tr, None, replicas, ready, deployment_found=True, now=now)
+            return
+        decision = decide(tr.policy, Observed(replicas, ready), metrics, now, tr.history)
+        DECISIONS.labels(decision.rule).inc()
+        if metrics.error:
+            PROM_ERRORS.inc()
+        if decision.changed:
+            self.kube.scale(ns, name, decision.desired)
+            direction = "up" if decision.desired > replicas else "down"
+            SCALE_EVENTS.labels(direction).inc()
+            self.kube.event(tr.body, "Normal", f"Scaled{direction.capitalize()}", decision.message)
+            log.info("%s/%s: %s", ns, name, decision.message)
+        if tr.metrics_ok is not False and not decision.metrics_available and tr.policy.triggers:
+            self.kube.event(tr.body, "Warning", "MetricsUnavailable", decision.metrics_message)
+        if tr.metrics_ok is False and decision.metrics_available:
+            self.kube.event(tr.body, "Normal", "MetricsAvailable", "metrics are back: " + decision.metrics_message)
+        tr.metrics_ok = decision.metrics_available
+        tr.history = decision.history
+        tr.decision = decision
+        self._write_status(tr, decision, decision.desired, ready, deployment_found=True, now=now)
+
+    def _write_status(
+        self,
+        tr: Tracked,
+        decision: Decision | None,
+        replicas: int,
+        ready: int,
+        deployment_found: bool,
+        now: dt.datetime,
+    ) -> None:
+        body = tr.body
+        previous = body.get("status") or {}
+        spec_replicas = body["spec"].get("replicas") or {}
+        paused = bool(tr.policy.paused) if tr.policy else False
+        conditions = [
+            st.ready_condition(ready, replicas, int(spec_replicas.get("min", 1)), deployment_found),
+            *st.scaling_conditions(decision, tr.spec_error, paused),
+        ]
+        new: dict[str, Any] = {
+            "observedGeneration": tr.generation,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "conditions": st.merge_conditions(previous.get("conditions", []), conditions, now, tr.generation),
+        }
+        if decision is not None:
+            new["desiredReplicas"] = decision.desired
+            new["reason"] = decision.rule
+            new["lastDecision"] = st.last_decision(decision, now)
+            if decision.changed:
+                new["lastScaleTime"] = st.iso(now)
+        elif tr.spec_error:
+            new["reason"] = "InvalidSpec"
+        visible = {k: v for k, v in new.items() if k != "lastDecision"}
+        visible["message"] = decision.message if decision else tr.spec_error
+        if tr.spec_error and (tr.written or {}).get("message") != tr.spec_error:
+            self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
+        mono = time.monotonic()
+        if visible == tr.written and mono - tr.written_at < STATUS_REFRESH_SECONDS:
+            return
+        new["engine"] = tr.history.to_dict()
+        self.kube.patch_status(tr.key[0], tr.key[1], new)
+        tr.written, tr.written_at = visible, mono

@@ -1,0 +1,94 @@
+"""Pure construction of a TTSDeployment's status: conditions per Kubernetes conventions and the
+last decision, from what the scaler observed. Transition times only move when a status flips."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from voxscale.operator.engine import Decision
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def merge_conditions(
+    previous: list[dict[str, Any]], new: list[Condition], now: dt.datetime, generation: int
+) -> list[dict[str, Any]]:
+    """New conditions, keeping each one's lastTransitionTime unless its status changed."""
+    before = {c.get("type"): c for c in previous or []}
+    out = []
+    for c in new:
+        old = before.get(c.type)
+        changed = old is None or old.get("status") != c.status
+        out.append(
+            {
+                "type": c.type,
+                "status": c.status,
+                "reason": c.reason,
+                "message": c.message,
+                "lastTransitionTime": iso(now) if changed or old is None else old.get("lastTransitionTime"),
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def ready_condition(ready: int, replicas: int, min_replicas: int, deployment_found: bool) -> Condition:
+    if not deployment_found:
+        return Condition("Ready", "False", "DeploymentMissing", "the inference Deployment does not exist yet")
+    needed = max(1, min(min_replicas, replicas)) if replicas else max(0, min_replicas)
+    if needed == 0:
+        return Condition("Ready", "True", "ScaledToZero", "scaled to zero, as allowed")
+    if ready >= needed:
+        return Condition("Ready", "True", "MinimumReplicasReady", f"{ready}/{replicas} pods ready")
+    return Condition("Ready", "False", "PodsStarting", f"{ready}/{replicas} pods ready, {needed} needed")
+
+
+def scaling_conditions(decision: Decision | None, spec_error: str | None, paused: bool) -> list[Condition]:
+    if spec_error is not None:
+        return [
+            Condition("ScalingActive", "False", "InvalidSpec", spec_error),
+            Condition("MetricsAvailable", "Unknown", "InvalidSpec", "not queried: the scaling spec is invalid"),
+        ]
+    if decision is None:
+        return [
+            Condition("ScalingActive", "Unknown", "Pending", "waiting for the first evaluation"),
+            Condition("MetricsAvailable", "Unknown", "Pending", "not queried yet"),
+        ]
+    active = (
+        Condition("ScalingActive", "False", "Paused", decision.message)
+        if paused
+        else Condition("ScalingActive", "True", "Evaluating", decision.message)
+    )
+    if decision.metrics_message == "no triggers configured":
+        metrics = Condition("MetricsAvailable", "Unknown", "NoTriggers", decision.metrics_message)
+    elif decision.metrics_available:
+        metrics = Condition("MetricsAvailable", "True", "QueriesSucceeded", decision.metrics_message)
+    else:
+        metrics = Condition("MetricsAvailable", "False", "MetricsUnavailable", decision.metrics_message)
+    return [active, metrics]
+
+
+def last_decision(decision: Decision, now: dt.datetime) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "time": iso(now),
+        "rule": decision.rule,
+        "from": decision.current,
+        "to": decision.desired,
+        "message": decision.message,
+        "metrics": decision.metric_values,
+    }
+    if decision.active_schedule:
+        out["activeSchedule"] = decision.active_schedule
+    return out
