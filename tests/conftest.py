@@ -4,10 +4,12 @@ kwok) and one real Prometheus for the whole run, started by the project's own to
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from tests.operator_harness import OperatorProcess, install_operator_rbac
 from voxscale.localcluster.cluster import ClusterState, LocalCluster, running_cluster
 
 TEST_CLUSTER = os.environ.get("VOXSCALE_TEST_CLUSTER", "pytest")
@@ -32,9 +34,31 @@ def prometheus_url(cluster_state: ClusterState) -> str:
     return cluster_state.prometheus_url
 
 
+@pytest.fixture(scope="module")
+def operator(
+    cluster: LocalCluster, cluster_state: ClusterState, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """A cluster-wide operator as `helm install` runs it (release `voxscale`, the chart's RBAC), per module."""
+    kubeconfig = install_operator_rbac(cluster, "voxscale")
+    op = OperatorProcess(kubeconfig, cluster_state.prometheus_url, lease_name="voxscale")
+    op.start(tmp_path_factory.mktemp("operator"))
+    op.wait_leader()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted (with everything in it) afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Anything that asks for the cluster is a cluster test, so `-m "not cluster"` runs the pure tests only.
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if {"cluster", "cluster_state", "prometheus_url"} & set(fixtures):
+        if {"cluster", "cluster_state", "prometheus_url", "operator", "namespace"} & set(fixtures):
             item.add_marker(pytest.mark.cluster)

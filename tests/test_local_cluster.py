@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,20 +13,10 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from tests.operator_harness import free_port, wait_for
 from voxscale.localcluster.cluster import GPU_PRODUCT, ClusterState, LocalCluster
 
 COLD_START_SECONDS = 6
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def api_client(st: ClusterState) -> k8s.ApiClient:
@@ -186,18 +173,11 @@ def test_crd_and_object_applied_with_kubectl_read_back_with_python_client(
         cluster.kubectl("delete", "crd", "widgets.smoke.voxscale.io", "--wait=false", check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_prometheus_scrapes_a_test_exporter(cluster: LocalCluster, prometheus_url: str) -> None:
     registry = CollectorRegistry()
     gauge = Gauge("voxscale_smoke_value", "a value the test sets", ["pod"], registry=registry)
     gauge.labels(pod="tts-0").set(42.5)
-    port = _free_port()
+    port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     cluster.set_scrape_targets("smoke", [f"127.0.0.1:{port}"])
     try:

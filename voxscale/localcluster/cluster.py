@@ -64,6 +64,7 @@ class ClusterState:
     prometheus_port: int
     gpu_nodes: int
     pids: dict[str, int] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -207,6 +208,18 @@ class LocalCluster:
     def remove_scrape_targets(self, job: str) -> None:
         st = self._require_state()
         (st.scrape_targets_dir / f"{job}.json").unlink(missing_ok=True)
+
+    def stop_process(self, name: str) -> None:
+        """Stop one component (e.g. to test how clients cope with Prometheus going away)."""
+        st = self._require_state()
+        if _pid_alive(st.pids[name]):
+            self._terminate(st.pids[name])
+
+    def start_process(self, name: str) -> None:
+        """Start a component stopped with stop_process() again, with the same command line."""
+        st = self._require_state()
+        if not _pid_alive(st.pids[name]):
+            self._spawn(st, name, st.commands[name])
 
     # ----------------------------------------------------------------- lifecycle
     def up(self, gpu_nodes: int = 4, timeout: float = 120.0) -> ClusterState:
@@ -430,6 +443,7 @@ class LocalCluster:
         )
         log.close()
         st.pids[name] = proc.pid
+        st.commands[name] = cmd
         st.save()
 
     @staticmethod

@@ -1,0 +1,82 @@
+"""A test exporter that publishes DCGM-format GPU and inference-queue series per pod.
+
+It labels every series with `pod` and `namespace`, as dcgm-exporter and a pod scrape do, for the
+real pods of a TTSDeployment (listed from the API server as they come and go). The test chooses the
+values; the real Prometheus scrapes them; the real operator queries Prometheus.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tests.operator_harness import free_port
+from voxscale import metrics_contract as mc
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
+
+
+@dataclass
+class Load:
+    gpu_percent: float | None = None
+    queue_per_pod: float | None = None
+
+
+@dataclass(eq=False)  # a registered collector must stay hashable
+class PodMetricsExporter(Collector):
+    cluster: LocalCluster
+    state: ClusterState
+    loads: dict[tuple[str, str], Load] = field(default_factory=dict)
+    _pods: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.core = k8s.CoreV1Api(k8s_config.new_client_from_config(config_file=str(self.state.kubeconfig)))
+
+    def set(self, namespace: str, name: str, gpu: float | None = None, queue_per_pod: float | None = None) -> None:
+        self.loads[(namespace, name)] = Load(gpu, queue_per_pod)
+
+    def collect(self) -> Iterable[Any]:
+        gpu = GaugeMetricFamily(mc.DCGM_GPU_UTIL.name, mc.DCGM_GPU_UTIL.help, labels=["gpu", "pod", "namespace"])
+        queue = GaugeMetricFamily(mc.QUEUE_DEPTH.name, mc.QUEUE_DEPTH.help, labels=["pod", "namespace"])
+        for (ns, name), load in list(self.loads.items()):
+            for pod in self._pods.get((ns, name), []):
+                if load.gpu_percent is not None:
+                    gpu.add_metric(["0", pod, ns], load.gpu_percent)
+                if load.queue_per_pod is not None:
+                    queue.add_metric([pod, ns], load.queue_per_pod)
+        yield gpu
+        yield queue
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(0.5):
+            for ns, name in list(self.loads):
+                try:
+                    pods = self.core.list_namespaced_pod(ns, label_selector=f"{mc.POD_LABEL_TTSDEPLOYMENT}={name}")
+                except Exception:
+                    continue
+                # Like dcgm-exporter, only pods that are running hold a GPU and report on it.
+                running = [p for p in pods.items if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+                self._pods[(ns, name)] = [str(p.metadata.name) for p in running]
+
+    def start(self, job: str = "pod-exporter") -> PodMetricsExporter:
+        registry = CollectorRegistry()
+        registry.register(self)
+        port = free_port()
+        self._server, self._thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        threading.Thread(target=self._refresh, daemon=True).start()
+        self.cluster.set_scrape_targets(job, [f"127.0.0.1:{port}"])
+        self._job = job
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.cluster.remove_scrape_targets(self._job)
+        self._server.shutdown()
