@@ -1,0 +1,70 @@
+"""Two operator replicas: one acts, the other stands by and takes over when the active one is killed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.operator_harness import OperatorProcess, get_json, install_operator_rbac, wait_for
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
+
+LEASE_SECONDS = 6
+
+
+def ttsd(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "voxscale.io/v1alpha1",
+            "kind": "TTSDeployment",
+            "metadata": {"name": name},
+            "spec": {"model": {"image": "ghcr.io/voxscale/inference:0.1.0"}},
+        }
+    )
+
+
+def test_standby_takes_over_when_the_active_operator_is_killed(
+    cluster: LocalCluster, cluster_state: ClusterState, tmp_path: Path
+) -> None:
+    ns = "ha-test"
+    # A namespace-scoped install (Role + RoleBinding in `ha-test` only), release `voxscale-ha`.
+    kubeconfig = install_operator_rbac(cluster, "voxscale-ha", watch_namespaces=[ns])
+    replicas = [
+        OperatorProcess(
+            kubeconfig,
+            cluster_state.prometheus_url,
+            "voxscale-ha",
+            identity=f"replica-{i}",
+            namespaces=[ns],
+            lease_seconds=LEASE_SECONDS,
+        )
+        for i in range(2)
+    ]
+    first, second = replicas
+    try:
+        first.start(tmp_path)
+        first.wait_leader()
+        second.start(tmp_path)
+        wait_for("the second replica to stand by", lambda: "standing by" in second.log())
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=ttsd("before"))
+        wait_for("the leader reconciles", lambda: get_json(cluster, "deployment", "before", "-n", ns))
+        assert not second.is_leader()
+
+        first.kill()  # SIGKILL: no chance to hand the lease over
+        killed = time.monotonic()
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=ttsd("after"))
+        wait_for(
+            "the standby reconciles",
+            lambda: get_json(cluster, "deployment", "after", "-n", ns),
+            timeout=LEASE_SECONDS + 30,
+        )
+        takeover = time.monotonic() - killed
+        assert second.is_leader()
+        # Bounded: the lease duration, one poll, kopf's start-up and one reconcile.
+        assert takeover <= LEASE_SECONDS + 15, takeover
+        holder = get_json(cluster, "lease", "voxscale-ha", "-n", "voxscale-system")["spec"]["holderIdentity"]
+        assert holder == "replica-1"
+    finally:
+        for op in replicas:
+            op.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
