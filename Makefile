@@ -28,7 +28,7 @@ demo: deps
 lint: deps
 	@$(BIN)/ruff check --quiet .
 	@$(BIN)/mypy --no-error-summary -p voxscale -p voxscale.operator -p voxscale.inference
-	@$(BIN)/mypy --no-error-summary tests
+	@$(BIN)/mypy --no-error-summary tests bench
 
 deps: system-deps $(STAMP) binaries
 

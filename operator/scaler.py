@@ -36,6 +36,9 @@ TICK_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TRACKED = Gauge("voxscale_operator_ttsdeployments", "TTSDeployments the operator is scaling.")
+LAST_ROUND_SECONDS = Gauge("voxscale_operator_last_round_seconds", "Duration of the latest scaling round.")
+LAST_ROUND_OBJECTS = Gauge("voxscale_operator_last_round_ttsdeployments", "TTSDeployments in the latest round.")
+LAST_ROUND_QUERIES = Gauge("voxscale_operator_last_round_queries", "PromQL queries in the latest round.")
 
 STATUS_REFRESH_SECONDS = 30.0  # write status at least this often even when nothing visible changed
 
@@ -139,7 +142,11 @@ class Scaler:
                 self._evaluate(tr, deployments.get(tr.key), m, now)
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
-        TICK_SECONDS.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        TICK_SECONDS.observe(elapsed)
+        LAST_ROUND_SECONDS.set(elapsed)
+        LAST_ROUND_OBJECTS.set(len(due))
+        LAST_ROUND_QUERIES.set(self.source.stats.queries - queries_before)
         return len(due)
 
     def _endpoint(self, body: dict[str, Any]) -> Endpoint:

@@ -112,7 +112,7 @@ class OperatorProcess:
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, log_dir: Path) -> OperatorProcess:
+    def start(self, log_dir: Path, metrics_port: int | None = None) -> OperatorProcess:
         self.log_path = log_dir / f"{self.identity}.log"
         cmd = [
             sys.executable,
@@ -124,7 +124,7 @@ class OperatorProcess:
             f"--lease-name={self.lease_name}",
             f"--lease-seconds={self.lease_seconds}",
             f"--identity={self.identity}",
-            f"--metrics-port={free_port()}",
+            f"--metrics-port={metrics_port or free_port()}",
             f"--health-port={free_port()}",
             "--bind=127.0.0.1",
         ]

@@ -1,0 +1,216 @@
+"""Operator benchmark on the real local control plane (not a test: it reports figures).
+
+1. Reaction time: a DCGM-format exporter raises GPU utilisation above a TTSDeployment's threshold;
+   how long until the Deployment's replica count changes (interval 5 s, the real Prometheus scraping
+   every 1 s)? Median and p95 over --trials.
+2. Scale: N TTSDeployments (N in --counts): scaling-round duration, operator CPU and peak RSS, and
+   PromQL queries per round, which must stay flat as N grows.
+
+    .venv/bin/python -m bench.operator_bench [--trials 12] [--counts 10,100,500] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.operator_harness import OperatorProcess, free_port, get_json, install_operator_rbac, wait_for
+from tests.pod_exporter import PodMetricsExporter
+from voxscale.localcluster.cluster import LocalCluster
+
+INTERVAL_S = 5
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def ttsd(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "voxscale.io/v1alpha1",
+        "kind": "TTSDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"image": "ghcr.io/voxscale/inference:0.1.0"}, **spec},
+    }
+
+
+def operator_metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("voxscale_operator_") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def proc_cpu_rss(pid: int) -> tuple[float, float]:
+    """(CPU seconds used so far, peak RSS in MiB) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return ticks / 100.0, int(hwm.split()[1]) / 1024
+
+
+def reaction_times(cluster: LocalCluster, exporter: PodMetricsExporter, trials: int) -> list[float]:
+    ns = "bench-reaction"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    trigger = {"name": "gpu", "type": "gpuUtilization", "scaleUpAbove": 75, "scaleDownBelow": 40}
+    obj = ttsd(
+        "react",
+        replicas={"min": 1, "max": trials + 2},
+        scaling={
+            "interval": f"{INTERVAL_S}s",
+            "triggers": [trigger],
+            "scaleUp": {"maxStepPods": 1, "maxStepPercent": 1, "period": "1s"},
+        },
+    )
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+    exporter.set(ns, "react", gpu=50)
+
+    def replicas() -> tuple[int, int]:
+        dep = get_json(cluster, "deployment", "react", "-n", ns)
+        return int(dep["spec"]["replicas"]), int(dep["status"].get("readyReplicas") or 0)
+
+    wait_for("the TTSDeployment's first pod", lambda: replicas() == (1, 1), timeout=60)
+
+    def settled(count: int) -> bool:
+        return replicas() == (count, count)
+
+    def grown(count: int) -> bool:
+        return replicas()[0] > count
+
+    out = []
+    for i in range(trials):
+        before, _ = replicas()
+        wait_for("all pods ready", functools.partial(settled, before), timeout=60)
+        time.sleep(random.uniform(1.5, 1.5 + INTERVAL_S))  # a random phase against the operator's interval
+        exporter.set(ns, "react", gpu=90)
+        crossed = time.monotonic()
+        wait_for("scale-up", functools.partial(grown, before), timeout=60, interval=0.05)
+        out.append(time.monotonic() - crossed)
+        exporter.set(ns, "react", gpu=50)
+        say(f"reaction trial {i + 1}/{trials}: {out[-1]:.2f}s")
+    cluster.kubectl("delete", "namespace", ns, "--wait=false")
+    return out
+
+
+def evaluated_at_least(cluster: LocalCluster, ns: str, n: int) -> bool:
+    items = get_json(cluster, "ttsd", "-n", ns)["items"]
+    return sum(1 for o in items if o.get("status", {}).get("reason")) >= n
+
+
+def scale_run(cluster: LocalCluster, op: OperatorProcess, metrics_port: int, counts: list[int]) -> list[dict[str, Any]]:
+    ns = "bench-scale"
+    cluster.kubectl("create", "namespace", ns, check=False)
+    rows = []
+    created = 0
+    trigger = {"name": "queue", "type": "queueLength", "target": 5}
+    for n in counts:
+        objs = [
+            ttsd(
+                f"tts-{i:04d}",
+                replicas={"min": 0, "max": 10, "allowScaleToZero": True},
+                scaling={"interval": "10s", "triggers": [trigger]},
+            )
+            for i in range(created, n)
+        ]
+        for chunk in range(0, len(objs), 100):
+            docs = yaml.safe_dump_all(objs[chunk : chunk + 100])
+            cluster.kubectl("apply", "-n", ns, "-f", "-", input=docs)
+        created = n
+        say(f"{n} TTSDeployments applied; waiting until every one has been evaluated")
+        wait_for("status on all", functools.partial(evaluated_at_least, cluster, ns, n), timeout=600, interval=2)
+        assert op.proc is not None
+        cpu0, _ = proc_cpu_rss(op.proc.pid)
+        m0 = operator_metrics(metrics_port)
+        t0 = time.monotonic()
+        rounds_seen: list[tuple[float, float, float]] = []
+        while time.monotonic() - t0 < 30:
+            m = operator_metrics(metrics_port)
+            rounds_seen.append(
+                (
+                    m["voxscale_operator_last_round_seconds"],
+                    m["voxscale_operator_last_round_ttsdeployments"],
+                    m["voxscale_operator_last_round_queries"],
+                )
+            )
+            time.sleep(0.5)
+        cpu1, rss = proc_cpu_rss(op.proc.pid)
+        m1 = operator_metrics(metrics_port)
+        wall = time.monotonic() - t0
+        rounds = m1["voxscale_operator_tick_seconds_count"] - m0["voxscale_operator_tick_seconds_count"]
+        queries = m1["voxscale_operator_prometheus_queries_total"] - m0["voxscale_operator_prometheus_queries_total"]
+        evaluated = sum(objs for _, objs, _ in rounds_seen)
+        row = {
+            "ttsdeployments": n,
+            "rounds": int(rounds),
+            "round_seconds_mean": (m1["voxscale_operator_tick_seconds_sum"] - m0["voxscale_operator_tick_seconds_sum"])
+            / max(rounds, 1),
+            "ms_per_ttsdeployment": 1000 * sum(s for s, _, _ in rounds_seen) / max(evaluated, 1),
+            "queries_per_round": queries / max(rounds, 1),
+            "max_queries_in_a_round": max(q for _, _, q in rounds_seen),
+            "evaluations_per_second": n / 10,
+            "operator_cpu_percent": 100 * (cpu1 - cpu0) / wall,
+            "operator_peak_rss_mib": rss,
+        }
+        rows.append(row)
+        say(json.dumps(row))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--counts", default="10,100,500")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    cluster = LocalCluster("bench")
+    started = not cluster.is_up()
+    cluster.up(gpu_nodes=8)
+    st = cluster.state
+    assert st is not None
+    exporter = PodMetricsExporter(cluster, st).start()
+    kubeconfig = install_operator_rbac(cluster, "voxscale")
+    op = OperatorProcess(kubeconfig, st.prometheus_url, lease_name="voxscale")
+    metrics_port = free_port()
+    log_dir = st.dir / "logs"
+    try:
+        op.start(log_dir, metrics_port=metrics_port)
+        op.wait_leader()
+        times = reaction_times(cluster, exporter, args.trials)
+        q = statistics.quantiles(times, n=20)
+        reaction = {
+            "interval_seconds": INTERVAL_S,
+            "trials": len(times),
+            "median_seconds": statistics.median(times),
+            "p95_seconds": q[18],
+            "max_seconds": max(times),
+        }
+        say(f"reaction: {json.dumps(reaction)}")
+        rows = scale_run(cluster, op, metrics_port, [int(c) for c in args.counts.split(",")])
+    finally:
+        op.stop()
+        exporter.stop()
+        if started:
+            cluster.down(quiet=True)
+    result = {"reaction": reaction, "scale": rows}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
