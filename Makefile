@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # reinstall: the stamp is keyed on the list of Python files and on pyproject.toml.
 PY_LIST_HASH := $(shell { git ls-files -co --exclude-standard -- '*.py' 2>/dev/null; cat pyproject.toml; } | cksum | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(PY_LIST_HASH)
-EXTRAS := operator,dev
+EXTRAS := operator,sim,dev
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps system-deps binaries lint unit clean help

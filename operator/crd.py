@@ -51,3 +51,39 @@ def _default(node: Any, sch: dict[str, Any]) -> Any:
 def apply_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     """A copy of a TTSDeployment with the CRD's defaults filled in, as the API server would store it."""
     return _default(copy.deepcopy(obj), schema())  # type: ignore[no-any-return]
+
+
+def _unknown_fields(node: Any, sch: dict[str, Any], path: str, out: list[str]) -> None:
+    if sch.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(node, dict) and "properties" in sch:
+        for key, value in node.items():
+            if key not in sch["properties"]:
+                out.append(f'{path}.{key}: unknown field "{path.lstrip(".")}.{key}"')
+            else:
+                _unknown_fields(value, sch["properties"][key], f"{path}.{key}", out)
+    elif isinstance(node, list) and "items" in sch:
+        for i, item in enumerate(node):
+            _unknown_fields(item, sch["items"], f"{path}[{i}]", out)
+
+
+def validate(obj: dict[str, Any]) -> list[str]:
+    """Check a TTSDeployment read from a file against the CRD's own schema (no API server needed).
+
+    Returns messages that start with the field path. The CEL rules are not evaluated here; the
+    policy parser checks the same cross-field facts when it builds a ScalingPolicy.
+    """
+    import jsonschema
+
+    errors: list[str] = []
+    if obj.get("apiVersion") != f"{GROUP}/{VERSION}" or obj.get("kind") != KIND:
+        errors.append(
+            f"apiVersion/kind: expected {GROUP}/{VERSION} {KIND}, got {obj.get('apiVersion')} {obj.get('kind')}"
+        )
+    sch = schema()
+    _unknown_fields(obj.get("spec"), sch["properties"]["spec"], ".spec", errors)
+    validator = jsonschema.Draft4Validator({k: v for k, v in sch.items() if k != "x-kubernetes-validations"})
+    for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        errors.append(f"{where or '.'}: {err.message}")
+    return [e.lstrip(".") for e in errors]

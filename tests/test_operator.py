@@ -258,3 +258,10 @@ def test_operator_rbac_is_the_charts_not_cluster_admin(cluster: LocalCluster, op
         assert res.stdout.strip() == "no", f"operator may {verb} {resource}"
     assert str(operator.kubeconfig).endswith("operator-voxscale.kubeconfig")
     assert "token" in Path(operator.kubeconfig).read_text()
+
+
+def test_kubectl_explain_teaches_the_scaling_spec(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    out = wait_for("explain", lambda: cluster.kubectl("explain", "ttsd.spec.scaling.triggers").stdout)
+    assert "Reactive rules" in out and "scaleUpAbove" in out and "sustainFor" in out
+    deep = cluster.kubectl("explain", "ttsd.spec.scaling.schedules.prewarm").stdout
+    assert "Lead time" in deep

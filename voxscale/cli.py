@@ -81,6 +81,12 @@ def _operator(args: argparse.Namespace) -> int:
     return runner.run(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from voxscale.simulator import cli
+
+    return cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"voxscale {__version__}")
@@ -111,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(op)
     op.set_defaults(handler=_operator)
+
+    sim = sub.add_parser(
+        "simulate", help="replay a traffic trace through the scaling engine and price it against baselines"
+    )
+    from voxscale.simulator.cli import add_arguments as add_sim_arguments
+
+    add_sim_arguments(sim)
+    sim.set_defaults(handler=_simulate)
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
     demo.set_defaults(handler=_demo)

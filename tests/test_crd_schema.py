@@ -1,0 +1,43 @@
+"""Static checks of the CRD file, the single source of truth for the TTSDeployment schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from voxscale.operator import crd
+from voxscale.operator.policy import ScalingPolicy
+
+
+def _fields(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for name, sub in node.get("properties", {}).items():
+        out.append((f"{path}.{name}", sub))
+        out += _fields(sub, f"{path}.{name}")
+    if "items" in node:
+        out += _fields(node["items"], f"{path}[]")
+    return out
+
+
+def test_every_field_has_a_description_for_kubectl_explain() -> None:
+    missing = [p for p, sub in _fields(crd.schema()) if not sub.get("description") and p != ".metadata"]
+    assert missing == []
+
+
+def test_defaults_come_from_the_crd_and_parse_into_a_policy() -> None:
+    obj = crd.apply_defaults({"spec": {"model": {"image": "x:1"}}})
+    spec = obj["spec"]
+    assert spec["replicas"] == {"min": 1, "max": 10, "allowScaleToZero": False}
+    assert spec["scaling"]["interval"] == "10s"
+    assert spec["scaling"]["fallback"]["mode"] == "hold"
+    policy = ScalingPolicy.from_spec(spec)
+    assert (policy.min_replicas, policy.max_replicas, policy.interval.total_seconds()) == (1, 10, 10)
+    assert policy.scale_down.stabilization_window.total_seconds() == 300
+
+
+def test_printer_columns_and_short_name() -> None:
+    doc = crd.crd()
+    assert doc["spec"]["names"]["shortNames"] == ["ttsd"]
+    version = doc["spec"]["versions"][0]
+    cols = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert cols == ["Min", "Max", "Desired", "Ready", "Reason", "Age"]
+    assert version["subresources"] == {"status": {}}

@@ -1,0 +1,116 @@
+"""The `voxscale simulate` command: argument parsing and error reporting around run.compare()."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from voxscale.operator import crd
+from voxscale.operator.policy import ScalingPolicy, SpecError
+from voxscale.simulator import traces
+from voxscale.simulator.model import CapacityModel
+from voxscale.simulator.policies import VoxscaleAutoscaler
+from voxscale.simulator.run import compare, format_table, plot
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scenario", choices=sorted(traces.SCENARIOS), help="a built-in trace from the seed documents")
+    src.add_argument("--trace", type=Path, help="CSV with a header `timestamp,rps` (seconds or ISO-8601)")
+    p.add_argument(
+        "--manifest",
+        "-f",
+        type=Path,
+        help="the TTSDeployment YAML to simulate (default for a scenario: its example manifest)",
+    )
+    p.add_argument("--step", type=float, default=1.0, help="simulation step in seconds (default %(default)s)")
+    p.add_argument("--days", type=float, help="length of a daily scenario in days (default 1; 7 for a week)")
+    p.add_argument("--slo", type=float, default=2.0, help="latency SLO in seconds (default %(default)s)")
+    p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour (default %(default)s)")
+    p.add_argument(
+        "--service-seconds",
+        type=float,
+        default=CapacityModel.service_seconds,
+        help="GPU time per request at full batch (default %(default)s)",
+    )
+    p.add_argument(
+        "--cold-start",
+        type=float,
+        default=CapacityModel.cold_start_seconds,
+        help="seconds from scale-up to a Ready pod (default %(default)s)",
+    )
+    p.add_argument("--stochastic", action="store_true", help="Poisson arrivals and exponential service")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG: load, replicas, p95 latency over time")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SpecError(str(path), "no such file")
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), f"not valid YAML: {exc}") from None
+    found = [d for d in docs if isinstance(d, dict) and d.get("kind") == crd.KIND]
+    if len(found) != 1:
+        raise SpecError(str(path), f"expected exactly one {crd.KIND}, found {len(found)}")
+    problems = crd.validate(found[0])
+    if problems:
+        field, _, message = problems[0].partition(": ")
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise SpecError(field, message + more)
+    return crd.apply_defaults(found[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.scenario:
+            kwargs: dict[str, Any] = {"step_seconds": args.step}
+            if args.days and args.scenario != "course-launch":
+                kwargs["days"] = args.days
+            trace = traces.SCENARIOS[args.scenario](**kwargs)
+            manifest_path = args.manifest or EXAMPLES / traces.SCENARIO_MANIFESTS[args.scenario]
+        else:
+            trace = traces.load_csv(args.trace, args.step)
+            if args.manifest is None:
+                raise SpecError("--manifest", "a CSV trace needs the TTSDeployment manifest to simulate")
+            manifest_path = args.manifest
+        ttsd = load_manifest(manifest_path)
+        policy = ScalingPolicy.from_spec(ttsd["spec"])
+    except (SpecError, traces.TraceError) as exc:
+        print(f"voxscale simulate: {exc}", file=sys.stderr)
+        return 2
+    model = ttsd["spec"]["model"]
+    capacity = CapacityModel(
+        slots=int(model.get("maxBatchSize", 8)),
+        service_seconds=args.service_seconds,
+        max_queue=int(model.get("maxQueueLength", 64)),
+        cold_start_seconds=args.cold_start,
+        gpus_per_replica=max(1, int(ttsd["spec"].get("resources", {}).get("gpus", 1))),
+    )
+    result = compare(
+        trace,
+        VoxscaleAutoscaler(policy),
+        capacity,
+        args.slo,
+        args.price,
+        args.stochastic,
+        progress=not args.no_progress and not args.json,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_table(result))
+    if args.plot:
+        plot(result, str(args.plot))
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
