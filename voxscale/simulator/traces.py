@@ -110,13 +110,13 @@ def education(days: int = 1, base_rps: float = 30.0, step_seconds: float = 1.0, 
     """An education platform: traffic triples when lessons start at 08:00 local (UTC+8) for 4 hours."""
     n = int(days * 86400 / step_seconds)
     t = np.arange(n) * step_seconds
-    local_hour = ((t / 3600) + tz_offset_hours) % 24
+    local_hour = (t / 3600) % 24  # the trace starts at local midnight
     day = _smooth_step(local_hour, 7.0, 0.4) * (1 - _smooth_step(local_hour, 22.5, 0.4))  # awake hours
     peak = _smooth_step(local_hour, 8.0, 0.05) * (1 - _smooth_step(local_hour, 12.0, 0.3))
     rps = base_rps * (0.15 + 0.85 * day) * (1 + 2.0 * peak) * _noise(n, 1, 0.05)
     return Trace(
         "education",
-        _MONDAY,
+        _MONDAY - dt.timedelta(hours=tz_offset_hours),
         step_seconds,
         np.clip(rps, 0, None),
         "education platform: 3x peak from 08:00 (UTC+8) for 4 h",
@@ -127,13 +127,13 @@ def game_studio(days: int = 1, day_rps: float = 90.0, step_seconds: float = 1.0)
     """A game studio's NPC voices: busy 07:00-01:00 (Europe/Berlin in winter, UTC+1), quiet at night."""
     n = int(days * 86400 / step_seconds)
     t = np.arange(n) * step_seconds
-    local_hour = ((t / 3600) + 1.0) % 24
+    local_hour = (t / 3600) % 24  # the trace starts at local midnight (UTC+1)
     night = _smooth_step(local_hour, 1.0, 0.2) * (1 - _smooth_step(local_hour, 7.0, 0.2))
     evening = np.exp(-((local_hour - 20.5) ** 2) / 4)  # players after work
     rps = day_rps * (1 - 0.85 * night) * (1 + 0.6 * evening) * _noise(n, 2, 0.08)
     return Trace(
         "game-studio",
-        _MONDAY,
+        _MONDAY - dt.timedelta(hours=1),
         step_seconds,
         np.clip(rps, 0, None),
         "game studio: day traffic with an evening bump, ~15 % of it at night (01:00-07:00)",
