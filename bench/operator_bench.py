@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from tests.operator_harness import OperatorProcess, free_port, get_json, install_operator_rbac, wait_for
-from tests.pod_exporter import PodMetricsExporter
 from voxscale.localcluster.cluster import LocalCluster
+from voxscale.localcluster.harness import OperatorProcess, free_port, get_json, install_operator_rbac, wait_for
+from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 INTERVAL_S = 5
 

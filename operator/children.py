@@ -130,10 +130,12 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
         if spec.get(key):
             pod_spec[key] = spec[key]
     annotations = {
+        **spec.get("podAnnotations", {}),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(port),
         "prometheus.io/path": "/metrics",
     }
+    pod_labels = {**spec.get("podLabels", {}), **common_labels(name)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -143,7 +145,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
             # GPUs are scarce: surge one pod at a time and never drop below the current capacity.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
-                "metadata": {"labels": common_labels(name), "annotations": annotations},
+                "metadata": {"labels": pod_labels, "annotations": annotations},
                 "spec": pod_spec,
             },
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -39,6 +40,12 @@ TRACKED = Gauge("voxscale_operator_ttsdeployments", "TTSDeployments the operator
 LAST_ROUND_SECONDS = Gauge("voxscale_operator_last_round_seconds", "Duration of the latest scaling round.")
 LAST_ROUND_OBJECTS = Gauge("voxscale_operator_last_round_ttsdeployments", "TTSDeployments in the latest round.")
 LAST_ROUND_QUERIES = Gauge("voxscale_operator_last_round_queries", "PromQL queries in the latest round.")
+
+_PER_OBJECT = ["namespace", "ttsdeployment"]
+DESIRED = Gauge("voxscale_operator_desired_replicas", "The engine's latest decision.", _PER_OBJECT)
+READY = Gauge("voxscale_operator_ready_replicas", "Ready pods of the TTSDeployment.", _PER_OBJECT)
+MAX = Gauge("voxscale_operator_max_replicas", "spec.replicas.max of the TTSDeployment.", _PER_OBJECT)
+METRICS_OK = Gauge("voxscale_operator_metrics_available", "1 while every trigger has data.", _PER_OBJECT)
 
 STATUS_REFRESH_SECONDS = 30.0  # write status at least this often even when nothing visible changed
 
@@ -100,6 +107,9 @@ class Scaler:
     def remove(self, key: Key) -> None:
         self.tracked.pop(key, None)
         TRACKED.set(len(self.tracked))
+        for gauge in (DESIRED, READY, MAX, METRICS_OK):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
 
     def mark_due(self, key: Key) -> None:
         if key in self.tracked:
@@ -213,6 +223,10 @@ class Scaler:
         if tr.metrics_ok is False and decision.metrics_available:
             self.kube.event(tr.body, "Normal", "MetricsAvailable", "metrics are back: " + decision.metrics_message)
         tr.metrics_ok = decision.metrics_available
+        DESIRED.labels(ns, name).set(decision.desired)
+        READY.labels(ns, name).set(ready)
+        MAX.labels(ns, name).set(tr.policy.max_replicas)
+        METRICS_OK.labels(ns, name).set(1 if decision.metrics_available else 0)
         tr.history = decision.history
         tr.decision = decision
         self._write_status(tr, decision, decision.desired, ready, deployment_found=True, now=now)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.operator_harness import OperatorProcess, install_operator_rbac
 from voxscale.localcluster.cluster import ClusterState, LocalCluster, running_cluster
+from voxscale.localcluster.harness import OperatorProcess, install_operator_rbac
 
 TEST_CLUSTER = os.environ.get("VOXSCALE_TEST_CLUSTER", "pytest")
 

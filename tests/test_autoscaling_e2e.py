@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.operator_harness import OperatorProcess, get_json, wait_for
-from tests.pod_exporter import PodMetricsExporter
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import OperatorProcess, get_json, wait_for
+from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 INTERVAL = 2  # seconds, spec.scaling.interval
 SCRAPE = 1  # seconds, the test Prometheus' scrape interval

@@ -13,8 +13,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from tests.operator_harness import free_port, wait_for
 from voxscale.localcluster.cluster import GPU_PRODUCT, ClusterState, LocalCluster
+from voxscale.localcluster.harness import free_port, wait_for
 
 COLD_START_SECONDS = 6
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.operator_harness import OPERATOR_NAMESPACE, REPO, OperatorProcess, get_json, wait_for
 from voxscale.localcluster.cluster import LocalCluster
+from voxscale.localcluster.harness import OPERATOR_NAMESPACE, REPO, OperatorProcess, get_json, wait_for
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from tests.operator_harness import OperatorProcess, get_json, install_operator_rbac, wait_for
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import OperatorProcess, get_json, install_operator_rbac, wait_for
 
 LEASE_SECONDS = 6
 

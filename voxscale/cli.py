@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from voxscale import __version__
 
@@ -72,7 +73,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from voxscale import demo
 
-    return demo.run()
+    return demo.run(fast=args.fast, plot_path=args.plot, cluster_name=args.cluster_name)
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(handler=_simulate)
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
+    demo.add_argument("--fast", action="store_true", help="a shorter run (about 2 minutes)")
+    demo.add_argument("--plot", type=Path, default=Path("out/demo.png"), help="PNG to write (default %(default)s)")
+    demo.add_argument("--cluster-name", default="demo", help="local cluster to use (default %(default)s)")
     demo.set_defaults(handler=_demo)
     return parser
 

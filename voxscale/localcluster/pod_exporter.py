@@ -18,15 +18,17 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tests.operator_harness import free_port
 from voxscale import metrics_contract as mc
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import free_port
 
 
 @dataclass
 class Load:
-    gpu_percent: float | None = None
-    queue_per_pod: float | None = None
+    gpu_percent: float | None = None  # on Ready pods
+    queue_per_pod: float | None = None  # on Ready pods
+    # What a pod still loading its model reports (it holds its GPU but serves nothing); None: as Ready.
+    loading_gpu_percent: float | None = None
 
 
 @dataclass(eq=False)  # a registered collector must stay hashable
@@ -34,24 +36,37 @@ class PodMetricsExporter(Collector):
     cluster: LocalCluster
     state: ClusterState
     loads: dict[tuple[str, str], Load] = field(default_factory=dict)
-    _pods: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _pods: dict[tuple[str, str], list[tuple[str, bool]]] = field(default_factory=dict)  # (pod, ready)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.core = k8s.CoreV1Api(k8s_config.new_client_from_config(config_file=str(self.state.kubeconfig)))
+        api = k8s_config.new_client_from_config(config_file=str(self.state.kubeconfig))  # type: ignore[no-untyped-call]
+        self.core = k8s.CoreV1Api(api)
 
-    def set(self, namespace: str, name: str, gpu: float | None = None, queue_per_pod: float | None = None) -> None:
-        self.loads[(namespace, name)] = Load(gpu, queue_per_pod)
+    def set(
+        self,
+        namespace: str,
+        name: str,
+        gpu: float | None = None,
+        queue_per_pod: float | None = None,
+        loading_gpu: float | None = None,
+    ) -> None:
+        self.loads[(namespace, name)] = Load(gpu, queue_per_pod, loading_gpu)
+
+    def pods(self, namespace: str, name: str) -> list[tuple[str, bool]]:
+        """The TTSDeployment's running pods as last listed, each with whether it is Ready."""
+        return list(self._pods.get((namespace, name), []))
 
     def collect(self) -> Iterable[Any]:
         gpu = GaugeMetricFamily(mc.DCGM_GPU_UTIL.name, mc.DCGM_GPU_UTIL.help, labels=["gpu", "pod", "namespace"])
         queue = GaugeMetricFamily(mc.QUEUE_DEPTH.name, mc.QUEUE_DEPTH.help, labels=["pod", "namespace"])
         for (ns, name), load in list(self.loads.items()):
-            for pod in self._pods.get((ns, name), []):
-                if load.gpu_percent is not None:
-                    gpu.add_metric(["0", pod, ns], load.gpu_percent)
+            for pod, ready in self._pods.get((ns, name), []):
+                value = load.gpu_percent if ready or load.loading_gpu_percent is None else load.loading_gpu_percent
+                if value is not None:
+                    gpu.add_metric(["0", pod, ns], value)
                 if load.queue_per_pod is not None:
-                    queue.add_metric([pod, ns], load.queue_per_pod)
+                    queue.add_metric([pod, ns], load.queue_per_pod if ready else 0.0)
         yield gpu
         yield queue
 
@@ -59,12 +74,12 @@ class PodMetricsExporter(Collector):
         while not self._stop.wait(0.5):
             for ns, name in list(self.loads):
                 try:
-                    pods = self.core.list_namespaced_pod(ns, label_selector=f"{mc.POD_LABEL_TTSDEPLOYMENT}={name}")
+                    pods: Any = self.core.list_namespaced_pod(ns, label_selector=f"{mc.POD_LABEL_TTSDEPLOYMENT}={name}")
                 except Exception:
                     continue
                 # Like dcgm-exporter, only pods that are running hold a GPU and report on it.
                 running = [p for p in pods.items if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
-                self._pods[(ns, name)] = [str(p.metadata.name) for p in running]
+                self._pods[(ns, name)] = [(str(p.metadata.name), _is_ready(p)) for p in running]
 
     def start(self, job: str = "pod-exporter") -> PodMetricsExporter:
         registry = CollectorRegistry()
@@ -80,3 +95,7 @@ class PodMetricsExporter(Collector):
         self._stop.set()
         self.cluster.remove_scrape_targets(self._job)
         self._server.shutdown()
+
+
+def _is_ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))

@@ -1,5 +1,8 @@
 """Run the real operator (`voxscale operator`) against the local control plane, under the chart's RBAC.
 
+Used by the tests, the benchmarks and `make demo` (all from a source checkout: the chart is read
+from charts/ next to this package).
+
 The ServiceAccount, (Cluster)Role and bindings come from `helm template` of charts/voxscale, and the
 operator authenticates with a token the API server issues for that ServiceAccount: the tests see
 exactly the permissions a cluster install grants, not cluster-admin.
@@ -25,7 +28,7 @@ import yaml
 from voxscale.localcluster import binaries
 from voxscale.localcluster.cluster import LocalCluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "voxscale"
 OPERATOR_NAMESPACE = "voxscale-system"
 

@@ -1,0 +1,203 @@
+"""The Helm chart: lint, template, values schema, and install/upgrade/uninstall on the real control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from voxscale import metrics_contract as mc
+from voxscale.localcluster import binaries
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import CHART, REPO, get_json, wait_for
+from voxscale.operator import scaler
+
+ALL_MONITORING = [
+    "--set",
+    "monitoring.serviceMonitor.enabled=true",
+    "--set",
+    "monitoring.podMonitor.enabled=true",
+    "--set",
+    "monitoring.prometheusRule.enabled=true",
+    "--set",
+    "monitoring.grafanaDashboard.enabled=true",
+]
+
+
+def helm(*args: str, state: ClusterState | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if state is not None:
+        env["KUBECONFIG"] = str(state.kubeconfig)
+    return subprocess.run(
+        [str(binaries.binary("helm")), *args], capture_output=True, text=True, env=env, check=check, timeout=300
+    )
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    out = helm("template", "vx", str(CHART), "-n", "vx-system", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_lint_is_clean_with_every_option() -> None:
+    for extra in ([], ALL_MONITORING, ["--set", "watchNamespaces={a,b}"]):
+        res = helm("lint", str(CHART), *extra)
+        assert "[ERROR]" not in res.stdout and "[WARNING]" not in res.stdout, res.stdout
+
+
+def test_chart_ships_the_repository_crd_not_a_copy() -> None:
+    link = CHART / "crds"
+    assert link.is_symlink() and link.resolve() == (REPO / "crds").resolve()
+
+
+def test_monitoring_extras_are_off_by_default_and_render_when_enabled() -> None:
+    kinds = {d["kind"] for d in render()}
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "Service"} <= kinds
+    assert not kinds & {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
+    docs = render(*ALL_MONITORING)
+    assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} <= {d["kind"] for d in docs}
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    panels = json.loads(dashboard["data"]["voxscale.json"])["panels"]
+    assert {
+        "Replicas: desired vs ready vs max",
+        "GPU utilisation (dcgm-exporter)",
+        "Queue depth",
+        "p95 latency",
+        "Scale events and decisions",
+    } <= {p["title"] for p in panels}
+    rules = next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert {"VoxscalePrometheusUnreachable", "VoxscaleAtMaxReplicas", "VoxscaleP95AboveSLO"} <= {
+        r["alert"] for r in rules
+    }
+
+
+def test_every_metric_the_chart_queries_exists() -> None:
+    """The alerts and dashboard use names from the metrics contract and the operator's own registry."""
+    text = "\n".join(yaml.safe_dump(d) for d in render(*ALL_MONITORING))
+    used = set(re.findall(r"\b(voxscale_[a-z_]+|DCGM_FI_[A-Z_]+)", text))
+    known = {m.name for m in (*mc.SERVER_METRICS, mc.DCGM_GPU_UTIL, mc.DCGM_ENGINE_ACTIVE)}
+    known |= {m.series for m in mc.SERVER_METRICS}
+    for collector in (
+        scaler.DECISIONS,
+        scaler.SCALE_EVENTS,
+        scaler.PROM_ERRORS,
+        scaler.TICK_SECONDS,
+        scaler.TRACKED,
+        scaler.DESIRED,
+        scaler.READY,
+        scaler.MAX,
+        scaler.METRICS_OK,
+    ):
+        for metric in collector.collect():
+            known |= {s.name for s in metric.samples} | {metric.name}
+            if metric.type == "counter":
+                known.add(f"{metric.name}_total")
+    assert used - known == set(), f"the chart queries metrics nobody exports: {used - known}"
+
+
+def test_operator_pod_is_locked_down() -> None:
+    dep = next(d for d in render() if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    sc = pod["containers"][0]["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["resources"]["requests"]
+    assert pod["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_namespaced_install_grants_roles_only_in_those_namespaces() -> None:
+    docs = render("--set", "watchNamespaces={team-a,team-b}")
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("leader-election")]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["vx-voxscale-discovery"]  # read-only discovery
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("replicaCount=0", "/replicaCount"),
+        ("prometheusUrl=prometheus:9090", "/prometheusUrl"),
+        ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
+        ("monitoring.prometheusRule.atMaxFor=half an hour", "/monitoring/prometheusRule/atMaxFor"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+    ],
+)
+def test_a_bad_value_is_refused_by_the_schema_with_a_clear_message(value: str, message: str) -> None:
+    res = helm("template", "vx", str(CHART), "--set", value, check=False)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+
+
+def test_install_upgrade_uninstall_on_the_local_control_plane(
+    cluster: LocalCluster, cluster_state: ClusterState
+) -> None:
+    ns = "vx-system"
+    install = helm(
+        "install",
+        "vx",
+        str(CHART),
+        "-n",
+        ns,
+        "--create-namespace",
+        "--wait=false",
+        "--set",
+        f"prometheusUrl={cluster_state.prometheus_url}",
+        state=cluster_state,
+    )
+    assert "kubectl get ttsd" in install.stdout  # NOTES.txt tells the next command
+    try:
+        dep = wait_for("operator Deployment", lambda: get_json(cluster, "deployment", "vx-voxscale", "-n", ns))
+        assert dep["spec"]["replicas"] == 2
+        wait_for(
+            "2 operator pods running",
+            lambda: (
+                len(
+                    [
+                        p
+                        for p in get_json(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/instance=vx")["items"]
+                        if p["status"].get("phase") == "Running"
+                    ]
+                )
+                == 2
+            ),
+            timeout=60,
+        )
+        assert get_json(cluster, "clusterrole", "vx-voxscale")["rules"]
+        assert get_json(cluster, "service", "vx-voxscale-metrics", "-n", ns)["spec"]["ports"][0]["port"] == 8080
+        assert get_json(cluster, "crd", "ttsdeployments.voxscale.io")
+
+        helm(
+            "upgrade",
+            "vx",
+            str(CHART),
+            "-n",
+            ns,
+            "--wait=false",
+            "--set",
+            "leaseSeconds=30",
+            "--set",
+            f"prometheusUrl={cluster_state.prometheus_url}",
+            state=cluster_state,
+        )
+        args = get_json(cluster, "deployment", "vx-voxscale", "-n", ns)["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+        assert "--lease-seconds=30" in args
+        history = json.loads(helm("history", "vx", "-n", ns, "-o", "json", state=cluster_state).stdout)
+        assert [h["revision"] for h in history] == [1, 2]
+    finally:
+        helm("uninstall", "vx", "-n", ns, state=cluster_state, check=False)
+    wait_for(
+        "uninstalled",
+        lambda: cluster.kubectl("get", "deployment", "vx-voxscale", "-n", ns, check=False).returncode != 0,
+    )
+    assert cluster.kubectl("get", "clusterrole", "vx-voxscale", check=False).returncode != 0
+    assert get_json(cluster, "crd", "ttsdeployments.voxscale.io")  # Helm never deletes CRDs it installed
