@@ -32,5 +32,17 @@ class ServerMetrics:
         reg = registry or CollectorRegistry()
         return cls(reg, {m.name: _make(m, reg) for m in mc.SERVER_METRICS})
 
-    def __getitem__(self, metric: mc.Metric) -> Collector:
-        return self.collectors[metric.name]
+    def gauge(self, metric: mc.Metric) -> Gauge:
+        c = self.collectors[metric.name]
+        assert isinstance(c, Gauge), metric.name
+        return c
+
+    def counter(self, metric: mc.Metric) -> Counter:
+        c = self.collectors[metric.name]
+        assert isinstance(c, Counter), metric.name
+        return c
+
+    def histogram(self, metric: mc.Metric) -> Histogram:
+        c = self.collectors[metric.name]
+        assert isinstance(c, Histogram), metric.name
+        return c

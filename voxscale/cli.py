@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,6 +71,19 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from voxscale.inference.server import Settings, serve
+
+    base = Settings.from_env()
+    overrides = {
+        k: v
+        for k, v in (("voice", args.voice), ("precision", args.precision), ("device", args.device))
+        if v is not None
+    }
+    serve(args.host, args.port, Settings(**{**base.__dict__, **overrides}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from voxscale import demo
 
@@ -126,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim_arguments(sim)
     sim.set_defaults(handler=_simulate)
+
+    srv = sub.add_parser("serve", help="run the TTS inference server (FastAPI + uvicorn)")
+    srv.add_argument("--host", default="0.0.0.0", help="bind address (default %(default)s)")
+    srv.add_argument("--port", type=int, default=int(os.environ.get("VOXSCALE_PORT", "8000")))
+    srv.add_argument("--voice", help="built-in voice or a Piper .onnx path (env VOXSCALE_VOICE)")
+    srv.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="on CUDA (env VOXSCALE_PRECISION)")
+    srv.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    srv.set_defaults(handler=_serve)
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
     demo.add_argument("--fast", action="store_true", help="a shorter run (about 2 minutes)")

@@ -1,0 +1,171 @@
+"""The four-stage pipeline put together: text -> phonemes -> (speaker) -> VITS -> waveform.
+
+`TTSPipeline.synthesize()` takes a batch of already-phonemised requests and runs stages 2-4 on the
+chosen device and precision in one padded batch; the server's batcher decides what goes together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxscale.inference.piper import PiperVoice, default_voice_paths, load_piper_voice
+from voxscale.inference.speaker import SAMPLE_RATE as SPEAKER_SR
+from voxscale.inference.speaker import SpeakerEncoder, load_speaker_encoder, resample
+from voxscale.inference.text import Phonemizer, phoneme_ids, split_sentences
+from voxscale.inference.vits import Scales
+
+log = logging.getLogger("voxscale.inference")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Prosody presets a TTS user expects, mapped onto VITS' sampling controls.
+STYLES: dict[str, tuple[float, float, float]] = {  # name: (noise_scale x, noise_w x, length x)
+    "neutral": (1.0, 1.0, 1.0),
+    "calm": (0.7, 0.6, 1.12),
+    "cheerful": (1.15, 1.2, 0.95),
+    "excited": (1.3, 1.4, 0.88),
+    "serious": (0.8, 0.7, 1.05),
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sentence to synthesise."""
+
+    ids: list[int]
+    scales: tuple[float, float, float]  # noise_scale, length_scale, noise_w
+    seed: int | None = None
+    speaker: int | None = None
+
+
+@dataclass
+class RegisteredVoice:
+    voice_id: str
+    embedding: np.ndarray
+    mapped_to: str  # the built-in voice/speaker it is rendered with (the default model is not conditioned)
+    similarity: float
+
+
+@dataclass
+class TTSPipeline:
+    voice: PiperVoice
+    voice_name: str
+    phonemizer: Phonemizer
+    device: torch.device
+    dtype: torch.dtype
+    registered: OrderedDict[str, RegisteredVoice] = field(default_factory=OrderedDict)
+    max_registered: int = 256
+    _speaker_encoder: SpeakerEncoder | None = None
+    _builtin_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, voice: str = "en_US-joe-medium", precision: str = "fp32", device: str | None = None) -> TTSPipeline:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Half precision only where it helps: on the CPU everything runs fp32.
+        dtype = DTYPES[precision] if dev.type == "cuda" else torch.float32
+        if voice in ("", "en_US-joe-medium", "default"):
+            onnx_path, config_path = default_voice_paths()
+            name = "en_US-joe-medium"
+        else:
+            onnx_path, config_path = Path(voice), None
+            name = Path(voice).name.removesuffix(".onnx")
+        model = load_piper_voice(onnx_path, config_path).to(dev)
+        if dtype != torch.float32:
+            model.vocoder.to(dtype)  # the vocoder dominates VITS time; the flows stay fp32 for stability
+        return cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.voice.sample_rate
+
+    def builtin_voices(self) -> list[str]:
+        if self.voice.piper.speaker_id_map:
+            return [f"{self.voice_name}:{s}" for s in self.voice.piper.speaker_id_map]
+        return [self.voice_name]
+
+    # ------------------------------------------------------------------ text
+    def prepare(
+        self, text: str, scales: tuple[float, float, float], seed: int | None = None, speaker: int | None = None
+    ) -> list[Item]:
+        items = []
+        for sentence in split_sentences(text):
+            ids = phoneme_ids(self.phonemizer.phonemize(sentence), self.voice.piper.phoneme_id_map)
+            if len(ids) > 3:
+                items.append(Item(ids, scales, seed, speaker))
+        return items
+
+    # ------------------------------------------------------------------ synthesis
+    def synthesize(self, items: list[Item]) -> list[np.ndarray]:
+        """Stages 2-4 for a padded batch; float32 waveforms in [-1, 1], one per item."""
+        if not items:
+            return []
+        with self._lock, torch.inference_mode():
+            n = max(len(i.ids) for i in items)
+            ids = torch.zeros(len(items), n, dtype=torch.long)
+            for row, item in enumerate(items):
+                ids[row, : len(item.ids)] = torch.tensor(item.ids)
+            lengths = torch.tensor([len(i.ids) for i in items])
+            sc = torch.tensor([i.scales for i in items], dtype=torch.float32, device=self.device)
+            scales = Scales(sc[:, 0], sc[:, 1], sc[:, 2])
+            generator = None
+            if len(items) == 1 and items[0].seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(items[0].seed)
+            speakers = None
+            if self.voice.emb_g is not None:
+                speakers = torch.tensor([i.speaker or 0 for i in items], device=self.device)
+            v = self.voice
+            g = v.speaker_conditioning(speakers)
+            hidden, m, logs, mask = v.text_encoder(ids.to(self.device), lengths.to(self.device))
+            z, y_mask = v.acoustic(hidden, m, logs, mask, scales, g, generator)
+            wav = v.vocoder(z.to(self.dtype), g.to(self.dtype) if g is not None else None).float()
+            samples = (y_mask.sum(dim=(1, 2)).long() * v.cfg.hop).tolist()
+            out = wav[:, 0].cpu().numpy()
+        return [out[row, : samples[row]].copy() for row in range(len(items))]
+
+    def warm_up(self) -> None:
+        """Run once through every stage so the first real request does not pay for lazy init."""
+        self.synthesize(self.prepare("Warming up.", (0.667, 1.0, 0.8)))
+
+    # ------------------------------------------------------------------ voices
+    def speaker_encoder(self) -> SpeakerEncoder:
+        if self._speaker_encoder is None:
+            self._speaker_encoder = load_speaker_encoder()
+        return self._speaker_encoder
+
+    def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
+        audio = resample(torch.from_numpy(wav.astype(np.float32)), sample_rate, SPEAKER_SR)
+        return self.speaker_encoder()(audio).numpy()
+
+    def builtin_embeddings(self) -> dict[str, np.ndarray]:
+        """Embeddings of the loaded voices' own speech, computed once and cached."""
+        if not self._builtin_embeddings:
+            text = "The quick brown fox jumps over the lazy dog. A voice is worth a thousand words."
+            for name in self.builtin_voices():
+                sid = self.voice.piper.speaker_id_map.get(name.split(":", 1)[-1]) if ":" in name else None
+                audio = np.concatenate(self.synthesize(self.prepare(text, (0.667, 1.0, 0.8), 7, sid)))
+                self._builtin_embeddings[name] = self.embed(audio, self.sample_rate)
+        return self._builtin_embeddings
+
+    def register(self, wav: np.ndarray, sample_rate: int) -> tuple[RegisteredVoice, bool]:
+        """A voice id for a reference recording; the same content costs nothing twice (LRU cache)."""
+        digest = hashlib.sha256(wav.astype(np.float32).tobytes() + str(sample_rate).encode()).hexdigest()
+        voice_id = f"vc_{digest[:16]}"
+        if voice_id in self.registered:
+            self.registered.move_to_end(voice_id)
+            return self.registered[voice_id], True
+        emb = self.embed(wav, sample_rate)
+        scores = {name: float(np.dot(emb, ref)) for name, ref in self.builtin_embeddings().items()}
+        best = max(scores, key=lambda k: scores[k])
+        entry = RegisteredVoice(voice_id, emb, best, scores[best])
+        self.registered[voice_id] = entry
+        while len(self.registered) > self.max_registered:
+            self.registered.popitem(last=False)
+        return entry, False

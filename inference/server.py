@@ -1,0 +1,350 @@
+"""The HTTP layer: an OpenAI-compatible `/v1/audio/speech`, voices, health, readiness and metrics.
+
+A thin shell: requests are validated here (bad input gets a 4xx naming the field, never a 500),
+sentences are phonemised, and the batcher does the synthesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxscale import metrics_contract as mc
+from voxscale.inference import audio
+from voxscale.inference.batcher import Batcher, Draining, QueueFull
+from voxscale.inference.pipeline import STYLES, TTSPipeline
+from voxscale.inference.server_metrics import ServerMetrics
+
+log = logging.getLogger("voxscale.inference")
+MAX_INPUT = 4096
+REFERENCE_FILE = File(..., description="A 3-30 s recording of the voice, wav or flac.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings; in a pod they come from the VOXSCALE_* env the operator sets."""
+
+    voice: str = "en_US-joe-medium"
+    precision: str = "fp16"
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    request_timeout_s: float = 120.0
+    api_token: str | None = None
+    device: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        return cls(
+            voice=env.get("VOXSCALE_VOICE", cls.voice),
+            precision=env.get("VOXSCALE_PRECISION", cls.precision),
+            max_batch=int(env.get("VOXSCALE_MAX_BATCH_SIZE", cls.max_batch)),
+            max_wait_ms=float(env.get("VOXSCALE_MAX_WAIT_MS", cls.max_wait_ms)),
+            max_queue=int(env.get("VOXSCALE_MAX_QUEUE", cls.max_queue)),
+            request_timeout_s=float(env.get("VOXSCALE_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
+            api_token=env.get("VOXSCALE_API_TOKEN") or None,
+            device=env.get("VOXSCALE_DEVICE") or None,
+        )
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech request, plus what a TTS user expects on top."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tts-1", max_length=128, description="Accepted for compatibility; the pod's voice model is used."
+    )
+    input: str = Field(..., min_length=1, max_length=MAX_INPUT, description="Text to speak (<= 4096 characters).")
+    voice: str = Field("en_US-joe-medium", max_length=128, description="A built-in voice or a registered voice id.")
+    response_format: Literal["wav", "pcm", "flac", "mp3", "opus"] = "wav"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream: bool = False
+    noise_scale: float | None = Field(None, ge=0.0, le=2.0, description="Prosody variation (VITS noise scale).")
+    noise_w: float | None = Field(None, ge=0.0, le=2.0, description="Duration variation (VITS noise_w).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same audio.")
+    style: Literal["neutral", "calm", "cheerful", "excited", "serious"] = "neutral"
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+
+def _error(
+    status: int, message: str, param: str | None, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": code, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class State:
+    pipeline: TTSPipeline
+    batcher: Batcher
+    metrics: ServerMetrics
+    ready = False
+    draining = False
+
+
+def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None = None) -> FastAPI:
+    """The app; `preloaded` lets tests share one loaded pipeline between several apps."""
+    settings = settings or Settings.from_env()
+    state = State()
+    state.metrics = ServerMetrics.create()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if preloaded is not None:
+            state.pipeline = preloaded
+        else:
+            state.pipeline = await asyncio.to_thread(
+                TTSPipeline.load, settings.voice, settings.precision, settings.device
+            )
+        await asyncio.to_thread(state.pipeline.warm_up)
+        state.batcher = Batcher(
+            state.pipeline.synthesize, state.metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue
+        )
+        state.batcher.start()
+        state.ready = True
+        log.info(
+            "ready: voice %s on %s (%s)",
+            state.pipeline.voice_name,
+            state.pipeline.device,
+            str(state.pipeline.dtype).removeprefix("torch."),
+        )
+        yield
+        state.ready = False
+        await state.batcher.stop()
+
+    app = FastAPI(title="voxscale TTS server", version="0.1.0", lifespan=lifespan)
+    app.state.voxscale = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        state.metrics.counter(mc.ERRORS).labels(exc.code).inc()
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        state.metrics.counter(mc.ERRORS).labels("validation").inc()
+        return _error(422, f"{param or 'body'}: {first['msg']}", param or None, "invalid_request_error")
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        request.state.request_id = request_id
+        open_paths = ("/healthz", "/readyz", "/metrics")
+        authorized = request.headers.get("authorization") == f"Bearer {settings.api_token}"
+        if settings.api_token and request.url.path not in open_paths and not authorized:
+            headers = {"WWW-Authenticate": "Bearer", "X-Request-Id": request_id}
+            return _error(401, "missing or wrong bearer token", None, "authentication_error", headers)
+        started = time.monotonic()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        log.info(
+            "%s %s %s %.0fms request_id=%s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            1000 * (time.monotonic() - started),
+            request_id,
+        )
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if state.ready and not state.draining:
+            return JSONResponse({"status": "ready"})
+        reason = "draining" if state.draining else "loading the model"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/voices")
+    async def list_voices() -> dict[str, Any]:
+        p = state.pipeline
+        voices = [{"id": v, "type": "built-in", "sample_rate": p.sample_rate} for v in p.builtin_voices()]
+        voices += [
+            {"id": r.voice_id, "type": "registered", "mapped_to": r.mapped_to, "similarity": round(r.similarity, 3)}
+            for r in p.registered.values()
+        ]
+        return {"object": "list", "data": voices}
+
+    @app.post("/v1/voices")
+    async def register_voice(file: UploadFile = REFERENCE_FILE) -> JSONResponse:
+        data = await file.read()
+        try:
+            wav, sr = audio.decode(data)
+            audio.quality_gate(wav, sr)
+        except audio.AudioError as exc:
+            raise ApiError(422, f"file: {exc}", "file", "invalid_audio") from None
+        entry, cached = await asyncio.to_thread(state.pipeline.register, wav, sr)
+        body = {
+            "id": entry.voice_id,
+            "object": "voice",
+            "cached": cached,
+            "mapped_to": entry.mapped_to,
+            "similarity": round(entry.similarity, 3),
+            "note": f"{state.pipeline.voice_name} is not conditioned on speaker embeddings; this voice is "
+            f"rendered with its most similar built-in voice, {entry.mapped_to}",
+        }
+        return JSONResponse(body, status_code=200 if cached else 201)
+
+    def _resolve_voice(name: str) -> tuple[int | None, dict[str, str]]:
+        p = state.pipeline
+        builtins = p.builtin_voices()
+        known = [*builtins, *p.registered]
+        if name in ("alloy", "echo", "fable", "onyx", "nova", "shimmer", "default"):
+            name = builtins[0]  # OpenAI's voice names select the pod's default voice
+        if name in p.registered:
+            entry = p.registered[name]
+            headers = {"X-Voxscale-Voice-Mapped": f"{name} -> {entry.mapped_to} (similarity {entry.similarity:.2f})"}
+            name = entry.mapped_to
+        else:
+            headers = {}
+        if name not in builtins:
+            raise ApiError(
+                404, f"voice: unknown voice {name!r}; known voices: {', '.join(known)}", "voice", "voice_not_found"
+            )
+        speaker = p.voice.piper.speaker_id_map.get(name.split(":", 1)[1]) if ":" in name else None
+        return speaker, headers
+
+    @app.post("/v1/audio/speech")
+    async def speech(req: SpeechRequest, request: Request) -> Response:
+        if not state.ready or state.draining:
+            raise ApiError(
+                503, "the server is not ready (loading or draining); retry", None, "unavailable", {"Retry-After": "2"}
+            )
+        if req.response_format not in audio.supported_formats():
+            raise ApiError(
+                400,
+                f"response_format: {req.response_format} is not available here; use one of "
+                f"{', '.join(audio.supported_formats())}",
+                "response_format",
+                "unsupported_format",
+            )
+        speaker, headers = _resolve_voice(req.voice)
+        p = state.pipeline
+        base = p.voice.piper.scales
+        ns_x, nw_x, len_x = STYLES[req.style]
+        scales = (
+            (req.noise_scale if req.noise_scale is not None else float(base.noise_scale)) * ns_x,
+            float(base.length_scale) * len_x / req.speed,
+            (req.noise_w if req.noise_w is not None else float(base.noise_w)) * nw_x,
+        )
+        items = await asyncio.to_thread(p.prepare, req.input, scales, req.seed, speaker)
+        if not items:
+            raise ApiError(400, "input: nothing speakable in the text", "input")
+        started = time.monotonic()
+        try:
+            futures = state.batcher.submit(items)
+        except QueueFull as exc:
+            state.metrics.counter(mc.REQUESTS).labels("429").inc()
+            raise ApiError(
+                429, str(exc), None, "rate_limit_exceeded", {"Retry-After": f"{exc.retry_after:.0f}"}
+            ) from None
+        except Draining:
+            raise ApiError(
+                503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
+            ) from None
+        media = audio.CONTENT_TYPES[req.response_format]
+        headers["X-Voxscale-Sample-Rate"] = str(p.sample_rate)
+
+        def done(wavs: list[np.ndarray]) -> None:
+            seconds = sum(len(w) for w in wavs) / p.sample_rate
+            state.metrics.counter(mc.AUDIO_SECONDS).inc(seconds)
+            state.metrics.histogram(mc.REQUEST_LATENCY).observe(time.monotonic() - started)
+            state.metrics.counter(mc.REQUESTS).labels("200").inc()
+
+        if req.stream:
+            if req.response_format not in ("wav", "pcm"):
+                raise ApiError(400, "response_format: streaming supports wav and pcm", "response_format")
+
+            async def chunks() -> AsyncIterator[bytes]:
+                if req.response_format == "wav":
+                    yield audio.wav_header(p.sample_rate)
+                wavs = []
+                for fut in futures:  # sentence by sentence: the first leaves before the rest is done
+                    wav = await asyncio.wait_for(fut, settings.request_timeout_s)
+                    wavs.append(wav)
+                    yield audio.to_pcm16(wav)
+                done(wavs)
+
+            return StreamingResponse(chunks(), media_type=media, headers=headers)
+        try:
+            wavs = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                504, f"synthesis took longer than {settings.request_timeout_s:g} s", None, "timeout"
+            ) from None
+        done(list(wavs))
+        pause = np.zeros(int(0.15 * p.sample_rate), dtype=np.float32)
+        joined = np.concatenate([x for w in wavs for x in (w, pause)][:-1])
+        return Response(audio.encode(joined, p.sample_rate, req.response_format), media_type=media, headers=headers)
+
+    return app
+
+
+def serve(host: str = "0.0.0.0", port: int = 8000, settings: Settings | None = None) -> None:
+    """Run under uvicorn; SIGTERM turns /readyz false, lets accepted requests finish, then exits."""
+    import uvicorn
+
+    app = create_app(settings)
+    state: State = app.state.voxscale
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=120)
+    server = uvicorn.Server(config)
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            async def finish() -> None:
+                state.draining = True
+                if hasattr(state, "batcher"):
+                    state.batcher.draining = True
+                    await state.batcher.idle()
+                server.should_exit = True
+
+            tasks.append(loop.create_task(finish()))
+
+        serving = loop.create_task(server.serve())
+        await asyncio.sleep(0)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, drain)
+        await serving
+
+    asyncio.run(main())
