@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # reinstall: the stamp is keyed on the list of Python files and on pyproject.toml.
 PY_LIST_HASH := $(shell { git ls-files -co --exclude-standard -- '*.py' 2>/dev/null; cat pyproject.toml; } | cksum | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(PY_LIST_HASH)
-EXTRAS := operator,sim,dev
+EXTRAS := operator,sim,inference,dev
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps system-deps binaries lint unit clean help
@@ -35,12 +35,15 @@ deps: system-deps $(STAMP) binaries
 system-deps:
 	@hack/install-system-deps.sh
 
+# Resemblyzer is installed --no-deps: we only load the GE2E weights it ships (pretrained.pt) with
+# our own code; its librosa/webrtcvad dependencies are never imported.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "voxscale needs Python >= 3.11")'
 	@test -x $(BIN)/python || { echo "creating virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	@echo "installing voxscale[$(EXTRAS)] into $(VENV)"
+	@echo "installing voxscale[$(EXTRAS)] into $(VENV) (the first time includes torch: several GB)"
 	@{ $(BIN)/pip install --disable-pip-version-check --upgrade pip && \
-	   $(BIN)/pip install --disable-pip-version-check -e ".[$(EXTRAS)]" --config-settings editable_mode=strict; \
+	   $(BIN)/pip install --disable-pip-version-check -e ".[$(EXTRAS)]" --config-settings editable_mode=strict && \
+	   $(BIN)/pip install --disable-pip-version-check --no-deps "Resemblyzer==0.1.4"; \
 	 } > $(VENV)/pip.log 2>&1 || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }
 	@rm -f $(VENV)/.installed-*; touch $@
 

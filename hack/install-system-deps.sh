@@ -5,6 +5,7 @@ set -euo pipefail
 # command -> Debian package
 declare -A wanted=(
   [prometheus]=prometheus
+  [espeak-ng]=espeak-ng
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

@@ -89,6 +89,13 @@ def encode(wav: np.ndarray, sample_rate: int, fmt: str) -> bytes:
         pcm = to_pcm16(wav)
         return wav_header(sample_rate, len(pcm)) + pcm
     container, subtype = _SF_FORMATS[fmt]
+    if fmt == "opus" and sample_rate not in (8000, 12000, 16000, 24000, 48000):
+        wav, sample_rate = _resample(wav, sample_rate, 24000), 24000  # Opus' own rates only
     buf = io.BytesIO()
     sf.write(buf, np.clip(wav, -1, 1), sample_rate, format=container, subtype=subtype)
     return buf.getvalue()
+
+
+def _resample(wav: np.ndarray, orig: int, new: int) -> np.ndarray:
+    positions = np.arange(int(len(wav) * new / orig)) * (orig / new)
+    return np.interp(positions, np.arange(len(wav)), wav).astype(np.float32)

@@ -1,0 +1,64 @@
+"""Shared fixtures for the inference server tests: one loaded pipeline, real server subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from voxscale.localcluster.harness import free_port
+
+
+@dataclass
+class ServerProcess:
+    """`voxscale serve` as a pod runs it, on a loopback port."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, log_dir: Path, **env: str) -> ServerProcess:
+        port = free_port()
+        log = log_dir / f"server-{port}.log"
+        full_env = dict(os.environ, VOXSCALE_DEVICE="cpu", **env)
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "voxscale.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+            )
+        server = cls(port, proc, log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    return server
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

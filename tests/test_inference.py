@@ -1,0 +1,292 @@
+"""The TTS server on the CPU: parity with onnxruntime, every endpoint, every bad input, load behaviour."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+import soundfile as sf
+import torch
+from fastapi.testclient import TestClient
+
+from tests.inference_helpers import ServerProcess
+from voxscale import metrics_contract as mc
+from voxscale.inference import audio
+from voxscale.inference.pipeline import TTSPipeline
+from voxscale.inference.piper import default_voice_paths
+from voxscale.inference.server import Settings, create_app
+from voxscale.inference.speaker import resample
+from voxscale.inference.vits import Scales
+
+PARITY_TOLERANCE = 1e-3  # max absolute sample difference (audio in [-1, 1]); measured ~1e-4
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> TTSPipeline:
+    return TTSPipeline.load(precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: TTSPipeline) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(precision="fp32"), preloaded=pipeline)) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world.",
+        "The quick brown fox, jumping over the lazy dog!",
+        "Autoscaling GPU text to speech is hard; voxscale makes it boring.",
+    ],
+)
+def test_torch_pipeline_matches_onnxruntime_with_zero_noise(pipeline: TTSPipeline, text: str) -> None:
+    ids = pipeline.prepare(text, (0.0, 1.0, 0.0))[0].ids
+    onnx_path, _ = default_voice_paths()
+    ref = (
+        ort.InferenceSession(str(onnx_path))
+        .run(
+            None,
+            {
+                "input": np.array([ids], dtype=np.int64),
+                "input_lengths": np.array([len(ids)], dtype=np.int64),
+                "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32),
+            },
+        )[0]
+        .ravel()
+    )
+    wav, samples = pipeline.voice(torch.tensor([ids]), torch.tensor([len(ids)]), Scales(0.0, 1.0, 0.0))
+    ours = wav.ravel().numpy()
+    assert len(ours) == len(ref) == int(samples[0])
+    assert np.abs(ours - ref).max() < PARITY_TOLERANCE
+    assert np.abs(ref).max() > 0.1  # it is speech, not silence
+
+
+def test_batched_synthesis_equals_one_by_one(pipeline: TTSPipeline) -> None:
+    items = [pipeline.prepare(t, (0.0, 1.0, 0.0))[0] for t in ("Short.", "A somewhat longer sentence here.")]
+    together = pipeline.synthesize(items)
+    alone = [pipeline.synthesize([i])[0] for i in items]
+    for a, b in zip(together, alone, strict=True):
+        assert len(a) == len(b) and np.abs(a - b).max() < 1e-3
+
+
+def _decode(body: bytes) -> tuple[np.ndarray, int]:
+    wav, sr = sf.read(io.BytesIO(body), dtype="float32")
+    return wav, sr
+
+
+@pytest.mark.parametrize("fmt", audio.supported_formats())
+def test_speech_in_every_supported_format(client: TestClient, fmt: str) -> None:
+    r = client.post(
+        "/v1/audio/speech",
+        json={"model": "tts-1", "input": "Hello there. Nice to meet you.", "voice": "alloy", "response_format": fmt},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(audio.CONTENT_TYPES[fmt].split(";")[0])
+    assert r.headers["x-request-id"]
+    if fmt == "pcm":
+        samples = np.frombuffer(r.content, dtype="<i2")
+        assert len(samples) > 22050  # more than a second at 22.05 kHz
+    else:
+        wav, sr = _decode(r.content)
+        assert sr in (22050, 24000) and len(wav) > sr and np.abs(wav).max() > 0.05  # opus plays at 24 kHz
+
+
+def test_same_seed_same_audio_and_speed_shortens(client: TestClient) -> None:
+    body = {"input": "Reproducible speech, please.", "seed": 42, "response_format": "pcm"}
+    a, b = (client.post("/v1/audio/speech", json=body).content for _ in range(2))
+    assert a == b
+    fast = client.post("/v1/audio/speech", json={**body, "speed": 2.0}).content
+    assert len(fast) < 0.7 * len(a)
+    calm = client.post("/v1/audio/speech", json={**body, "style": "calm"}).content
+    assert len(calm) > len(a)
+
+
+BAD_SPEECH: list[tuple[str, dict[str, Any], int, str]] = [
+    ("empty input", {"input": ""}, 422, "input"),
+    ("over-long input", {"input": "a" * 4097}, 422, "input"),
+    ("unknown voice", {"input": "hi", "voice": "bob"}, 404, "known voices: en_US-joe-medium"),
+    ("unsupported format", {"input": "hi", "response_format": "aac"}, 422, "response_format"),
+    ("speed too high", {"input": "hi", "speed": 9}, 422, "speed"),
+    ("speed too low", {"input": "hi", "speed": 0.1}, 422, "speed"),
+    ("negative seed", {"input": "hi", "seed": -1}, 422, "seed"),
+    ("unknown field", {"input": "hi", "temperature": 0.5}, 422, "temperature"),
+    ("unknown style", {"input": "hi", "style": "angry"}, 422, "style"),
+    ("nothing speakable", {"input": "...!?"}, 400, "input"),
+    ("streaming flac", {"input": "hi", "stream": True, "response_format": "flac"}, 400, "response_format"),
+    ("wrong type", {"input": 12}, 422, "input"),
+]
+
+
+@pytest.mark.parametrize(("why", "body", "status", "mentions"), BAD_SPEECH, ids=[b[0] for b in BAD_SPEECH])
+def test_bad_speech_requests_get_a_4xx_naming_the_problem(
+    client: TestClient, why: str, body: dict[str, Any], status: int, mentions: str
+) -> None:
+    r = client.post("/v1/audio/speech", json=body)
+    assert r.status_code == status, f"{why}: {r.status_code} {r.text}"
+    assert mentions in r.json()["error"]["message"], r.json()
+
+
+def test_malformed_json_is_a_4xx(client: TestClient) -> None:
+    r = client.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+
+
+def _wav_bytes(wav: np.ndarray, sr: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline: TTSPipeline) -> bytes:
+    """Six seconds of real speech at 16 kHz (our own voice's, resampled), as a user would upload."""
+    text = "This is a reference recording. It has a few sentences of clear speech. That should be plenty."
+    wav = np.concatenate(pipeline.synthesize(pipeline.prepare(text, (0.667, 1.0, 0.8), seed=3)))
+    return _wav_bytes(resample(torch.from_numpy(wav), 22050, 16000).numpy() * 0.8, 16000)
+
+
+def test_register_a_voice_then_speak_with_it(client: TestClient, reference: bytes) -> None:
+    first = client.post("/v1/voices", files={"file": ("ref.wav", reference, "audio/wav")})
+    assert first.status_code == 201, first.text
+    voice = first.json()
+    assert voice["id"].startswith("vc_") and voice["mapped_to"] == "en_US-joe-medium"
+    assert "not conditioned" in voice["note"]  # never pretends to clone
+    again = client.post("/v1/voices", files={"file": ("ref.wav", reference, "audio/wav")})
+    assert again.status_code == 200 and again.json()["cached"] is True and again.json()["id"] == voice["id"]
+    listed = {v["id"]: v for v in client.get("/v1/voices").json()["data"]}
+    assert listed[voice["id"]]["type"] == "registered"
+    r = client.post("/v1/audio/speech", json={"input": "Speaking with a registered voice.", "voice": voice["id"]})
+    assert r.status_code == 200
+    assert r.headers["x-voxscale-voice-mapped"].startswith(f"{voice['id']} -> en_US-joe-medium")
+
+
+def test_flac_and_other_sample_rates_are_accepted(client: TestClient, reference: bytes) -> None:
+    wav, _ = _decode(reference)
+    buf = io.BytesIO()
+    sf.write(buf, resample(torch.from_numpy(wav), 16000, 44100).numpy(), 44100, format="FLAC")
+    r = client.post("/v1/voices", files={"file": ("ref.flac", buf.getvalue(), "audio/flac")})
+    assert r.status_code in (200, 201), r.text
+
+
+def _tone(seconds: float, level: float, sr: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(0)
+    return (level * np.sin(2 * np.pi * 180 * t) * (1 + 0.3 * rng.standard_normal(len(t)))).astype(np.float32)
+
+
+BAD_UPLOADS = [
+    ("too short", _wav_bytes(_tone(1.0, 0.3), 16000), "too short"),
+    ("too long", _wav_bytes(_tone(40.0, 0.3), 16000), "too long"),
+    ("silent", _wav_bytes(np.zeros(16000 * 5, dtype=np.float32), 16000), "silent"),
+    ("clipped", _wav_bytes(np.clip(_tone(5.0, 3.0), -1, 1), 16000), "clipped"),
+    ("not audio", b"this is not a wav file at all", "not a readable audio file"),
+    ("empty", b"", "empty"),
+]
+
+
+@pytest.mark.parametrize(("why", "data", "reason"), BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_quality_gate_refuses_bad_references_with_the_reason(
+    client: TestClient, why: str, data: bytes, reason: str
+) -> None:
+    r = client.post("/v1/voices", files={"file": ("ref.wav", data, "audio/wav")})
+    assert r.status_code == 422, f"{why}: {r.status_code}"
+    assert reason in r.json()["error"]["message"]
+
+
+def test_health_readiness_and_metrics_from_the_contract(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").status_code == 200
+    client.post("/v1/audio/speech", json={"input": "Count me."})
+    text = client.get("/metrics").text
+    for metric in mc.SERVER_METRICS:
+        if metric.kind is mc.Kind.GAUGE and metric.labels:
+            continue  # NVML series appear only on a GPU
+        assert f"# TYPE {metric.name.removesuffix('_total')}" in text, metric.name
+    assert 'voxscale_requests_total{code="200"}' in text
+
+
+def test_bearer_token_is_enforced_when_configured(pipeline: TTSPipeline) -> None:
+    with TestClient(create_app(Settings(api_token="s3cret"), preloaded=pipeline)) as c:
+        assert c.post("/v1/audio/speech", json={"input": "hi"}).status_code == 401
+        ok = c.post("/v1/audio/speech", json={"input": "hi"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes need no token
+
+
+# ----------------------------------------------------------------- a real server process under load
+LONG = "Sentence one is here. Sentence two follows it. Then a third sentence arrives. And a fourth one ends it."
+
+
+def test_overload_gets_429_with_retry_after_and_nothing_accepted_is_dropped(tmp_path: Path) -> None:
+    server = ServerProcess.start(tmp_path, VOXSCALE_MAX_QUEUE="3", VOXSCALE_MAX_BATCH_SIZE="2")
+    try:
+
+        def call(i: int) -> requests.Response:
+            return requests.post(
+                f"{server.url}/v1/audio/speech", json={"input": f"Request number {i} is here."}, timeout=120
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, range(16)))
+        codes = [r.status_code for r in results]
+        assert set(codes) <= {200, 429}, codes
+        assert 429 in codes and 200 in codes, codes
+        assert all(r.headers.get("retry-after") for r in results if r.status_code == 429)
+        for r in results:
+            if r.status_code == 200:
+                wav, _ = _decode(r.content)
+                assert len(wav) > 22050 * 0.8
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_accepted_requests_then_exits(tmp_path: Path) -> None:
+    server = ServerProcess.start(tmp_path, VOXSCALE_MAX_BATCH_SIZE="2")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [
+            pool.submit(
+                requests.post, f"{server.url}/v1/audio/speech", json={"input": f"{LONG} Number {i}."}, timeout=120
+            )
+            for i in range(4)
+        ]
+        time.sleep(0.8)  # accepted and being synthesised
+        server.terminate()
+        time.sleep(0.3)
+        try:
+            ready = requests.get(f"{server.url}/readyz", timeout=2).status_code
+        except requests.ConnectionError:
+            ready = 503
+        results = [f.result() for f in futures]
+    assert ready == 503  # no longer ready while draining
+    assert [r.status_code for r in results] == [200, 200, 200, 200]
+    assert server.proc.wait(timeout=60) == 0
+
+
+def test_streaming_sends_the_first_sentence_before_the_whole_text_is_done(tmp_path: Path) -> None:
+    server = ServerProcess.start(tmp_path, VOXSCALE_MAX_BATCH_SIZE="1")
+    try:
+        start = time.monotonic()
+        with requests.post(
+            f"{server.url}/v1/audio/speech", json={"input": LONG * 2, "stream": True}, stream=True, timeout=120
+        ) as r:
+            assert r.status_code == 200
+            chunks = r.iter_content(chunk_size=None)
+            header = next(chunks)
+            first_audio = next(chunks) if len(header) <= 44 else header
+            first_at = time.monotonic() - start
+            rest = b"".join(chunks)
+        total = time.monotonic() - start
+        assert header[:4] == b"RIFF"
+        assert len(first_audio) > 0 and len(rest) > len(first_audio)
+        assert first_at < 0.6 * total, (first_at, total)
+    finally:
+        server.stop()
