@@ -6,6 +6,7 @@ chosen device and precision in one padded batch; the server's batcher decides wh
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import threading
@@ -53,6 +54,21 @@ class RegisteredVoice:
     similarity: float
 
 
+def keep_large_allocations() -> None:
+    """Ask glibc to keep big freed blocks instead of returning them to the kernel.
+
+    The vocoder allocates and frees tens of MB per call; with glibc's defaults every call pays page
+    faults for fresh mappings (~20 % of CPU synthesis time here). No-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 2 << 30)
+
+
 @dataclass
 class TTSPipeline:
     voice: PiperVoice
@@ -68,6 +84,7 @@ class TTSPipeline:
 
     @classmethod
     def load(cls, voice: str = "en_US-joe-medium", precision: str = "fp32", device: str | None = None) -> TTSPipeline:
+        keep_large_allocations()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Half precision only where it helps: on the CPU everything runs fp32.
         dtype = DTYPES[precision] if dev.type == "cuda" else torch.float32

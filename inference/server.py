@@ -41,7 +41,8 @@ class Settings:
 
     voice: str = "en_US-joe-medium"
     precision: str = "fp16"
-    max_batch: int = 8
+    max_batch: int = 8  # on CUDA; batching buys nothing on a CPU (measured: it costs), which runs one at a time
+    cpu_max_batch: int = 1
     max_wait_ms: float = 10.0
     max_queue: int = 64
     request_timeout_s: float = 120.0
@@ -55,6 +56,7 @@ class Settings:
             voice=env.get("VOXSCALE_VOICE", cls.voice),
             precision=env.get("VOXSCALE_PRECISION", cls.precision),
             max_batch=int(env.get("VOXSCALE_MAX_BATCH_SIZE", cls.max_batch)),
+            cpu_max_batch=int(env.get("VOXSCALE_CPU_MAX_BATCH_SIZE", cls.cpu_max_batch)),
             max_wait_ms=float(env.get("VOXSCALE_MAX_WAIT_MS", cls.max_wait_ms)),
             max_queue=int(env.get("VOXSCALE_MAX_QUEUE", cls.max_queue)),
             request_timeout_s=float(env.get("VOXSCALE_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
@@ -125,8 +127,10 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
                 TTSPipeline.load, settings.voice, settings.precision, settings.device
             )
         await asyncio.to_thread(state.pipeline.warm_up)
+        on_gpu = state.pipeline.device.type == "cuda"
+        max_batch = settings.max_batch if on_gpu else settings.cpu_max_batch
         state.batcher = Batcher(
-            state.pipeline.synthesize, state.metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue
+            state.pipeline.synthesize, state.metrics, max_batch, settings.max_wait_ms, settings.max_queue
         )
         state.batcher.start()
         state.ready = True

@@ -1,0 +1,168 @@
+"""Inference benchmark (reports figures; not a test).
+
+Side by side in one run, on the same voice (en_US-joe-medium) and texts:
+  1. CPU real-time factor (synthesis seconds / audio seconds) of our torch pipeline vs onnxruntime
+     running the Piper ONNX file on the same phoneme ids;
+  2. the HTTP server (`voxscale serve`, a real process) at 1, 4 and 16 concurrent clients:
+     requests/s, p50/p95 latency, and the server's peak RSS;
+  3. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp16 vs fp32, VRAM.
+
+    .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import requests
+import torch
+
+from tests.inference_helpers import ServerProcess
+from voxscale.inference.pipeline import TTSPipeline
+from voxscale.inference.piper import default_voice_paths
+from voxscale.inference.vits import Scales
+
+TEXTS = [
+    "Welcome to today's lesson on the water cycle.",
+    "The quick brown fox jumps over the lazy dog, and the dog does not seem to mind at all.",
+    "Please remember to submit your assignments before Friday evening.",
+    "In the morning the market opens early, and the first customers arrive before sunrise.",
+]
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def rtf_torch_vs_onnx(repeats: int = 3) -> dict[str, Any]:
+    """Alternating utterance by utterance, so both see the same machine; noise_w 0 gives both the
+    same durations (the same audio length) while keeping the prosody noise."""
+    pipe = TTSPipeline.load(precision="fp32", device="cpu")
+    onnx_path, _ = default_voice_paths()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(onnx_path), opts)
+    ids = [pipe.prepare(t, (0.667, 1.0, 0.0))[0].ids for t in TEXTS]
+    sr = pipe.sample_rate
+    synth = {"torch": 0.0, "onnxruntime": 0.0}
+    audio = {"torch": 0.0, "onnxruntime": 0.0}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for seq in ids:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                wav, _ = pipe.voice(torch.tensor([seq]), torch.tensor([len(seq)]), Scales(0.667, 1.0, 0.0))
+            t_torch = time.perf_counter() - start
+            start = time.perf_counter()
+            ref = sess.run(
+                None,
+                {
+                    "input": np.array([seq], dtype=np.int64),
+                    "input_lengths": np.array([len(seq)], dtype=np.int64),
+                    "scales": np.array([0.667, 1.0, 0.0], dtype=np.float32),
+                },
+            )[0]
+            t_ort = time.perf_counter() - start
+            if round_:
+                synth["torch"] += t_torch
+                synth["onnxruntime"] += t_ort
+                audio["torch"] += wav.shape[-1] / sr
+                audio["onnxruntime"] += ref.shape[-1] / sr
+    out: dict[str, Any] = {k: {"rtf": synth[k] / audio[k], "audio_seconds": audio[k]} for k in synth}
+    out["torch_vs_onnxruntime"] = out["torch"]["rtf"] / out["onnxruntime"]["rtf"]
+    out["threads"] = torch.get_num_threads()
+    say(
+        f"RTF torch {out['torch']['rtf']:.3f}, onnxruntime {out['onnxruntime']['rtf']:.3f} "
+        f"({out['torch_vs_onnxruntime']:.2f}x) over {audio['torch']:.0f} s of audio each"
+    )
+    return out
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def http_load(requests_per_level: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess.start(Path(tmp), VOXSCALE_MAX_QUEUE="256", VOXSCALE_MAX_BATCH_SIZE="8")
+        try:
+            for clients in (1, 4, 16):
+                n = max(requests_per_level, clients * 2)
+
+                def call(i: int) -> float:
+                    start = time.perf_counter()
+                    r = requests.post(
+                        f"{server.url}/v1/audio/speech", json={"input": TEXTS[i % len(TEXTS)]}, timeout=300
+                    )
+                    r.raise_for_status()
+                    return time.perf_counter() - start
+
+                started = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                    lat = sorted(pool.map(call, range(n)))
+                wall = time.perf_counter() - started
+                row = {
+                    "clients": clients,
+                    "requests": n,
+                    "rps": n / wall,
+                    "p50_s": statistics.median(lat),
+                    "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+                    "server_peak_rss_mib": peak_rss_mib(server.proc.pid),
+                }
+                rows.append(row)
+                say(json.dumps(row))
+        finally:
+            server.stop()
+    return rows
+
+
+def cuda_figures() -> dict[str, Any]:
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
+    for precision in ("fp32", "fp16"):
+        pipe = TTSPipeline.load(precision=precision, device="cuda")
+        items = [pipe.prepare(t, (0.667, 1.0, 0.8))[0] for t in TEXTS] * 8
+        pipe.synthesize(items[:8])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for batch in (1, 8, 32):
+            start = time.perf_counter()
+            audio = 0.0
+            for i in range(0, len(items), batch):
+                audio += sum(len(w) for w in pipe.synthesize(items[i : i + batch])) / pipe.sample_rate
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+            out[f"{precision}_batch{batch}"] = {"requests_per_s": len(items) / wall, "rtf": wall / audio}
+        out[f"{precision}_peak_vram_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--cuda", action="store_true", help="also measure batching, fp16 and VRAM on CUDA")
+    args = parser.parse_args()
+    result: dict[str, Any] = {"cpu_rtf": rtf_torch_vs_onnx(), "http": http_load(args.requests)}
+    if args.cuda:
+        result["cuda"] = cuda_figures()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
