@@ -44,9 +44,10 @@ def say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def rtf_torch_vs_onnx(repeats: int = 3) -> dict[str, Any]:
-    """Alternating utterance by utterance, so both see the same machine; noise_w 0 gives both the
-    same durations (the same audio length) while keeping the prosody noise."""
+def rtf_torch_vs_onnx(repeats: int = 5) -> dict[str, Any]:
+    """Each engine in its own block (warm-up round first), same phoneme ids, noise_w 0 so both produce
+    the same durations and so the same audio length. Interleaving them per utterance was unfair:
+    each one's spinning worker threads stole the 2 cores from the other's next call."""
     pipe = TTSPipeline.load(precision="fp32", device="cpu")
     onnx_path, _ = default_voice_paths()
     opts = ort.SessionOptions()
@@ -54,35 +55,40 @@ def rtf_torch_vs_onnx(repeats: int = 3) -> dict[str, Any]:
     sess = ort.InferenceSession(str(onnx_path), opts)
     ids = [pipe.prepare(t, (0.667, 1.0, 0.0))[0].ids for t in TEXTS]
     sr = pipe.sample_rate
-    synth = {"torch": 0.0, "onnxruntime": 0.0}
-    audio = {"torch": 0.0, "onnxruntime": 0.0}
-    for round_ in range(repeats + 1):  # round 0 warms up
+
+    def run_torch(seq: list[int]) -> int:
+        with torch.inference_mode():
+            wav, _ = pipe.voice(torch.tensor([seq]), torch.tensor([len(seq)]), Scales(0.667, 1.0, 0.0))
+        return int(wav.shape[-1])
+
+    def run_ort(seq: list[int]) -> int:
+        out = sess.run(
+            None,
+            {
+                "input": np.array([seq], dtype=np.int64),
+                "input_lengths": np.array([len(seq)], dtype=np.int64),
+                "scales": np.array([0.667, 1.0, 0.0], dtype=np.float32),
+            },
+        )[0]
+        return int(out.shape[-1])
+
+    out: dict[str, Any] = {}
+    for name, fn in (("torch", run_torch), ("onnxruntime", run_ort)):
         for seq in ids:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                wav, _ = pipe.voice(torch.tensor([seq]), torch.tensor([len(seq)]), Scales(0.667, 1.0, 0.0))
-            t_torch = time.perf_counter() - start
-            start = time.perf_counter()
-            ref = sess.run(
-                None,
-                {
-                    "input": np.array([seq], dtype=np.int64),
-                    "input_lengths": np.array([len(seq)], dtype=np.int64),
-                    "scales": np.array([0.667, 1.0, 0.0], dtype=np.float32),
-                },
-            )[0]
-            t_ort = time.perf_counter() - start
-            if round_:
-                synth["torch"] += t_torch
-                synth["onnxruntime"] += t_ort
-                audio["torch"] += wav.shape[-1] / sr
-                audio["onnxruntime"] += ref.shape[-1] / sr
-    out: dict[str, Any] = {k: {"rtf": synth[k] / audio[k], "audio_seconds": audio[k]} for k in synth}
+            fn(seq)  # warm-up
+        synth = audio = 0.0
+        for _ in range(repeats):
+            for seq in ids:
+                start = time.perf_counter()
+                samples = fn(seq)
+                synth += time.perf_counter() - start
+                audio += samples / sr
+        out[name] = {"rtf": synth / audio, "audio_seconds": audio}
     out["torch_vs_onnxruntime"] = out["torch"]["rtf"] / out["onnxruntime"]["rtf"]
     out["threads"] = torch.get_num_threads()
     say(
         f"RTF torch {out['torch']['rtf']:.3f}, onnxruntime {out['onnxruntime']['rtf']:.3f} "
-        f"({out['torch_vs_onnxruntime']:.2f}x) over {audio['torch']:.0f} s of audio each"
+        f"({out['torch_vs_onnxruntime']:.2f}x) over {out['torch']['audio_seconds']:.0f} s of audio each"
     )
     return out
 
