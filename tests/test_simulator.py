@@ -138,3 +138,13 @@ def test_cli_runs_a_scenario_with_json_and_plot(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert {r["autoscaler"] for r in data["results"]} >= {"voxscale", "keda+hpa (model)"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replica_capacity_can_come_from_the_inference_benchmark(tmp_path: Path) -> None:
+    from voxscale.simulator.cli import measured_capacity
+
+    result = {"http": [{"clients": 1, "rps": 2.8, "p50_s": 0.4}, {"clients": 16, "rps": 20.0, "p50_s": 0.9}]}
+    path = tmp_path / "inference.json"
+    path.write_text(json.dumps(result))
+    cap = measured_capacity(path, CapacityModel())
+    assert cap.slots == 8 and cap.rps_per_replica == pytest.approx(20.0)

@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=CapacityModel.cold_start_seconds,
         help="seconds from scale-up to a Ready pod (default %(default)s)",
     )
+    p.add_argument(
+        "--measured",
+        type=Path,
+        metavar="JSON",
+        help="take one replica's capacity from an inference benchmark result "
+        "(bench/results/inference.json): its peak requests/s and single-client latency",
+    )
     p.add_argument("--stochastic", action="store_true", help="Poisson arrivals and exponential service")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: load, replicas, p95 latency over time")
@@ -68,6 +75,23 @@ def load_manifest(path: Path) -> dict[str, Any]:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise SpecError(field, message + more)
     return crd.apply_defaults(found[0])
+
+
+def measured_capacity(path: Path, base: CapacityModel) -> CapacityModel:
+    """One replica as the inference benchmark measured it: service time = single-client p50 latency,
+    parallel slots = the highest measured throughput x that service time (at least 1)."""
+    result = json.loads(path.read_text())
+    rows = result["http"]
+    service = float(next(r for r in rows if r["clients"] == 1)["p50_s"])
+    peak_rps = max(float(r["rps"]) for r in rows)
+    slots = max(1, round(peak_rps * service))
+    return CapacityModel(
+        slots=slots,
+        service_seconds=peak_rps and slots / peak_rps,
+        max_queue=base.max_queue,
+        cold_start_seconds=base.cold_start_seconds,
+        gpus_per_replica=base.gpus_per_replica,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         cold_start_seconds=args.cold_start,
         gpus_per_replica=max(1, int(ttsd["spec"].get("resources", {}).get("gpus", 1))),
     )
+    if args.measured:
+        try:
+            capacity = measured_capacity(args.measured, capacity)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"voxscale simulate: --measured {args.measured}: {exc}", file=sys.stderr)
+            return 2
     result = compare(
         trace,
         VoxscaleAutoscaler(policy),
