@@ -138,12 +138,8 @@ class TTSPipeline:
             speakers = None
             if self.voice.emb_g is not None:
                 speakers = torch.tensor([i.speaker or 0 for i in items], device=self.device)
-            v = self.voice
-            g = v.speaker_conditioning(speakers)
-            hidden, m, logs, mask = v.text_encoder(ids.to(self.device), lengths.to(self.device))
-            z, y_mask = v.acoustic(hidden, m, logs, mask, scales, g, generator)
-            wav = v.vocoder(z.to(self.dtype), g.to(self.dtype) if g is not None else None).float()
-            samples = (y_mask.sum(dim=(1, 2)).long() * v.cfg.hop).tolist()
+            wav, lengths_out = self.voice(ids.to(self.device), lengths.to(self.device), scales, speakers, generator)
+            samples = lengths_out.tolist()
             out = wav[:, 0].cpu().numpy()
         return [out[row, : samples[row]].copy() for row in range(len(items))]
 

@@ -88,7 +88,9 @@ class PiperVoice(nn.Module):
         g = self.speaker_conditioning(speaker_ids)
         hidden, m, logs, mask = self.text_encoder(ids, lengths)
         z, y_mask = self.acoustic(hidden, m, logs, mask, scales, g, generator)
-        wav = self.vocoder(z, g)
+        # The vocoder may run in half precision (see TTSPipeline.load); everything before it stays fp32.
+        dtype = self.vocoder.conv_pre.weight.dtype
+        wav = self.vocoder(z.to(dtype), g.to(dtype) if g is not None else None).float()
         return wav, y_mask.sum(dim=(1, 2)).long() * self.cfg.hop
 
 
