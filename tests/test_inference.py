@@ -249,6 +249,16 @@ def test_overload_gets_429_with_retry_after_and_nothing_accepted_is_dropped(tmp_
         server.stop()
 
 
+def _accepted(server: ServerProcess) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=5).text
+    values = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith((mc.QUEUE_DEPTH.name + " ", mc.INFLIGHT.name + " "))
+    ]
+    return sum(values)
+
+
 def test_sigterm_drains_accepted_requests_then_exits(tmp_path: Path) -> None:
     server = ServerProcess.start(tmp_path, VOXSCALE_MAX_BATCH_SIZE="2")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -258,7 +268,10 @@ def test_sigterm_drains_accepted_requests_then_exits(tmp_path: Path) -> None:
             )
             for i in range(4)
         ]
-        time.sleep(0.8)  # accepted and being synthesised
+        # SIGTERM only once all four are accepted (queued or being synthesised): those must finish.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _accepted(server) < 4:
+            time.sleep(0.05)
         server.terminate()
         time.sleep(0.3)
         try:
