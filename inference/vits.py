@@ -15,7 +15,7 @@ weights being loaded (see piper.py), so low/medium/high and multi-speaker Piper 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,6 @@ class VitsConfig:
     rb_kernels: tuple[int, ...] = (3, 5, 7)
     rb_dilations: tuple[tuple[int, ...], ...] = ((1, 2), (2, 6), (3, 12))
     resblock: str = "2"
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def hop(self) -> int:
