@@ -47,7 +47,7 @@ READY = Gauge("voxscale_operator_ready_replicas", "Ready pods of the TTSDeployme
 MAX = Gauge("voxscale_operator_max_replicas", "spec.replicas.max of the TTSDeployment.", _PER_OBJECT)
 METRICS_OK = Gauge("voxscale_operator_metrics_available", "1 while every trigger has data.", _PER_OBJECT)
 
-STATUS_REFRESH_SECONDS = 30.0  # write status at least this often even when nothing visible changed
+STATUS_REFRESH_SECONDS = 30.0  # refresh status messages at least this often
 
 
 @dataclass
@@ -59,8 +59,9 @@ class Tracked:
     next_due: float = 0.0
     history: History = field(default_factory=History)
     decision: Decision | None = None
-    written: dict[str, Any] | None = None
+    written: dict[str, Any] | None = None  # the significant part of the last status written
     written_at: float = 0.0
+    reported_error: str | None = None
     metrics_ok: bool | None = None
 
     @property
@@ -262,13 +263,21 @@ class Scaler:
                 new["lastScaleTime"] = st.iso(now)
         elif tr.spec_error:
             new["reason"] = "InvalidSpec"
-        visible = {k: v for k, v in new.items() if k != "lastDecision"}
-        visible["message"] = decision.message if decision else tr.spec_error
-        if tr.spec_error and (tr.written or {}).get("message") != tr.spec_error:
+        if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
+        tr.reported_error = tr.spec_error
+        # Write at once when something a user or a controller acts on changes; sentences with running
+        # clocks ("below 40% for 1m10s of 5m") refresh at most every STATUS_REFRESH_SECONDS, so a
+        # steady fleet does not turn into one status write per object per interval.
+        significant = {
+            k: new.get(k)
+            for k in ("observedGeneration", "replicas", "readyReplicas", "desiredReplicas", "reason", "lastScaleTime")
+        }
+        significant["conditions"] = [(c["type"], c["status"], c["reason"]) for c in new["conditions"]]
+        significant["specError"] = tr.spec_error
         mono = time.monotonic()
-        if visible == tr.written and mono - tr.written_at < STATUS_REFRESH_SECONDS:
+        if significant == tr.written and mono - tr.written_at < STATUS_REFRESH_SECONDS:
             return
         new["engine"] = tr.history.to_dict()
         self.kube.patch_status(tr.key[0], tr.key[1], new)
-        tr.written, tr.written_at = visible, mono
+        tr.written, tr.written_at = significant, mono

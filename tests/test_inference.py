@@ -223,6 +223,10 @@ def test_bearer_token_is_enforced_when_configured(pipeline: TTSPipeline) -> None
 
 
 # ----------------------------------------------------------------- a real server process under load
+ONE_SENTENCE = (
+    "This is request number {i}, and it keeps talking for a while so that the server is still busy "
+    "with it when the signal arrives, which is the whole point of this exercise"
+)
 LONG = "Sentence one is here. Sentence two follows it. Then a third sentence arrives. And a fourth one ends it."
 
 
@@ -264,14 +268,16 @@ def test_sigterm_drains_accepted_requests_then_exits(tmp_path: Path) -> None:
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [
             pool.submit(
-                requests.post, f"{server.url}/v1/audio/speech", json={"input": f"{LONG} Number {i}."}, timeout=120
+                requests.post, f"{server.url}/v1/audio/speech", json={"input": ONE_SENTENCE.format(i=i)}, timeout=120
             )
             for i in range(4)
         ]
         # SIGTERM only once all four are accepted (queued or being synthesised): those must finish.
+        # One sentence each, so the queue + in-flight count is a count of requests.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _accepted(server) < 4:
             time.sleep(0.05)
+        assert time.monotonic() < deadline, "the four requests were never all in the server at once"
         server.terminate()
         time.sleep(0.3)
         try:
