@@ -246,7 +246,7 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
         return speaker, headers
 
     @app.post("/v1/audio/speech")
-    async def speech(req: SpeechRequest, request: Request) -> Response:
+    async def speech(req: SpeechRequest) -> Response:
         if not state.ready or state.draining:
             raise ApiError(
                 503, "the server is not ready (loading or draining); retry", None, "unavailable", {"Retry-After": "2"}
@@ -259,6 +259,8 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
                 "response_format",
                 "unsupported_format",
             )
+        if req.stream and req.response_format not in ("wav", "pcm"):
+            raise ApiError(400, "response_format: streaming supports wav and pcm", "response_format")
         speaker, headers = _resolve_voice(req.voice)
         p = state.pipeline
         base = p.voice.piper.scales
@@ -293,8 +295,6 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             state.metrics.counter(mc.REQUESTS).labels("200").inc()
 
         if req.stream:
-            if req.response_format not in ("wav", "pcm"):
-                raise ApiError(400, "response_format: streaming supports wav and pcm", "response_format")
 
             async def chunks() -> AsyncIterator[bytes]:
                 if req.response_format == "wav":
