@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -462,8 +462,7 @@ class LocalCluster:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
 
-    def _wait(self, st: ClusterState, what: str, ready: object, timeout: float) -> None:
-        assert callable(ready)
+    def _wait(self, st: ClusterState, what: str, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = [p for p, alive in self.running().items() if not alive]
