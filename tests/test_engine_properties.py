@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.engine_helpers import T0, Run, policy
+from tests.engine_helpers import Run, policy
 from voxscale.operator.engine import Metrics
 from voxscale.operator.policy import ScalingPolicy
 
@@ -145,7 +145,3 @@ def test_no_oscillation_under_constant_load(data: st.DataObject) -> None:
     run.run(3600, data.draw(st.sampled_from([5, 10, 15])), lambda _now: Metrics(dict(values)))
     directions = {1 if to > frm else -1 for _, frm, to, _ in run.changes()}
     assert len(directions) <= 1, run.changes()
-
-
-def test_t0_is_timezone_aware() -> None:
-    assert T0.tzinfo is not None
