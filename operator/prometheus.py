@@ -6,10 +6,9 @@ is reported as such (never as zero); the engine decides what missing data means.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -48,13 +47,9 @@ class Target:
 
 @dataclass
 class QueryStats:
-    """Counts for the operator's own /metrics and the benchmark (queries must not grow with objects)."""
+    """PromQL queries sent so far; the scaler reports the per-round delta (it must not grow with objects)."""
 
     queries: int = 0
-    errors: int = 0
-    last_round_queries: int = 0
-    last_round_seconds: float = 0.0
-    errors_by_url: dict[str, int] = field(default_factory=dict)
 
 
 class PrometheusSource:
@@ -76,19 +71,14 @@ class PrometheusSource:
 
     def _query(self, ep: Endpoint, promql: str) -> list[dict[str, Any]]:
         self.stats.queries += 1
-        self.stats.last_round_queries += 1
         try:
             result: list[dict[str, Any]] = self._client(ep).custom_query(promql)
             return result
         except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
-            self.stats.errors += 1
-            self.stats.errors_by_url[ep.url] = self.stats.errors_by_url.get(ep.url, 0) + 1
             raise QueryError(_describe(ep, exc)) from exc
 
     def fetch(self, targets: Sequence[Target]) -> dict[Key, Metrics]:
         """Metrics for each target, with one batched query per metric kind and endpoint."""
-        started = time.monotonic()
-        self.stats.last_round_queries = 0
         values: dict[Key, dict[str, float]] = defaultdict(dict)
         errors: dict[Key, str] = {}
         by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
@@ -115,7 +105,6 @@ class PrometheusSource:
                 for t, trig_name in users:
                     if t.key in samples:
                         values[t.key][trig_name] = samples[t.key]
-        self.stats.last_round_seconds = time.monotonic() - started
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key)) for t in targets}
 
     def _custom(
