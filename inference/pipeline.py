@@ -10,7 +10,6 @@ import ctypes
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from voxscale.inference.speaker import SAMPLE_RATE as SPEAKER_SR
 from voxscale.inference.speaker import SpeakerEncoder, load_speaker_encoder, resample
 from voxscale.inference.text import Phonemizer, phoneme_ids, split_sentences
 from voxscale.inference.vits import Scales
+from voxscale.inference.voices import StoredVoice, VoiceStore
 
 log = logging.getLogger("voxscale.inference")
 
@@ -46,8 +46,10 @@ class Item:
     speaker: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegisteredVoice:
+    """A stored voice as this model renders it."""
+
     voice_id: str
     embedding: np.ndarray
     mapped_to: str  # the built-in voice/speaker it is rendered with (the default model is not conditioned)
@@ -76,14 +78,19 @@ class TTSPipeline:
     phonemizer: Phonemizer
     device: torch.device
     dtype: torch.dtype
-    registered: OrderedDict[str, RegisteredVoice] = field(default_factory=OrderedDict)
-    max_registered: int = 256
+    voices: VoiceStore = field(default_factory=VoiceStore)
     _speaker_encoder: SpeakerEncoder | None = None
     _builtin_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, voice: str = "en_US-joe-medium", precision: str = "fp32", device: str | None = None) -> TTSPipeline:
+    def load(
+        cls,
+        voice: str = "en_US-joe-medium",
+        precision: str = "fp32",
+        device: str | None = None,
+        voice_store: VoiceStore | None = None,
+    ) -> TTSPipeline:
         keep_large_allocations()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Half precision only where it helps: on the CPU everything runs fp32.
@@ -97,7 +104,7 @@ class TTSPipeline:
         model = load_piper_voice(onnx_path, config_path).to(dev)
         if dtype != torch.float32:
             model.vocoder.to(dtype)  # the vocoder dominates VITS time; the flows stay fp32 for stability
-        return cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype)
+        return cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype, voice_store or VoiceStore())
 
     @property
     def sample_rate(self) -> int:
@@ -146,6 +153,8 @@ class TTSPipeline:
     def warm_up(self) -> None:
         """Run once through every stage so the first real request does not pay for lazy init."""
         self.synthesize(self.prepare("Warming up.", (0.667, 1.0, 0.8)))
+        if self.voices.ids():  # stored voices from earlier runs or other replicas: be ready to map them
+            self.builtin_embeddings()
 
     # ------------------------------------------------------------------ voices
     def speaker_encoder(self) -> SpeakerEncoder:
@@ -167,18 +176,27 @@ class TTSPipeline:
                 self._builtin_embeddings[name] = self.embed(audio, self.sample_rate)
         return self._builtin_embeddings
 
+    def _mapped(self, stored: StoredVoice) -> RegisteredVoice:
+        """Render a stored embedding with the most similar built-in voice (this model is not conditioned)."""
+        scores = {name: float(np.dot(stored.embedding, ref)) for name, ref in self.builtin_embeddings().items()}
+        best = max(scores, key=lambda k: scores[k])
+        return RegisteredVoice(stored.voice_id, stored.embedding, best, scores[best])
+
     def register(self, wav: np.ndarray, sample_rate: int) -> tuple[RegisteredVoice, bool]:
-        """A voice id for a reference recording; the same content costs nothing twice (LRU cache)."""
+        """A voice id for a reference recording; the same content costs nothing twice, on any replica."""
         digest = hashlib.sha256(wav.astype(np.float32).tobytes() + str(sample_rate).encode()).hexdigest()
         voice_id = f"vc_{digest[:16]}"
-        if voice_id in self.registered:
-            self.registered.move_to_end(voice_id)
-            return self.registered[voice_id], True
-        emb = self.embed(wav, sample_rate)
-        scores = {name: float(np.dot(emb, ref)) for name, ref in self.builtin_embeddings().items()}
-        best = max(scores, key=lambda k: scores[k])
-        entry = RegisteredVoice(voice_id, emb, best, scores[best])
-        self.registered[voice_id] = entry
-        while len(self.registered) > self.max_registered:
-            self.registered.popitem(last=False)
-        return entry, False
+        known = self.voices.get(voice_id)
+        if known is not None:
+            return self._mapped(known), True
+        stored = StoredVoice(voice_id, self.embed(wav, sample_rate), len(wav) / sample_rate)
+        self.voices.put(stored)
+        return self._mapped(stored), False
+
+    def registered_voice(self, voice_id: str) -> RegisteredVoice | None:
+        stored = self.voices.get(voice_id)
+        return self._mapped(stored) if stored is not None else None
+
+    def registered_voices(self) -> list[RegisteredVoice]:
+        found = (self.voices.get(voice_id) for voice_id in self.voices.ids())
+        return [self._mapped(v) for v in found if v is not None]

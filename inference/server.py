@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,6 +30,7 @@ from voxscale.inference import audio
 from voxscale.inference.batcher import Batcher, Draining, QueueFull
 from voxscale.inference.pipeline import STYLES, TTSPipeline
 from voxscale.inference.server_metrics import ServerMetrics
+from voxscale.inference.voices import VoiceStore, VoiceStoreError, is_voice_id
 
 log = logging.getLogger("voxscale.inference")
 MAX_INPUT = 4096
@@ -48,6 +50,7 @@ class Settings:
     request_timeout_s: float = 120.0
     api_token: str | None = None
     device: str | None = None
+    voice_store: str | None = None  # a directory shared by the replicas; None keeps voices in memory
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,6 +65,7 @@ class Settings:
             request_timeout_s=float(env.get("VOXSCALE_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
             api_token=env.get("VOXSCALE_API_TOKEN") or None,
             device=env.get("VOXSCALE_DEVICE") or None,
+            voice_store=env.get("VOXSCALE_VOICE_STORE") or None,
         )
 
 
@@ -117,14 +121,20 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
     settings = settings or Settings.from_env()
     state = State()
     state.metrics = ServerMetrics.create()
+    # Opened before anything loads, so a bad volume fails the start with its path, not the first upload.
+    store = VoiceStore(Path(settings.voice_store) if settings.voice_store else None)
+    if preloaded is None and not store.persistent:
+        log.warning("registered voices are kept in memory only; set VOXSCALE_VOICE_STORE to share and keep them")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if preloaded is not None:
             state.pipeline = preloaded
+            if store.persistent:
+                preloaded.voices = store
         else:
             state.pipeline = await asyncio.to_thread(
-                TTSPipeline.load, settings.voice, settings.precision, settings.device
+                TTSPipeline.load, settings.voice, settings.precision, settings.device, store
             )
         await asyncio.to_thread(state.pipeline.warm_up)
         on_gpu = state.pipeline.device.type == "cuda"
@@ -199,10 +209,12 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
     @app.get("/v1/voices")
     async def list_voices() -> dict[str, Any]:
         p = state.pipeline
-        voices = [{"id": v, "type": "built-in", "sample_rate": p.sample_rate} for v in p.builtin_voices()]
+        voices: list[dict[str, Any]] = [
+            {"id": v, "type": "built-in", "sample_rate": p.sample_rate} for v in p.builtin_voices()
+        ]
         voices += [
             {"id": r.voice_id, "type": "registered", "mapped_to": r.mapped_to, "similarity": round(r.similarity, 3)}
-            for r in p.registered.values()
+            for r in await asyncio.to_thread(p.registered_voices)
         ]
         return {"object": "list", "data": voices}
 
@@ -214,7 +226,10 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             audio.quality_gate(wav, sr)
         except audio.AudioError as exc:
             raise ApiError(422, f"file: {exc}", "file", "invalid_audio") from None
-        entry, cached = await asyncio.to_thread(state.pipeline.register, wav, sr)
+        try:
+            entry, cached = await asyncio.to_thread(state.pipeline.register, wav, sr)
+        except VoiceStoreError as exc:  # the server's volume, not the upload: say which and why
+            raise ApiError(507, str(exc), None, "voice_store_unavailable") from None
         body = {
             "id": entry.voice_id,
             "object": "voice",
@@ -226,21 +241,36 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
         }
         return JSONResponse(body, status_code=200 if cached else 201)
 
-    def _resolve_voice(name: str) -> tuple[int | None, dict[str, str]]:
+    async def _resolve_voice(name: str) -> tuple[int | None, dict[str, str]]:
         p = state.pipeline
         builtins = p.builtin_voices()
-        known = [*builtins, *p.registered]
         if name in ("alloy", "echo", "fable", "onyx", "nova", "shimmer", "default"):
             name = builtins[0]  # OpenAI's voice names select the pod's default voice
-        if name in p.registered:
-            entry = p.registered[name]
-            headers = {"X-Voxscale-Voice-Mapped": f"{name} -> {entry.mapped_to} (similarity {entry.similarity:.2f})"}
+        headers: dict[str, str] = {}
+        if is_voice_id(name):
+            entry = await asyncio.to_thread(p.registered_voice, name)
+            if entry is None:
+                where = (
+                    "in the shared voice store"
+                    if p.voices.persistent
+                    else "on this replica (voices live in memory: set VOXSCALE_VOICE_STORE to share and keep them)"
+                )
+                raise ApiError(
+                    404,
+                    f"voice: no registered voice {name!r} {where}; register the recording again with "
+                    "POST /v1/voices (the same recording gets the same id)",
+                    "voice",
+                    "voice_not_found",
+                )
+            headers["X-Voxscale-Voice-Mapped"] = f"{name} -> {entry.mapped_to} (similarity {entry.similarity:.2f})"
             name = entry.mapped_to
-        else:
-            headers = {}
         if name not in builtins:
             raise ApiError(
-                404, f"voice: unknown voice {name!r}; known voices: {', '.join(known)}", "voice", "voice_not_found"
+                404,
+                f"voice: unknown voice {name!r}; built-in voices: {', '.join(builtins)}, "
+                "or a registered voice id (vc_..., see GET /v1/voices)",
+                "voice",
+                "voice_not_found",
             )
         speaker = p.voice.piper.speaker_id_map.get(name.split(":", 1)[1]) if ":" in name else None
         return speaker, headers
@@ -261,7 +291,7 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             )
         if req.stream and req.response_format not in ("wav", "pcm"):
             raise ApiError(400, "response_format: streaming supports wav and pcm", "response_format")
-        speaker, headers = _resolve_voice(req.voice)
+        speaker, headers = await _resolve_voice(req.voice)
         p = state.pipeline
         base = p.voice.piper.scales
         ns_x, nw_x, len_x = STYLES[req.style]

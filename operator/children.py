@@ -18,6 +18,10 @@ PORT_NAME = "http"
 # The pod's grace period covers the preStop pause plus the server's drain of accepted requests.
 TERMINATION_GRACE_SECONDS = 90
 PRESTOP_PAUSE_SECONDS = 5
+# The inference image's user (Dockerfile.inference); as fsGroup it makes a claimed voice store writable.
+SERVER_UID = 10001
+VOICE_STORE_PATH = "/var/lib/voxscale/voices"
+VOICE_STORE_VOLUME = "voices"
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -64,6 +68,7 @@ def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": "VOXSCALE_MAX_BATCH_SIZE", "value": str(model.get("maxBatchSize", 8))},
         {"name": "VOXSCALE_MAX_QUEUE", "value": str(model.get("maxQueueLength", 64))},
         {"name": "VOXSCALE_PORT", "value": str(spec.get("service", {}).get("port", 8000))},
+        {"name": "VOXSCALE_VOICE_STORE", "value": VOICE_STORE_PATH},
         {"name": "VOXSCALE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "VOXSCALE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
@@ -88,6 +93,14 @@ def container_resources(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def voice_store_volume(spec: dict[str, Any]) -> dict[str, Any]:
+    """The claim shared by every replica when one is named; otherwise the pod's own emptyDir."""
+    claim = spec["model"].get("voiceStore", {}).get("claimName")
+    if claim:
+        return {"name": VOICE_STORE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": VOICE_STORE_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}}
+
+
 def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     name = ttsd["metadata"]["name"]
     spec = ttsd["spec"]
@@ -96,7 +109,13 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     probe_base = {"httpGet": {"path": "/readyz", "port": PORT_NAME}}
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+            "fsGroup": SERVER_UID,
+            "fsGroupChangePolicy": "OnRootMismatch",
+        },
+        "volumes": [voice_store_volume(spec)],
         "containers": [
             {
                 "name": CONTAINER,
@@ -105,6 +124,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
                 "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
                 "env": server_env(spec),
                 "resources": container_resources(spec),
+                "volumeMounts": [{"name": VOICE_STORE_VOLUME, "mountPath": VOICE_STORE_PATH}],
                 # Model loading can take minutes: the startup probe holds the others off until it is done.
                 "startupProbe": {
                     "httpGet": {"path": "/healthz", "port": PORT_NAME},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +115,7 @@ def test_same_seed_same_audio_and_speed_shortens(client: TestClient) -> None:
 BAD_SPEECH: list[tuple[str, dict[str, Any], int, str]] = [
     ("empty input", {"input": ""}, 422, "input"),
     ("over-long input", {"input": "a" * 4097}, 422, "input"),
-    ("unknown voice", {"input": "hi", "voice": "bob"}, 404, "known voices: en_US-joe-medium"),
+    ("unknown voice", {"input": "hi", "voice": "bob"}, 404, "built-in voices: en_US-joe-medium"),
     ("unsupported format", {"input": "hi", "response_format": "aac"}, 422, "response_format"),
     ("speed too high", {"input": "hi", "speed": 9}, 422, "speed"),
     ("speed too low", {"input": "hi", "speed": 0.1}, 422, "speed"),
@@ -309,3 +311,54 @@ def test_streaming_sends_the_first_sentence_before_the_whole_text_is_done(tmp_pa
         assert first_at < 0.6 * total, (first_at, total)
     finally:
         server.stop()
+
+
+def test_a_voice_registered_on_one_replica_works_on_another_and_after_a_restart(
+    tmp_path: Path, reference: bytes
+) -> None:
+    store = tmp_path / "voices"  # what the pods' shared claim is
+    first = ServerProcess.start(tmp_path, VOXSCALE_VOICE_STORE=str(store))
+    try:
+        r = requests.post(f"{first.url}/v1/voices", files={"file": ("ref.wav", reference, "audio/wav")}, timeout=120)
+        assert r.status_code == 201, r.text
+        voice_id = r.json()["id"]
+    finally:
+        first.stop()
+    # A second process (another replica, or the first one restarted) knows the voice from the store alone.
+    second = ServerProcess.start(tmp_path, VOXSCALE_VOICE_STORE=str(store))
+    try:
+        listed = {v["id"]: v for v in requests.get(f"{second.url}/v1/voices", timeout=10).json()["data"]}
+        assert listed[voice_id]["type"] == "registered"
+        r = requests.post(
+            f"{second.url}/v1/audio/speech",
+            json={"input": "Still here after a restart.", "voice": voice_id},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-voxscale-voice-mapped"].startswith(f"{voice_id} -> en_US-joe-medium")
+        again = requests.post(
+            f"{second.url}/v1/voices", files={"file": ("ref.wav", reference, "audio/wav")}, timeout=120
+        )
+        assert again.status_code == 200 and again.json()["cached"] is True  # no second embedding, on any replica
+    finally:
+        second.stop()
+
+
+def test_an_unknown_registered_voice_says_where_it_was_looked_for(client: TestClient) -> None:
+    r = client.post("/v1/audio/speech", json={"input": "hi", "voice": "vc_00000000deadbeef"})
+    assert r.status_code == 404
+    message = r.json()["error"]["message"]
+    assert "VOXSCALE_VOICE_STORE" in message and "POST /v1/voices" in message
+
+
+def test_serve_refuses_a_voice_store_it_cannot_write_naming_the_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "voxscale.cli", "serve", "--voice-store", str(blocker / "voices")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert f"voice store {blocker}/voices: not a writable directory" in out.stderr

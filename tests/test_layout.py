@@ -98,3 +98,11 @@ def test_cli_has_the_cluster_subcommands() -> None:
     for action in ("up", "down", "status", "env", "build"):
         args = parser.parse_args(["cluster", action])
         assert callable(args.handler)
+
+
+def test_pods_fs_group_is_the_inference_images_user() -> None:
+    """The operator's fsGroup must match the image's uid, or a claimed voice store is read-only to it."""
+    from voxscale.operator.children import SERVER_UID
+
+    dockerfile = (REPO / "Dockerfile.inference").read_text()
+    assert f"--uid {SERVER_UID} " in dockerfile and f"USER {SERVER_UID}" in dockerfile

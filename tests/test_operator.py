@@ -57,6 +57,10 @@ def test_examples_create_deployment_service_and_pdb(
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
         assert pod["spec"]["terminationGracePeriodSeconds"] >= 30
         assert pod["metadata"]["labels"]["voxscale.io/ttsdeployment"] == name
+        # No claim named: each pod keeps registered voices in its own emptyDir, handed to the server.
+        assert pod["spec"]["volumes"] == [{"name": "voices", "emptyDir": {"sizeLimit": "1Gi"}}]
+        assert {"name": "VOXSCALE_VOICE_STORE", "value": "/var/lib/voxscale/voices"} in container["env"]
+        assert container["volumeMounts"][0]["mountPath"] == "/var/lib/voxscale/voices"
         svc = get_json(cluster, "service", name, "-n", namespace)
         assert svc["spec"]["ports"][0]["port"] == 8000
         assert svc["spec"]["selector"] == {"voxscale.io/ttsdeployment": name}
@@ -142,6 +146,11 @@ BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
         "spec.scaling.prometheus.url",
     ),
     ("missing image", {"model": {"voice": "x"}}, "spec.model.image"),
+    (
+        "voice store claim that is not a name",
+        {"model": {"image": "x:1", "voiceStore": {"claimName": "Shared_Voices"}}},
+        "spec.model.voiceStore.claimName",
+    ),
 ]
 
 
@@ -156,6 +165,20 @@ def test_bad_manifest_is_refused_at_admission_naming_the_field(
     )
     assert result.returncode != 0, f"{why}: accepted"
     assert message in result.stderr, f"{why}: {result.stderr}"
+
+
+def test_a_claimed_voice_store_is_shared_by_every_replica(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    obj = minimal("shared-voices")
+    obj["spec"]["model"]["voiceStore"] = {"claimName": "tts-voices"}
+    apply(cluster, namespace, obj)
+    dep = wait_for(
+        "Deployment shared-voices", functools.partial(get_json, cluster, "deployment", "shared-voices", "-n", namespace)
+    )
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "voices", "persistentVolumeClaim": {"claimName": "tts-voices"}}]
+    assert pod["securityContext"]["fsGroup"] == 10001  # the image's user can write the claim
 
 
 def test_unparseable_cron_surfaces_as_a_condition_not_a_crash(

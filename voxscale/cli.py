@@ -73,14 +73,24 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from voxscale.inference.server import Settings, serve
+    from voxscale.inference.voices import VoiceStoreError
 
     base = Settings.from_env()
     overrides = {
         k: v
-        for k, v in (("voice", args.voice), ("precision", args.precision), ("device", args.device))
+        for k, v in (
+            ("voice", args.voice),
+            ("precision", args.precision),
+            ("device", args.device),
+            ("voice_store", args.voice_store),
+        )
         if v is not None
     }
-    serve(args.host, args.port, Settings(**{**base.__dict__, **overrides}))
+    try:
+        serve(args.host, args.port, Settings(**{**base.__dict__, **overrides}))
+    except VoiceStoreError as exc:
+        print(f"voxscale serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -147,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--voice", help="built-in voice or a Piper .onnx path (env VOXSCALE_VOICE)")
     srv.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="on CUDA (env VOXSCALE_PRECISION)")
     srv.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    srv.add_argument(
+        "--voice-store",
+        help="directory keeping registered voices, shared by replicas (env VOXSCALE_VOICE_STORE; default: memory)",
+    )
     srv.set_defaults(handler=_serve)
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")

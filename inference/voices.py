@@ -1,0 +1,147 @@
+"""Registered voices that outlive a process and are shared by every replica.
+
+A registered voice is its speaker embedding, which depends only on the speaker encoder; which built-in
+voice renders it depends on the loaded model and is derived when it is used, never stored. With a
+directory (a pod volume; a ReadWriteMany PersistentVolumeClaim when replicas > 1) each voice is one
+small JSON file, written atomically, so a voice registered through one replica works through any other
+and survives restarts. Without one, voices live in this process's memory only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("voxscale.inference")
+
+VOICE_ID = re.compile(r"vc_[0-9a-f]{16}")
+FORMAT_VERSION = 1
+
+
+class VoiceStoreError(RuntimeError):
+    """The voice store's directory cannot be used; the message names it and the cause."""
+
+
+@dataclass(frozen=True)
+class StoredVoice:
+    voice_id: str
+    embedding: np.ndarray  # unit-norm float32 speaker embedding
+    seconds: float  # length of the reference recording
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "id": self.voice_id,
+                "seconds": round(self.seconds, 3),
+                "embedding": [float(x) for x in self.embedding.astype(np.float32)],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> StoredVoice:
+        raw = json.loads(text)
+        if raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown format version {raw.get('version')!r}")
+        return cls(str(raw["id"]), np.asarray(raw["embedding"], dtype=np.float32), float(raw["seconds"]))
+
+
+def is_voice_id(name: str) -> bool:
+    return VOICE_ID.fullmatch(name) is not None
+
+
+class VoiceStore:
+    """An in-memory LRU of embeddings in front of an optional directory of voice files."""
+
+    def __init__(self, directory: Path | None = None, cache_size: int = 256) -> None:
+        self.directory = directory
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, StoredVoice] = OrderedDict()
+        self._lock = threading.Lock()
+        if directory is not None:
+            self._check_writable(directory)
+
+    @staticmethod
+    def _check_writable(directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise VoiceStoreError(
+                f"voice store {directory}: not a writable directory ({exc.strerror or exc}); "
+                "mount a writable volume there or unset VOXSCALE_VOICE_STORE"
+            ) from exc
+
+    @property
+    def persistent(self) -> bool:
+        return self.directory is not None
+
+    def _path(self, voice_id: str) -> Path:
+        assert self.directory is not None and is_voice_id(voice_id)
+        return self.directory / f"{voice_id}.json"
+
+    def _remember(self, voice: StoredVoice) -> None:
+        with self._lock:
+            self._cache[voice.voice_id] = voice
+            self._cache.move_to_end(voice.voice_id)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def get(self, voice_id: str) -> StoredVoice | None:
+        """The voice, from memory or the directory; None when unknown (or its file is unreadable)."""
+        if not is_voice_id(voice_id):
+            return None
+        with self._lock:
+            if voice_id in self._cache:
+                self._cache.move_to_end(voice_id)
+                return self._cache[voice_id]
+        if self.directory is None:
+            return None
+        path = self._path(voice_id)
+        try:
+            voice = StoredVoice.from_json(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("voice store: unreadable %s (%s); registering the recording again rewrites it", path, exc)
+            return None
+        self._remember(voice)
+        return voice
+
+    def put(self, voice: StoredVoice) -> None:
+        """Keep the voice; with a directory, durably (temp file, fsync, rename) before returning."""
+        if not is_voice_id(voice.voice_id):
+            raise ValueError(f"not a voice id: {voice.voice_id!r}")
+        if self.directory is not None:
+            path = self._path(voice.voice_id)
+            tmp: str | None = None
+            try:
+                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{voice.voice_id}-")
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(voice.to_json())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
+                raise VoiceStoreError(f"voice store {self.directory}: cannot write {path.name} ({exc})") from exc
+        self._remember(voice)
+
+    def ids(self) -> list[str]:
+        """Every known voice id: this process's and, with a directory, every replica's."""
+        with self._lock:
+            known = set(self._cache)
+        if self.directory is not None:
+            known.update(p.stem for p in self.directory.glob("vc_*.json") if is_voice_id(p.stem))
+        return sorted(known)
