@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from voxscale.inference.piper import PiperVoice, default_voice_paths, load_piper_voice
 from voxscale.inference.speaker import SAMPLE_RATE as SPEAKER_SR
 from voxscale.inference.speaker import SpeakerEncoder, load_speaker_encoder, resample
+from voxscale.inference.stages import load_stage_weights
 from voxscale.inference.text import Phonemizer, phoneme_ids, split_sentences
 from voxscale.inference.vits import Scales
 from voxscale.inference.voices import StoredVoice, VoiceStore
@@ -79,6 +81,7 @@ class TTSPipeline:
     device: torch.device
     dtype: torch.dtype
     voices: VoiceStore = field(default_factory=VoiceStore)
+    speaker_encoder_weights: Path | None = None  # None: Resemblyzer's pretrained GE2E
     _speaker_encoder: SpeakerEncoder | None = None
     _builtin_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,7 +93,9 @@ class TTSPipeline:
         precision: str = "fp32",
         device: str | None = None,
         voice_store: VoiceStore | None = None,
+        stage_weights: Mapping[str, Path] | None = None,
     ) -> TTSPipeline:
+        """Load a voice into stages 2-4, then any stage checkpoints given (see `stages.py`) over them."""
         keep_large_allocations()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Half precision only where it helps: on the CPU everything runs fp32.
@@ -101,10 +106,20 @@ class TTSPipeline:
         else:
             onnx_path, config_path = Path(voice), None
             name = Path(voice).name.removesuffix(".onnx")
-        model = load_piper_voice(onnx_path, config_path).to(dev)
+        model = load_piper_voice(onnx_path, config_path)
+        stage_weights = dict(stage_weights or {})
+        for stage in ("text_encoder", "acoustic", "vocoder"):
+            if stage in stage_weights:
+                load_stage_weights(stage, getattr(model, stage), stage_weights[stage])
+                log.info("stage %s: weights from %s", stage, stage_weights[stage])
+        model = model.to(dev)
         if dtype != torch.float32:
             model.vocoder.to(dtype)  # the vocoder dominates VITS time; the flows stay fp32 for stability
-        return cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype, voice_store or VoiceStore())
+        pipeline = cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype, voice_store or VoiceStore())
+        if "speaker_encoder" in stage_weights:
+            pipeline.speaker_encoder_weights = stage_weights["speaker_encoder"]
+            pipeline.speaker_encoder()  # a checkpoint that does not fit fails the start, not the first upload
+        return pipeline
 
     @property
     def sample_rate(self) -> int:
@@ -159,7 +174,7 @@ class TTSPipeline:
     # ------------------------------------------------------------------ voices
     def speaker_encoder(self) -> SpeakerEncoder:
         if self._speaker_encoder is None:
-            self._speaker_encoder = load_speaker_encoder()
+            self._speaker_encoder = load_speaker_encoder(self.speaker_encoder_weights)
         return self._speaker_encoder
 
     def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:

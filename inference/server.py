@@ -29,7 +29,10 @@ from voxscale import metrics_contract as mc
 from voxscale.inference import audio
 from voxscale.inference.batcher import Batcher, Draining, QueueFull
 from voxscale.inference.pipeline import STYLES, TTSPipeline
+from voxscale.inference.piper import VoiceLoadError
 from voxscale.inference.server_metrics import ServerMetrics
+from voxscale.inference.stages import ENV as STAGE_WEIGHTS_ENV
+from voxscale.inference.stages import StageWeightsError, parse_stage_weights
 from voxscale.inference.voices import VoiceStore, VoiceStoreError, is_voice_id
 
 log = logging.getLogger("voxscale.inference")
@@ -51,6 +54,7 @@ class Settings:
     api_token: str | None = None
     device: str | None = None
     voice_store: str | None = None  # a directory shared by the replicas; None keeps voices in memory
+    stage_weights: str | None = None  # "stage=path,..." checkpoints over the voice's stages (stages.py)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,6 +70,7 @@ class Settings:
             api_token=env.get("VOXSCALE_API_TOKEN") or None,
             device=env.get("VOXSCALE_DEVICE") or None,
             voice_store=env.get("VOXSCALE_VOICE_STORE") or None,
+            stage_weights=env.get(STAGE_WEIGHTS_ENV) or None,
         )
 
 
@@ -123,6 +128,7 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
     state.metrics = ServerMetrics.create()
     # Opened before anything loads, so a bad volume fails the start with its path, not the first upload.
     store = VoiceStore(Path(settings.voice_store) if settings.voice_store else None)
+    stage_weights = parse_stage_weights(settings.stage_weights)
     if preloaded is None and not store.persistent:
         log.warning("registered voices are kept in memory only; set VOXSCALE_VOICE_STORE to share and keep them")
 
@@ -133,9 +139,13 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             if store.persistent:
                 preloaded.voices = store
         else:
-            state.pipeline = await asyncio.to_thread(
-                TTSPipeline.load, settings.voice, settings.precision, settings.device, store
-            )
+            try:
+                state.pipeline = await asyncio.to_thread(
+                    TTSPipeline.load, settings.voice, settings.precision, settings.device, store, stage_weights
+                )
+            except (VoiceLoadError, StageWeightsError) as exc:
+                log.error("cannot start: %s", exc)
+                raise
         await asyncio.to_thread(state.pipeline.warm_up)
         on_gpu = state.pipeline.device.type == "cuda"
         max_batch = settings.max_batch if on_gpu else settings.cpu_max_batch

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from voxscale.inference.stages import load_stage_weights
+
 SAMPLE_RATE = 16_000
 N_MELS = 40
 WINDOW = 400  # 25 ms
@@ -89,13 +91,9 @@ def resemblyzer_weights() -> Path:
 
 
 def load_speaker_encoder(path: Path | None = None) -> SpeakerEncoder:
-    checkpoint = torch.load(path or resemblyzer_weights(), map_location="cpu", weights_only=False)
-    state = {k: v for k, v in checkpoint["model_state"].items() if k.startswith(("lstm.", "linear."))}
+    """The GE2E encoder with Resemblyzer's weights, or with your own checkpoint of the same architecture."""
     enc = SpeakerEncoder()
-    enc.load_state_dict(state, strict=False)
-    missing = [k for k in enc.state_dict() if k not in state and k not in ("mel_fb", "window")]
-    if missing:
-        raise ValueError(f"speaker encoder weights missing: {missing}")
+    load_stage_weights("speaker_encoder", enc, path or resemblyzer_weights())
     return enc.eval()
 
 

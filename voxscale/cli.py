@@ -73,6 +73,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from voxscale.inference.server import Settings, serve
+    from voxscale.inference.stages import StageWeightsError
     from voxscale.inference.voices import VoiceStoreError
 
     base = Settings.from_env()
@@ -83,12 +84,13 @@ def _serve(args: argparse.Namespace) -> int:
             ("precision", args.precision),
             ("device", args.device),
             ("voice_store", args.voice_store),
+            ("stage_weights", ",".join(args.stage_weights) if args.stage_weights else None),
         )
         if v is not None
     }
     try:
         serve(args.host, args.port, Settings(**{**base.__dict__, **overrides}))
-    except VoiceStoreError as exc:
+    except (VoiceStoreError, StageWeightsError) as exc:
         print(f"voxscale serve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -160,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--voice-store",
         help="directory keeping registered voices, shared by replicas (env VOXSCALE_VOICE_STORE; default: memory)",
+    )
+    srv.add_argument(
+        "--stage-weights",
+        action="append",
+        metavar="STAGE=PATH",
+        help="your own state_dict for one stage (speaker_encoder, text_encoder, acoustic, vocoder); repeatable "
+        "(env VOXSCALE_STAGE_WEIGHTS, comma-separated)",
     )
     srv.set_defaults(handler=_serve)
 
