@@ -61,9 +61,10 @@ class PiperVoice(nn.Module):
     def __init__(self, cfg: VitsConfig, piper: PiperConfig) -> None:
         super().__init__()
         self.cfg, self.piper = cfg, piper
-        self.text_encoder = TextEncoder(cfg)
-        self.acoustic = AcousticDecoder(cfg)
-        self.vocoder = Vocoder(cfg)
+        # Typed as plain modules: any module with the same tensor contract may take a stage's place.
+        self.text_encoder: nn.Module = TextEncoder(cfg)
+        self.acoustic: nn.Module = AcousticDecoder(cfg)
+        self.vocoder: nn.Module = Vocoder(cfg)
         self.emb_g = nn.Embedding(cfg.n_speakers, cfg.gin) if cfg.gin else None
 
     @property
@@ -89,7 +90,7 @@ class PiperVoice(nn.Module):
         hidden, m, logs, mask = self.text_encoder(ids, lengths)
         z, y_mask = self.acoustic(hidden, m, logs, mask, scales, g, generator)
         # The vocoder may run in half precision (see TTSPipeline.load); everything before it stays fp32.
-        dtype = self.vocoder.conv_pre.weight.dtype
+        dtype = next(self.vocoder.parameters()).dtype  # any vocoder module, not only ours
         wav = self.vocoder(z.to(dtype), g.to(dtype) if g is not None else None).float()
         return wav, y_mask.sum(dim=(1, 2)).long() * self.cfg.hop
 

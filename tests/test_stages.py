@@ -105,3 +105,22 @@ def test_serve_refuses_an_unknown_stage_before_loading_anything() -> None:
     )
     assert out.returncode == 2
     assert "voxscale serve: VOXSCALE_STAGE_WEIGHTS: unknown stage 'decoder'" in out.stderr
+
+
+class HalfGain(torch.nn.Module):
+    """A user's own vocoder: any module honouring the contract z [B, C, T] -> waveform [B, 1, T * hop]."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor = self.inner(z, g) * 0.5
+        return out
+
+
+def test_any_module_with_the_stage_contract_can_be_assigned(voice: PiperVoice) -> None:
+    pipeline = TTSPipeline.load(device="cpu")
+    base = _speak(pipeline)
+    pipeline.voice.vocoder = HalfGain(pipeline.voice.vocoder)
+    assert np.allclose(_speak(pipeline), base * 0.5, atol=1e-6)
