@@ -5,7 +5,10 @@ Side by side in one run, on the same voice (en_US-joe-medium) and texts:
      running the Piper ONNX file on the same phoneme ids;
   2. the HTTP server (`voxscale serve`, a real process) at 1, 4 and 16 concurrent clients:
      requests/s, p50/p95 latency, and the server's peak RSS;
-  3. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp16 vs fp32, VRAM.
+  3. the quality cost of a half-precision vocoder (fp16, bf16) against fp32 at zero noise: SNR, max
+     sample difference, and speaker-embedding similarity; on the CPU's kernels here, on CUDA's too
+     with --cuda;
+  4. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp32/fp16/bf16, VRAM.
 
     .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda]
 """
@@ -28,7 +31,7 @@ import requests
 import torch
 
 from tests.inference_helpers import ServerProcess
-from voxscale.inference.pipeline import TTSPipeline
+from voxscale.inference.pipeline import DTYPES, TTSPipeline
 from voxscale.inference.piper import default_voice_paths
 from voxscale.inference.vits import Scales
 
@@ -135,9 +138,34 @@ def http_load(requests_per_level: int) -> list[dict[str, Any]]:
     return rows
 
 
+def precision_quality(device: str) -> dict[str, Any]:
+    """How far a half-precision vocoder moves the waveform from fp32's, same ids and zero noise.
+
+    SNR of fp32 against the difference, the largest sample difference (audio in [-1, 1]), and the
+    cosine similarity of the speaker embeddings of the two renderings (1.0: the same voice)."""
+    pipe = TTSPipeline.load(precision="fp32", device=device)
+    items = [pipe.prepare(t, (0.0, 1.0, 0.0))[0] for t in TEXTS]
+    reference = [pipe.synthesize([item])[0] for item in items]
+    ref_audio = np.concatenate(reference)
+    ref_embedding = pipe.embed(ref_audio, pipe.sample_rate)
+    out: dict[str, Any] = {"device": device}
+    for precision in ("fp16", "bf16"):
+        pipe.voice.vocoder.to(DTYPES[precision])
+        audio = np.concatenate([pipe.synthesize([item])[0] for item in items])
+        pipe.voice.vocoder.float()
+        error = audio - ref_audio
+        out[precision] = {
+            "snr_db": float(10 * np.log10(np.sum(ref_audio**2) / np.sum(error**2))),
+            "max_abs_diff": float(np.abs(error).max()),
+            "speaker_cosine": float(np.dot(ref_embedding, pipe.embed(audio, pipe.sample_rate))),
+        }
+        say(f"{precision} vocoder on {device}: {json.dumps(out[precision])}")
+    return out
+
+
 def cuda_figures() -> dict[str, Any]:
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
-    for precision in ("fp32", "fp16"):
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "quality": precision_quality("cuda")}
+    for precision in ("fp32", "fp16", "bf16"):
         pipe = TTSPipeline.load(precision=precision, device="cuda")
         items = [pipe.prepare(t, (0.667, 1.0, 0.8))[0] for t in TEXTS] * 8
         pipe.synthesize(items[:8])
@@ -161,7 +189,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cuda", action="store_true", help="also measure batching, fp16 and VRAM on CUDA")
     args = parser.parse_args()
-    result: dict[str, Any] = {"cpu_rtf": rtf_torch_vs_onnx(), "http": http_load(args.requests)}
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    result: dict[str, Any] = {
+        "cpu_rtf": rtf_torch_vs_onnx(),
+        "cpu_precision_quality": precision_quality("cpu"),
+        "http": http_load(args.requests),
+    }
     if args.cuda:
         result["cuda"] = cuda_figures()
     print(json.dumps(result, indent=2))
