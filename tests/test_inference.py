@@ -378,3 +378,21 @@ def test_a_half_precision_vocoder_stays_close_to_fp32(pipeline: TTSPipeline, pre
         pipeline.voice.vocoder.float()
     snr_db = 10 * np.log10(np.sum(reference**2) / np.sum((half - reference) ** 2))
     assert snr_db > 30, f"{precision}: {snr_db:.1f} dB"
+
+
+def test_a_voice_store_that_fails_under_the_server_is_a_507_naming_it(
+    pipeline: TTSPipeline, reference: bytes, tmp_path: Path
+) -> None:
+    from voxscale.inference.voices import VoiceStore
+
+    store_dir = tmp_path / "gone"
+    kept = pipeline.voices
+    pipeline.voices = VoiceStore(store_dir)
+    store_dir.rmdir()  # the volume went away after start-up
+    try:
+        with TestClient(create_app(Settings(precision="fp32"), preloaded=pipeline)) as c:
+            r = c.post("/v1/voices", files={"file": ("ref.wav", reference, "audio/wav")})
+    finally:
+        pipeline.voices = kept
+    assert r.status_code == 507
+    assert f"voice store {store_dir}: cannot write" in r.json()["error"]["message"]
