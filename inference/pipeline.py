@@ -115,9 +115,16 @@ class TTSPipeline:
         model = model.to(dev)
         if dtype != torch.float32:
             model.vocoder.to(dtype)  # the vocoder dominates VITS time; the flows stay fp32 for stability
-        pipeline = cls(model, name, Phonemizer(model.piper.espeak_voice), dev, dtype, voice_store or VoiceStore())
-        if "speaker_encoder" in stage_weights:
-            pipeline.speaker_encoder_weights = stage_weights["speaker_encoder"]
+        pipeline = cls(
+            model,
+            name,
+            Phonemizer(model.piper.espeak_voice),
+            dev,
+            dtype,
+            voice_store or VoiceStore(),
+            stage_weights.get("speaker_encoder"),
+        )
+        if pipeline.speaker_encoder_weights is not None:
             pipeline.speaker_encoder()  # a checkpoint that does not fit fails the start, not the first upload
         return pipeline
 

@@ -74,15 +74,11 @@ def load_stage_weights(stage: str, module: nn.Module, path: Path) -> None:
         for k, v in state.items()
         if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:3]}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
-    if unexpected:
-        problems.append(
-            f"unexpected {unexpected[:3]}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
-        )
-    if wrong:
-        problems.append(f"wrong shape {wrong[:3]}")
+    problems = [
+        f"{what} {keys[:3]}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
     if problems:
         raise StageWeightsError(
             f"{path} does not fit the {stage} stage: {'; '.join(problems)}. "

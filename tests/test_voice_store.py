@@ -47,7 +47,7 @@ def test_replicas_sharing_a_directory_see_each_others_voices(tmp_path: Path) -> 
     assert got is not None and np.array_equal(got.embedding, voice().embedding)
 
 
-def test_without_a_directory_voices_live_in_memory_only(tmp_path: Path) -> None:
+def test_without_a_directory_voices_live_in_memory_only() -> None:
     store = VoiceStore()
     store.put(voice())
     assert store.get(VOICE_ID) is not None and not store.persistent
