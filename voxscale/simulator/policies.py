@@ -19,6 +19,14 @@ class Signals:
     gpu_percent: float | None  # average over ready pods; None with no ready pod
     queue: float
     p95_seconds: float | None
+    # Requests arriving per second at the pods' door, refused ones (429) included, averaged over the
+    # operator's rate window (queries.DEMAND_WINDOW); None when no pod is Ready to count them.
+    arrival_rps: float | None = None
+    # One replica's capacity (requests/s) as the pods measure it (served / busy time), only when they
+    # were busy enough for the figure to mean something this tick; None otherwise.
+    capacity_rps: float | None = None
+    # False during a metrics outage: a real autoscaler's queries come back empty.
+    metrics_up: bool = True
 
 
 class Autoscaler(Protocol):
