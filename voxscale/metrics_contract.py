@@ -50,6 +50,31 @@ BATCH_SIZE = Metric(
     "voxscale_batch_size", Kind.HISTOGRAM, "Requests per executed batch.", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 AUDIO_SECONDS = Metric("voxscale_audio_seconds_total", Kind.COUNTER, "Seconds of audio produced.")
+# Demand and capacity: what the SLO trigger sizes the fleet from.
+REQUESTS_RECEIVED = Metric(
+    "voxscale_requests_received_total",
+    Kind.COUNTER,
+    "Speech requests that reached the server, counted at the door: refused ones (429, 503) included, "
+    "so demand stays visible when the queue is full.",
+)
+INPUT_CHARACTERS = Metric(
+    "voxscale_input_characters_total", Kind.COUNTER, "Characters of input text in received speech requests."
+)
+# The GPU product label has the form of the node label nvidia.com/gpu.product (spaces as dashes,
+# e.g. NVIDIA-H100-80GB-HBM3; "cpu" without a GPU), so capacity is learnt per kind of GPU.
+GPU_PRODUCT_LABEL = "gpu_product"
+BUSY_SECONDS = Metric(
+    "voxscale_busy_seconds_total",
+    Kind.COUNTER,
+    "Wall-clock seconds the pipeline spent executing batches (the replica's busy time).",
+    labels=(GPU_PRODUCT_LABEL,),
+)
+COMPLETED_REQUESTS = Metric(
+    "voxscale_completed_requests_total",
+    Kind.COUNTER,
+    "Speech requests whose synthesis finished; with busy seconds this gives a replica's measured capacity.",
+    labels=(GPU_PRODUCT_LABEL,),
+)
 REQUESTS = Metric("voxscale_requests_total", Kind.COUNTER, "Finished requests by outcome.", labels=("code",))
 ERRORS = Metric("voxscale_errors_total", Kind.COUNTER, "Failed or refused requests by kind.", labels=("kind",))
 # Published by the server from NVML only when no dcgm-exporter runs beside it.
@@ -66,11 +91,19 @@ SERVER_METRICS: tuple[Metric, ...] = (
     QUEUE_WAIT,
     BATCH_SIZE,
     AUDIO_SECONDS,
+    REQUESTS_RECEIVED,
+    INPUT_CHARACTERS,
+    BUSY_SECONDS,
+    COMPLETED_REQUESTS,
     REQUESTS,
     ERRORS,
     GPU_UTILIZATION,
     GPU_MEMORY_USED,
 )
+
+# The window over which the operator reads arrival and capacity rates (PromQL `rate(...[1m])`); the
+# simulator averages its arrivals over the same span, so both see demand with the same lag.
+DEMAND_RATE_WINDOW_SECONDS = 60
 
 # NVIDIA dcgm-exporter's series. It labels each with the pod/namespace/container using the GPU
 # (its Kubernetes pod-resources mapping), which is how GPU load is joined to a TTSDeployment.
