@@ -30,7 +30,7 @@ from voxscale.inference import audio
 from voxscale.inference.batcher import Batcher, Draining, QueueFull
 from voxscale.inference.pipeline import STYLES, TTSPipeline
 from voxscale.inference.piper import VoiceLoadError
-from voxscale.inference.server_metrics import ServerMetrics
+from voxscale.inference.server_metrics import ServerMetrics, gpu_product
 from voxscale.inference.stages import ENV as STAGE_WEIGHTS_ENV
 from voxscale.inference.stages import StageWeightsError, parse_stage_weights
 from voxscale.inference.voices import VoiceStore, VoiceStoreError, is_voice_id
@@ -150,7 +150,12 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
         on_gpu = state.pipeline.device.type == "cuda"
         max_batch = settings.max_batch if on_gpu else settings.cpu_max_batch
         state.batcher = Batcher(
-            state.pipeline.synthesize, state.metrics, max_batch, settings.max_wait_ms, settings.max_queue
+            state.pipeline.synthesize,
+            state.metrics,
+            max_batch,
+            settings.max_wait_ms,
+            settings.max_queue,
+            gpu_product(state.pipeline.device),
         )
         state.batcher.start()
         state.ready = True
@@ -287,6 +292,9 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
 
     @app.post("/v1/audio/speech")
     async def speech(req: SpeechRequest) -> Response:
+        # Demand is counted at the door, before any refusal, so a full queue does not hide it.
+        state.metrics.counter(mc.REQUESTS_RECEIVED).inc()
+        state.metrics.counter(mc.INPUT_CHARACTERS).inc(len(req.input))
         if not state.ready or state.draining:
             raise ApiError(
                 503, "the server is not ready (loading or draining); retry", None, "unavailable", {"Retry-After": "2"}

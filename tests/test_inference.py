@@ -18,6 +18,7 @@ import requests
 import soundfile as sf
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.inference_helpers import ServerProcess
 from voxscale import metrics_contract as mc
@@ -216,6 +217,74 @@ def test_health_readiness_and_metrics_from_the_contract(client: TestClient) -> N
     assert 'voxscale_requests_total{code="200"}' in text
 
 
+def _sample(client: TestClient, metric: mc.Metric, **labels: str) -> float:
+    """One series' value from /metrics (0 while the series does not exist yet)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == metric.name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def _wait_for(client: TestClient, metric: mc.Metric, value: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _sample(client, metric) != value:
+        assert time.monotonic() < deadline, f"{metric.name} never reached {value}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def small_queue(pipeline: TTSPipeline) -> Iterator[TestClient]:
+    """A fresh server (counters at zero) whose queue holds one request, over the shared pipeline."""
+    with TestClient(create_app(Settings(precision="fp32", max_queue=1), preloaded=pipeline)) as c:
+        yield c
+
+
+LONG = "Sentence one is here. Sentence two follows it. Then a third sentence arrives. And a fourth one ends it."
+
+
+def test_demand_is_counted_at_the_door_even_for_bad_input(small_queue: TestClient) -> None:
+    assert small_queue.post("/v1/audio/speech", json={"input": "...!?"}).status_code == 400
+    assert small_queue.post("/v1/audio/speech", json={"input": "hi", "voice": "bob"}).status_code == 404
+    assert small_queue.post("/v1/audio/speech", json={"input": ""}).status_code == 422  # never reaches the handler
+    assert _sample(small_queue, mc.REQUESTS_RECEIVED) == 2
+    assert _sample(small_queue, mc.INPUT_CHARACTERS) == len("...!?") + len("hi")
+
+
+def test_the_queue_counts_requests_and_a_refused_request_is_still_received(
+    small_queue: TestClient, pipeline: TTSPipeline
+) -> None:
+    texts = ["The first request is being spoken.", LONG, "The third one finds the queue full."]
+
+    def speak(text: str) -> int:
+        return small_queue.post("/v1/audio/speech", json={"input": text, "response_format": "pcm"}).status_code
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with pipeline._lock:  # holds synthesis, so the first request stays in flight and the second queued
+            first = pool.submit(speak, texts[0])
+            _wait_for(small_queue, mc.INFLIGHT, 1)
+            second = pool.submit(speak, texts[1])
+            _wait_for(small_queue, mc.QUEUE_DEPTH, 1)  # four sentences, one request
+            refused = small_queue.post("/v1/audio/speech", json={"input": texts[2]})
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert _sample(small_queue, mc.REQUESTS_RECEIVED) == 3
+            assert _sample(small_queue, mc.INPUT_CHARACTERS) == sum(len(t) for t in texts)
+        assert first.result() == second.result() == 200
+    elapsed = time.monotonic() - started
+    assert _sample(small_queue, mc.QUEUE_DEPTH) == _sample(small_queue, mc.INFLIGHT) == 0
+    assert _sample(small_queue, mc.COMPLETED_REQUESTS, gpu_product="cpu") == 2
+    assert 0 < _sample(small_queue, mc.BUSY_SECONDS, gpu_product="cpu") < elapsed
+
+
+def test_a_request_longer_than_the_queue_is_admitted_on_an_empty_queue(small_queue: TestClient) -> None:
+    busy_before = _sample(small_queue, mc.BUSY_SECONDS, gpu_product="cpu")  # the warm-up is no batch
+    r = small_queue.post("/v1/audio/speech", json={"input": LONG, "response_format": "pcm"})
+    assert r.status_code == 200, r.text
+    assert _sample(small_queue, mc.COMPLETED_REQUESTS, gpu_product="cpu") == 1  # once, not per sentence
+    assert _sample(small_queue, mc.BUSY_SECONDS, gpu_product="cpu") > busy_before == 0
+
+
 def test_bearer_token_is_enforced_when_configured(pipeline: TTSPipeline) -> None:
     with TestClient(create_app(Settings(api_token="s3cret"), preloaded=pipeline)) as c:
         assert c.post("/v1/audio/speech", json={"input": "hi"}).status_code == 401
@@ -229,7 +298,6 @@ ONE_SENTENCE = (
     "This is request number {i}, and it keeps talking for a while so that the server is still busy "
     "with it when the signal arrives, which is the whole point of this exercise"
 )
-LONG = "Sentence one is here. Sentence two follows it. Then a third sentence arrives. And a fourth one ends it."
 
 
 def test_overload_gets_429_with_retry_after_and_nothing_accepted_is_dropped(tmp_path: Path) -> None:
@@ -275,7 +343,6 @@ def test_sigterm_drains_accepted_requests_then_exits(tmp_path: Path) -> None:
             for i in range(4)
         ]
         # SIGTERM only once all four are accepted (queued or being synthesised): those must finish.
-        # One sentence each, so the queue + in-flight count is a count of requests.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _accepted(server) < 4:
             time.sleep(0.05)

@@ -54,8 +54,9 @@ AUDIO_SECONDS = Metric("voxscale_audio_seconds_total", Kind.COUNTER, "Seconds of
 REQUESTS_RECEIVED = Metric(
     "voxscale_requests_received_total",
     Kind.COUNTER,
-    "Speech requests that reached the server, counted at the door: refused ones (429, 503) included, "
-    "so demand stays visible when the queue is full.",
+    "Well-formed speech requests, counted at the door before admission: those then refused (429, 503) "
+    "or rejected (400, 404) included, so demand stays visible when the queue is full; bodies failing "
+    "validation (422) and unauthenticated calls (401) are not counted.",
 )
 INPUT_CHARACTERS = Metric(
     "voxscale_input_characters_total", Kind.COUNTER, "Characters of input text in received speech requests."
