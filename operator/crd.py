@@ -53,6 +53,17 @@ def apply_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     return _default(copy.deepcopy(obj), schema())  # type: ignore[no-any-return]
 
 
+def default_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a `spec` with the CRD's defaults filled in (the engine's one table of defaults)."""
+    spec_schema: dict[str, Any] = schema()["properties"]["spec"]
+    out = copy.deepcopy(spec)
+    # `type: slo` alone means the slo settings' defaults: give it the object they fill in.
+    for trigger in (out.get("scaling") or {}).get("triggers") or []:
+        if isinstance(trigger, dict) and trigger.get("type") == "slo" and trigger.get("slo") is None:
+            trigger["slo"] = {}
+    return _default(out, spec_schema)  # type: ignore[no-any-return]
+
+
 def _unknown_fields(node: Any, sch: dict[str, Any], path: str, out: list[str]) -> None:
     if sch.get("x-kubernetes-preserve-unknown-fields"):
         return

@@ -4,17 +4,21 @@ No I/O and no clock of its own: the operator, the simulator and the tests all ca
 the time they choose, and carry the returned history into the next call. Like the HPA's replica
 calculator, everything that talks to the API server or Prometheus lives outside this module.
 
-Rules, in order:
-1. Reactive triggers each recommend a count (proportional: the HPA formula; threshold: a step after
-   the value stayed above for `sustainFor`); the largest wins. Pods still starting count as capacity
-   on its way, so the same load does not scale up twice during a cold start.
-2. Active schedule windows (pre-warm included) set a floor, reached at once.
-3. Scale-up: stabilisation window (lowest recommendation over it), cooldown, step limit per period.
-4. Scale-down only with complete data for the whole window, every trigger below its scaleDownBelow
-   for the whole window, the highest recommendation over the window still lower, outside the
-   cooldown; then step by step, never below max(min, schedule floor).
-5. Missing data is never zero: hold (or the fallback count), never scale down.
-6. The result is always within [min, max]; `paused` freezes the count.
+`decide()` runs these phases in order (each a function below):
+1. floors: active schedule windows, and the forecast floor (demand learnt from history over the
+   look-ahead of a pod start, sized with the slo trigger's model); both only ever raise the count;
+2. clocks: how long each trigger has been above its scale-up / below its scale-down threshold;
+3. learning: a replica's capacity measured under load, and the P90 pod start time;
+4. recommendations: each trigger kind (operator/triggers/) recommends a count; the largest wins.
+   Pods still starting count as capacity on its way;
+5. commitments: bounds, schedule and forecast floors are reached at once;
+6. missing data: never read as zero, never a reason to scale down (hold, or the fallback count);
+7. scale-up: stabilisation window, cooldown, and step limits for ratio-based triggers (a count sized
+   from demand has no feedback on itself and is reached in one step);
+8. scale-down: complete data for the whole window, every trigger below its scaleDownBelow, the
+   highest recommendation over the window lower, outside the cooldown, step by step, never below the
+   floors, and never below what carries the current and forecast demand within the SLO.
+`paused` freezes the count; the result is always within [min, max].
 """
 
 from __future__ import annotations
@@ -22,16 +26,34 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
-from voxscale.operator.policy import (
-    FallbackMode,
-    ScalingPolicy,
-    StepPolicy,
-    Trigger,
-    TriggerType,
-    format_duration,
-)
+from voxscale.operator import forecast as fc
+from voxscale.operator.policy import FallbackMode, ScalingMode, ScalingPolicy, StepPolicy, Trigger, format_duration
+from voxscale.operator.triggers import Context, kind
+from voxscale.operator.triggers.slo import demand as demand_now
+from voxscale.operator.triggers.slo import size
+
+CAPACITY_SMOOTHING = 0.5  # weight of a new capacity measurement against what was learnt before
+MIN_COLD_STARTS = 3  # pod starts observed before their P90 replaces the spec's coldStart
+
+
+class Reason(StrEnum):
+    """Why the count is what it is: identifiers for code and metrics; the message is the prose."""
+
+    TRIGGER = "Trigger"
+    SCHEDULE = "Schedule"
+    FORECAST = "Forecast"
+    BOUNDS = "Bounds"
+    PAUSED = "Paused"
+    FALLBACK = "Fallback"
+    STEADY = "Steady"
+    STABILIZING = "Stabilizing"
+    COOLDOWN = "Cooldown"
+    STEP_LIMIT = "StepLimit"
+    SCALE_DOWN = "ScaleDown"
+    SLO_GUARD = "SloGuard"
 
 
 @dataclass(frozen=True)
@@ -40,6 +62,8 @@ class Observed:
 
     replicas: int  # the Deployment's current spec.replicas
     ready: int  # pods passing readiness
+    # Seconds from creation to Ready of the pods that are Ready now: the fleet's measured cold start.
+    ready_seconds: tuple[float, ...] = ()
 
     @property
     def starting(self) -> int:
@@ -48,13 +72,23 @@ class Observed:
 
 @dataclass(frozen=True)
 class Metrics:
-    """One tick's metric values by trigger name. A name missing from `values` has no data."""
+    """One tick's metric values. A name missing from `values` has no data.
+
+    `values` holds each trigger's main value under its name, and its secondary inputs under
+    "<name>.<role>" (an slo trigger's "<name>.capacity" and "<name>.backlog"). `history` is the
+    arrival-rate history the forecast floor learns from (None: none could be read).
+    """
 
     values: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the query round failed (Prometheus down, timeout...), if it did
+    history: fc.RateHistory | None = None
 
     def missing(self, policy: ScalingPolicy) -> list[str]:
         return [t.name for t in policy.triggers if t.name not in self.values]
+
+    def inputs(self, trigger: Trigger) -> dict[str, float]:
+        prefix = f"{trigger.name}."
+        return {k.removeprefix(prefix): v for k, v in self.values.items() if k.startswith(prefix)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +96,16 @@ class ScaleEvent:
     time: dt.datetime
     old: int
     new: int
+
+
+@dataclass(frozen=True)
+class PendingForecast:
+    """A forecast waiting for its window to pass, so it can be compared with what arrived."""
+
+    made: dt.datetime
+    until: dt.datetime
+    predicted_rps: float
+    actual_peak_rps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,17 +117,28 @@ class History:
     data_since: dt.datetime | None = None
     recommendations: tuple[tuple[dt.datetime, int], ...] = ()
     events: tuple[ScaleEvent, ...] = ()
+    capacity_rps: float | None = None  # one replica's capacity, learnt under load
+    cold_start_seconds: float | None = None  # P90 of observed pod starts
+    pending_forecast: PendingForecast | None = None
+    last_forecast: tuple[float, float] | None = None  # (predicted, actual) peak of the last closed window
 
     def last_event(self) -> ScaleEvent | None:
         return self.events[-1] if self.events else None
 
     def to_dict(self) -> dict[str, Any]:
+        pf = self.pending_forecast
         return {
             "aboveSince": {k: v.isoformat() for k, v in self.above_since.items()},
             "belowSince": {k: v.isoformat() for k, v in self.below_since.items()},
             "dataSince": self.data_since.isoformat() if self.data_since else None,
             "recommendations": [[t.isoformat(), n] for t, n in self.recommendations],
             "events": [[e.time.isoformat(), e.old, e.new] for e in self.events],
+            "capacityRps": self.capacity_rps,
+            "coldStartSeconds": self.cold_start_seconds,
+            "pendingForecast": [pf.made.isoformat(), pf.until.isoformat(), pf.predicted_rps, pf.actual_peak_rps]
+            if pf
+            else None,
+            "lastForecast": list(self.last_forecast) if self.last_forecast else None,
         }
 
     @classmethod
@@ -91,13 +146,23 @@ class History:
         if not d:
             return cls()
         ts = dt.datetime.fromisoformat
+        pf = d.get("pendingForecast")
+        last = d.get("lastForecast")
         return cls(
-            above_since={k: ts(v) for k, v in d.get("aboveSince", {}).items()},
-            below_since={k: ts(v) for k, v in d.get("belowSince", {}).items()},
+            above_since={k: ts(v) for k, v in (d.get("aboveSince") or {}).items()},
+            below_since={k: ts(v) for k, v in (d.get("belowSince") or {}).items()},
             data_since=ts(d["dataSince"]) if d.get("dataSince") else None,
-            recommendations=tuple((ts(t), int(n)) for t, n in d.get("recommendations", [])),
-            events=tuple(ScaleEvent(ts(t), int(o), int(n)) for t, o, n in d.get("events", [])),
+            recommendations=tuple((ts(t), int(n)) for t, n in d.get("recommendations") or []),
+            events=tuple(ScaleEvent(ts(t), int(o), int(n)) for t, o, n in d.get("events") or []),
+            capacity_rps=_opt_float(d.get("capacityRps")),
+            cold_start_seconds=_opt_float(d.get("coldStartSeconds")),
+            pending_forecast=PendingForecast(ts(pf[0]), ts(pf[1]), float(pf[2]), float(pf[3])) if pf else None,
+            last_forecast=(float(last[0]), float(last[1])) if last else None,
         )
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 @dataclass(frozen=True)
@@ -108,13 +173,30 @@ class TriggerReading:
     value: float | None
     recommendation: int | None
     note: str
+    sized: bool = False
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the slo trigger's model saw: for status, metrics and the live table."""
+
+    arrival_rps: float | None
+    capacity_rps: float
+    capacity_measured: bool
+    needed: int | None  # replicas the SLO needs at the current demand
+    forecast_rps: float | None
+    forecast_needed: int | None
+    forecast_note: str
+    lookahead: dt.timedelta
+    last_forecast: tuple[float, float] | None  # (predicted, actual) of the last closed window
 
 
 @dataclass(frozen=True)
 class Decision:
     desired: int
     current: int
-    rule: str  # the rule that decided: a trigger name, schedule:<name>, or hold/cooldown/bounds/...
+    reason: Reason
+    rule: str  # who decided: a trigger name, schedule:<name>, forecast, or hold/cooldown/bounds/...
     message: str  # one sentence a person can read
     readings: tuple[TriggerReading, ...]
     active_schedule: str | None
@@ -122,6 +204,8 @@ class Decision:
     metrics_available: bool
     metrics_message: str
     history: History
+    demand: Demand | None = None
+    forecast_floor: int = 0
 
     @property
     def changed(self) -> bool:
@@ -130,14 +214,6 @@ class Decision:
     @property
     def metric_values(self) -> dict[str, float]:
         return {r.name: r.value for r in self.readings if r.value is not None}
-
-
-def _fmt(trigger: Trigger, value: float) -> str:
-    return f"{value:.3g}{trigger.unit}"
-
-
-def _named(trigger: Trigger, value: float) -> str:
-    return f"{trigger.name} {_fmt(trigger, value)}"
 
 
 def _step_limit(policy: StepPolicy, base: int, up: bool) -> int:
@@ -151,64 +227,32 @@ def _period_base(history: History, now: dt.datetime, period: dt.timedelta, curre
     return in_period[0].old if in_period else current
 
 
-def _recommend(
-    trigger: Trigger, value: float, obs: Observed, step_up: int, above_for: dt.timedelta | None
-) -> tuple[int | None, str]:
-    """One trigger's replica recommendation (None: no opinion) and the words that explain it.
-
-    `above_for` is how long the value has been above scaleUpAbove (None when it is not).
-    """
-    recs: list[tuple[int, str]] = []
-    pending = ""
-    if trigger.target is not None:
-        ratio = value / trigger.target
-        if trigger.type is TriggerType.QUEUE_LENGTH:
-            # A sum across pods with a per-replica target: the count that brings it to target.
-            rec = math.ceil(value / trigger.target - 1e-9)
-            per_pod = value / obs.replicas if obs.replicas else math.inf
-            within = abs(per_pod / trigger.target - 1) <= trigger.tolerance
-        else:
-            # An average over ready pods: scale the ready count by the ratio; pods still starting
-            # are capacity on its way, so they are not counted twice.
-            rec = math.ceil(obs.ready * ratio - 1e-9)
-            within = abs(ratio - 1) <= trigger.tolerance
-        target = _fmt(trigger, trigger.target)
-        if within:
-            recs.append((obs.replicas, f"{_named(trigger, value)} within {trigger.tolerance:.0%} of target {target}"))
-        else:
-            recs.append((rec, f"{_named(trigger, value)} vs target {target}"))
-    if trigger.scale_up_above is not None and above_for is not None:
-        above = f"{_named(trigger, value)} > {_fmt(trigger, trigger.scale_up_above)} for {format_duration(above_for)}"
-        if above_for < trigger.sustain_for:
-            pending = f"{above} of {format_duration(trigger.sustain_for)}"
-        elif obs.starting > 0:
-            recs.append((obs.replicas, f"{above}, {obs.starting} pod(s) still starting"))
-        else:
-            recs.append((obs.replicas + step_up, above))
-    if not recs:
-        return None, pending or f"{_named(trigger, value)}, no threshold crossed"
-    rec, note = max(recs, key=lambda r: r[0])
-    return rec, f"{note}; {pending}" if pending else note
-
-
 @dataclass(frozen=True)
 class _Tick:
-    """The facts of one evaluation, shared by the rule functions below."""
+    """The facts of one evaluation, shared by the phase functions below."""
 
     policy: ScalingPolicy
     now: dt.datetime
     current: int
     readings: tuple[TriggerReading, ...]
     active: str | None
-    floor: int
+    schedule_floor: int
+    forecast_floor: int
     complete: bool
     metrics_message: str
     history: History
     next_history: History  # bookkeeping for this tick, before the scale event (if any) is added
+    demand: Demand | None
+    guard: int  # the fewest replicas that carry current and forecast demand within the SLO (0: no model)
 
-    def decide(self, desired: int, rule: str, message: str) -> Decision:
+    @property
+    def floor(self) -> int:
+        return max(self.schedule_floor, self.forecast_floor)
+
+    def decide(self, desired: int, reason: Reason, rule: str, message: str) -> Decision:
         events = self.history.events
-        if desired != self.current:
+        # Advice is not a scale event: the count it would change stays where it is.
+        if desired != self.current and self.policy.mode is not ScalingMode.ADVISORY:
             events = (*events, ScaleEvent(self.now, self.current, desired))
         p = self.policy
         keep = max(p.scale_up.period, p.scale_down.period, p.scale_up.cooldown, p.scale_down.cooldown)
@@ -216,38 +260,34 @@ class _Tick:
         return Decision(
             desired=desired,
             current=self.current,
+            reason=reason,
             rule=rule,
             message=message,
             readings=self.readings,
             active_schedule=self.active,
-            schedule_floor=self.floor,
+            schedule_floor=self.schedule_floor,
             metrics_available=self.complete,
             metrics_message=self.metrics_message,
             history=hist,
+            demand=self.demand,
+            forecast_floor=self.forecast_floor,
         )
 
 
-def decide(
-    policy: ScalingPolicy,
-    observed: Observed,
-    metrics: Metrics,
-    now: dt.datetime,
-    history: History | None = None,
-) -> Decision:
-    """Choose the replica count for one tick. Pure: same inputs, same decision."""
-    hist = history or History()
-    current = observed.replicas
-    lo, hi = policy.min_replicas, policy.max_replicas
-
-    # --- schedules: the highest floor among active windows (pre-warm included)
+# ------------------------------------------------------------------------------------ phase 1: floors
+def _schedule_floor(policy: ScalingPolicy, now: dt.datetime) -> tuple[int, str | None]:
+    """The highest floor among active schedule windows (pre-warm included), and its name."""
     floor, active = 0, None
     for sched in policy.schedules:
         if sched.min_replicas > floor and sched.active_window(now) is not None:
-            floor, active = min(sched.min_replicas, hi), sched.name
+            floor, active = min(sched.min_replicas, policy.max_replicas), sched.name
+    return floor, active
 
-    # --- how long each trigger has been above its scale-up / below its scale-down threshold
-    missing = metrics.missing(policy)
-    complete = metrics.error is None and not missing
+
+# ------------------------------------------------------------------------------------ phase 2: clocks
+def _threshold_clocks(
+    policy: ScalingPolicy, metrics: Metrics, now: dt.datetime, hist: History
+) -> tuple[dict[str, dt.datetime], dict[str, dt.datetime]]:
     above_since, below_since = dict(hist.above_since), dict(hist.below_since)
     last = hist.last_event()
     for trig in policy.triggers:
@@ -268,45 +308,134 @@ def decide(
             below_since.setdefault(trig.name, now)
         else:
             below_since.pop(trig.name, None)
+    return above_since, below_since
 
-    # --- reactive recommendations; the largest wins
-    step_up = _step_limit(policy.scale_up, max(current, 1), up=True)
+
+# ---------------------------------------------------------------------------------- phase 3: learning
+def _learn_capacity(slo: Trigger | None, metrics: Metrics, hist: History) -> float | None:
+    """A replica's capacity: smoothed measurements taken under load; None until there is one."""
+    measured = metrics.values.get(f"{slo.name}.capacity") if slo else None
+    if measured is None or not math.isfinite(measured) or measured <= 0:
+        return hist.capacity_rps
+    if hist.capacity_rps is None:
+        return measured
+    return CAPACITY_SMOOTHING * measured + (1 - CAPACITY_SMOOTHING) * hist.capacity_rps
+
+
+def _learn_cold_start(observed: Observed, hist: History) -> float | None:
+    """P90 of the observed pod start times, once enough pods have started."""
+    starts = sorted(s for s in observed.ready_seconds if math.isfinite(s) and s >= 0)
+    if len(starts) < MIN_COLD_STARTS:
+        return hist.cold_start_seconds
+    return starts[min(len(starts) - 1, math.ceil(0.9 * len(starts)) - 1)]
+
+
+# --------------------------------------------------------------------------- phase 4: recommendations
+def _readings(
+    policy: ScalingPolicy,
+    observed: Observed,
+    metrics: Metrics,
+    now: dt.datetime,
+    above_since: dict[str, dt.datetime],
+    capacity: float | None,
+    headroom: float,
+) -> list[TriggerReading]:
+    step_up = _step_limit(policy.scale_up, max(observed.replicas, 1), up=True)
     readings: list[TriggerReading] = []
     for trig in policy.triggers:
         value = metrics.values.get(trig.name)
         if value is None:
             readings.append(TriggerReading(trig.name, None, None, metrics.error or "no data (empty result)"))
             continue
-        above_for = now - above_since[trig.name] if trig.name in above_since else None
-        rec, note = _recommend(trig, value, observed, step_up, above_for)
-        readings.append(TriggerReading(trig.name, value, rec, note))
+        ctx = Context(
+            replicas=observed.replicas,
+            ready=observed.ready,
+            step_up=step_up,
+            above_for=now - above_since[trig.name] if trig.name in above_since else None,
+            inputs=metrics.inputs(trig),
+            capacity_rps=capacity,
+            capacity_measured=capacity is not None,
+            headroom=headroom,
+        )
+        rec = kind(trig).recommend(trig, value, ctx)
+        readings.append(TriggerReading(trig.name, value, rec.replicas, rec.note, rec.sized))
+    return readings
+
+
+def _forecast(
+    policy: ScalingPolicy, metrics: Metrics, now: dt.datetime, lookahead: dt.timedelta
+) -> fc.Forecast | fc.NoForecast | None:
+    pred = policy.predictive
+    if not pred.enabled or policy.slo is None:
+        return None
+    if metrics.history is None:
+        return fc.NoForecast("no arrival history could be read", dt.timedelta(0))
+    return fc.forecast(metrics.history, now, lookahead, pred.timezone, pred.min_history)
+
+
+def _track_forecast(
+    hist: History, now: dt.datetime, lookahead: dt.timedelta, arrivals: float | None, predicted: float | None
+) -> tuple[PendingForecast | None, tuple[float, float] | None]:
+    """Compare each forecast with the peak that actually arrived in its window, one window at a time."""
+    pending, last = hist.pending_forecast, hist.last_forecast
+    if pending is not None and arrivals is not None:
+        pending = replace(pending, actual_peak_rps=max(pending.actual_peak_rps, arrivals))
+    if pending is not None and now >= pending.until:
+        last, pending = (pending.predicted_rps, pending.actual_peak_rps), None
+    if pending is None and predicted is not None:
+        pending = PendingForecast(now, now + lookahead, predicted, arrivals or 0.0)
+    return pending, last
+
+
+def decide(
+    policy: ScalingPolicy,
+    observed: Observed,
+    metrics: Metrics,
+    now: dt.datetime,
+    history: History | None = None,
+) -> Decision:
+    """Choose the replica count for one tick. Pure: same inputs, same decision."""
+    hist = history or History()
+    current = observed.replicas
+    lo, hi = policy.min_replicas, policy.max_replicas
+    slo = policy.slo
+
+    schedule_floor, active = _schedule_floor(policy, now)
+    missing = metrics.missing(policy)
+    complete = metrics.error is None and not missing
+    above_since, below_since = _threshold_clocks(policy, metrics, now, hist)
+    capacity = _learn_capacity(slo, metrics, hist)
+    cold_start = _learn_cold_start(observed, hist)
+    lookahead = dt.timedelta(seconds=cold_start) if cold_start is not None else policy.predictive.cold_start
+    lookahead += policy.interval
+
+    headroom = fc.growth(metrics.history, now, lookahead) if metrics.history is not None and slo else 1.0
+    readings = _readings(policy, observed, metrics, now, above_since, capacity, headroom)
     opinions = [r for r in readings if r.recommendation is not None]
     best = max(opinions, key=lambda r: r.recommendation or 0) if opinions else None
     # Nobody asking for capacity means "as few as allowed"; the scale-down rules make that gradual.
     reactive = best.recommendation if best is not None and best.recommendation is not None else lo
+    prediction = _forecast(policy, metrics, now, lookahead)
+    demand, forecast_floor, guard, pending, last_fc = _demand(
+        policy, metrics, hist, now, lookahead, capacity, prediction, headroom
+    )
+    floor = max(schedule_floor, forecast_floor)
     raw = min(max(reactive, floor, lo), hi)
 
-    # Stabilisation looks at what the load asked for; schedule floors are applied on top, so the end of
-    # a window is not mistaken for a load that might come back.
+    # Stabilisation looks at what the load asked for; floors are applied on top, so the end of a
+    # window is not mistaken for a load that might come back.
     window = max(policy.scale_up.stabilization_window, policy.scale_down.stabilization_window)
     recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, min(max(reactive, lo), hi)))
-    if not policy.triggers:
-        metrics_message = "no triggers configured"
-    elif metrics.error:
-        metrics_message = f"metrics unavailable: {metrics.error}"
-    elif missing:
-        metrics_message = f"no data for {', '.join(missing)} (an empty result is not read as zero)"
-    else:
-        metrics_message = "every trigger has data"
     tick = _Tick(
         policy=policy,
         now=now,
         current=current,
         readings=tuple(readings),
         active=active,
-        floor=floor,
+        schedule_floor=schedule_floor,
+        forecast_floor=forecast_floor,
         complete=complete,
-        metrics_message=metrics_message,
+        metrics_message=_metrics_message(policy, metrics, missing),
         history=hist,
         next_history=History(
             above_since=above_since,
@@ -314,45 +443,131 @@ def decide(
             data_since=(hist.data_since or now) if complete else None,
             recommendations=recs,
             events=hist.events,
+            capacity_rps=capacity,
+            cold_start_seconds=cold_start,
+            pending_forecast=pending,
+            last_forecast=last_fc,
         ),
+        demand=demand,
+        guard=guard,
     )
+    return _normalize(tick, raw, best)
 
+
+def _demand(
+    policy: ScalingPolicy,
+    metrics: Metrics,
+    hist: History,
+    now: dt.datetime,
+    lookahead: dt.timedelta,
+    capacity: float | None,
+    prediction: fc.Forecast | fc.NoForecast | None,
+    headroom: float,
+) -> tuple[Demand | None, int, int, PendingForecast | None, tuple[float, float] | None]:
+    """The slo model's view: demand, forecast floor, scale-down guard, and forecast bookkeeping."""
+    slo = policy.slo
+    if slo is None:
+        return None, 0, 0, hist.pending_forecast, hist.last_forecast
+    cap = capacity or slo.capacity_rps
+    measured = metrics.values.get(slo.name)
+    arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom) if measured is not None else (None, None)
+    needed = size(slo, carried, cap) if carried is not None else None
+    predicted = prediction.peak_rps if isinstance(prediction, fc.Forecast) else None
+    forecast_needed = min(size(slo, predicted, cap), policy.max_replicas) if predicted is not None else None
+    pending, last = _track_forecast(hist, now, lookahead, arrivals, predicted)
+    guard = 0 if carried is None else size(slo, max(carried, predicted or 0.0), cap)
+    if prediction is None:
+        note = "forecast off (spec.scaling.predictive.enabled: false)"
+    else:
+        note = prediction.note if isinstance(prediction, fc.Forecast) else f"no forecast: {prediction.reason}"
+    demand = Demand(
+        arrival_rps=arrivals,
+        capacity_rps=cap,
+        capacity_measured=capacity is not None,
+        needed=needed,
+        forecast_rps=predicted,
+        forecast_needed=forecast_needed,
+        forecast_note=note,
+        lookahead=lookahead,
+        last_forecast=last,
+    )
+    return demand, forecast_needed or 0, guard, pending, last
+
+
+def _metrics_message(policy: ScalingPolicy, metrics: Metrics, missing: list[str]) -> str:
+    if not policy.triggers:
+        return "no triggers configured"
+    if metrics.error:
+        return f"metrics unavailable: {metrics.error}"
+    if missing:
+        return f"no data for {', '.join(missing)} (an empty result is not read as zero)"
+    return "every trigger has data"
+
+
+# -------------------------------------------------------------- phases 5-8: from recommendation to count
+def _normalize(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
+    """Apply pause, bounds, floors, missing-data rules, then the scale-up or scale-down behaviour."""
+    policy, current = tick.policy, tick.current
+    lo, hi = policy.min_replicas, policy.max_replicas
     if policy.paused:
         held = min(max(current, lo), hi)
-        return tick.decide(held, "paused", f"paused: holding {held} (would aim for {raw})")
-
-    # --- bounds and schedule floors are commitments: applied at once, past cooldowns and step limits
+        return tick.decide(held, Reason.PAUSED, "paused", f"paused: holding {held} (would aim for {raw})")
     if current > hi:
-        return tick.decide(hi, "bounds", f"above max {hi}: {current} -> {hi}")
-    must = max(lo, floor)
+        return tick.decide(hi, Reason.BOUNDS, "bounds", f"above max {hi}: {current} -> {hi}")
+    must = max(lo, tick.floor)
     if current < must:
-        target = max(must, min(raw, current + step_up))
-        if active is not None and floor > lo:
-            return tick.decide(target, f"schedule:{active}", f"schedule {active} floor {floor}: {current} -> {target}")
-        return tick.decide(target, "bounds", f"below min {lo}: {current} -> {target}")
-
-    # --- missing data: never read as zero, never a reason to scale down
-    if not complete:
-        fb = policy.fallback
-        hold = current
-        if fb.mode is FallbackMode.FIXED and fb.replicas is not None:
-            hold = fb.replicas if fb.allow_below_current else max(fb.replicas, current)
-            hold = min(max(hold, must), hi)
-        if raw <= hold:  # partial data may still add capacity (below); it never removes any
-            verb = f"fallback {fb.replicas}" if fb.mode is FallbackMode.FIXED else "holding"
-            return tick.decide(
-                hold,
-                "fallback",
-                f"{metrics_message}; {verb}: {current} -> {hold}"
-                if hold != current
-                else f"{metrics_message}; holding {current}",
-            )
-
+        return _commit(tick, must, raw, best)
+    if not tick.complete:
+        without = _without_data(tick, must, raw)
+        if without is not None:
+            return without
     if raw > current:
         return _scale_up(tick, raw, best)
     if raw < current:
-        return _scale_down(tick, must, below_since)
-    return tick.decide(current, "steady", f"steady at {current}: {best.note if best else 'nothing asks for more'}")
+        return _scale_down(tick, must)
+    return tick.decide(
+        current, Reason.STEADY, "steady", f"steady at {current}: {best.note if best else 'nothing asks for more'}"
+    )
+
+
+def _commit(tick: _Tick, must: int, raw: int, best: TriggerReading | None) -> Decision:
+    """Bounds and floors are commitments: reached at once, past cooldowns and step limits; a sized
+    recommendation above them is reached at once too, a ratio-based one within the step limit."""
+    current = tick.current
+    step_up = _step_limit(tick.policy.scale_up, max(current, 1), up=True)
+    target = max(must, raw if best is not None and best.sized else min(raw, current + step_up))
+    lo = tick.policy.min_replicas
+    if tick.forecast_floor >= tick.schedule_floor and tick.forecast_floor > lo and tick.demand is not None:
+        note = tick.demand.forecast_note
+        return tick.decide(
+            target, Reason.FORECAST, "forecast", f"forecast floor {tick.forecast_floor} ({note}): {current} -> {target}"
+        )
+    if tick.active is not None and tick.schedule_floor > lo:
+        return tick.decide(
+            target,
+            Reason.SCHEDULE,
+            f"schedule:{tick.active}",
+            f"schedule {tick.active} floor {tick.schedule_floor}: {current} -> {target}",
+        )
+    return tick.decide(target, Reason.BOUNDS, "bounds", f"below min {lo}: {current} -> {target}")
+
+
+def _without_data(tick: _Tick, must: int, raw: int) -> Decision | None:
+    """Missing data: hold (or the fallback count); partial data may still add capacity, never remove it."""
+    fb, current = tick.policy.fallback, tick.current
+    hold = current
+    if fb.mode is FallbackMode.FIXED and fb.replicas is not None:
+        hold = fb.replicas if fb.allow_below_current else max(fb.replicas, current)
+        hold = min(max(hold, must), tick.policy.max_replicas)
+    if raw > hold:
+        return None
+    verb = f"fallback {fb.replicas}" if fb.mode is FallbackMode.FIXED else "holding"
+    message = (
+        f"{tick.metrics_message}; {verb}: {current} -> {hold}"
+        if hold != current
+        else f"{tick.metrics_message}; holding {current}"
+    )
+    return tick.decide(hold, Reason.FALLBACK, "fallback", message)
 
 
 def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
@@ -362,58 +577,81 @@ def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
     who, why = (best.name, best.note) if best is not None else ("bounds", "bounds")
     if stabilised <= current:
         window = format_duration(up.stabilization_window)
-        return tick.decide(current, "stabilizing", f"{why}: wants {raw}, waiting out the {window} scale-up window")
+        message = f"{why}: wants {raw}, waiting out the {window} scale-up window"
+        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
     last = tick.history.last_event()
     if last is not None and now - last.time < up.cooldown:
         left = format_duration(up.cooldown - (now - last.time))
-        return tick.decide(current, "cooldown", f"{why}: wants {stabilised}, scale-up cooldown {left} left")
+        message = f"{why}: wants {stabilised}, scale-up cooldown {left} left"
+        return tick.decide(current, Reason.COOLDOWN, "cooldown", message)
+    if best is not None and best.sized:
+        return tick.decide(stabilised, Reason.TRIGGER, who, f"{why}: {current} -> {stabilised}")
     base = _period_base(tick.history, now, up.period, current)
     target = min(stabilised, max(base + _step_limit(up, max(base, 1), up=True), current))
     if target <= current:
         period = format_duration(up.period)
-        return tick.decide(current, "step-limit", f"{why}: wants {stabilised}, step limit reached for this {period}")
+        message = f"{why}: wants {stabilised}, step limit reached for this {period}"
+        return tick.decide(current, Reason.STEP_LIMIT, "step-limit", message)
     limited = " (step limit)" if target < stabilised else ""
-    return tick.decide(target, who, f"{why}: {current} -> {target}{limited}")
+    return tick.decide(target, Reason.TRIGGER, who, f"{why}: {current} -> {target}{limited}")
 
 
-def _scale_down(tick: _Tick, must: int, below_since: dict[str, dt.datetime]) -> Decision:
+def _scale_down(tick: _Tick, must: int) -> Decision:
     down, now, current = tick.policy.scale_down, tick.now, tick.current
     window = down.stabilization_window
     span = format_duration(window)
-    above_since = tick.next_history.above_since
+    above_since, below_since = tick.next_history.above_since, tick.next_history.below_since
     for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
         # Above its scale-up threshold (even if not for long enough yet), or not below its scale-down one.
         if t.name in above_since or t.name not in below_since:
-            return tick.decide(current, "steady", f"steady at {current}: {r.note}")
+            return tick.decide(current, Reason.STEADY, "steady", f"steady at {current}: {r.note}")
     for t in tick.policy.triggers:
         if t.scale_down_below is not None and now - below_since[t.name] < window:
             calm = format_duration(now - below_since[t.name])
             limit = f"{t.scale_down_below:g}{t.unit}"
             message = f"{t.name} below {limit} for {calm} of {span}: holding {current}"
-            return tick.decide(current, "stabilizing", message)
+            return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
     data_since = tick.next_history.data_since
     if data_since is None or now - data_since < window:
-        return tick.decide(
-            current, "stabilizing", f"metrics complete for less than the {span} window: holding {current}"
-        )
+        message = f"metrics complete for less than the {span} window: holding {current}"
+        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
     stabilised = max(n for t, n in tick.next_history.recommendations if now - t <= window)
     if stabilised >= current:
-        return tick.decide(
-            current, "stabilizing", f"a recommendation of {stabilised} in the last {span} holds {current}"
-        )
+        message = f"a recommendation of {stabilised} in the last {span} holds {current}"
+        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
     last = tick.history.last_event()
     if last is not None and now - last.time < down.cooldown:
         left = format_duration(down.cooldown - (now - last.time))
-        return tick.decide(current, "cooldown", f"scale-down cooldown {left} left")
+        return tick.decide(current, Reason.COOLDOWN, "cooldown", f"scale-down cooldown {left} left")
     base = _period_base(tick.history, now, down.period, current)
     target = max(stabilised, must, base - _step_limit(down, base, up=False))
     if target >= current:
-        return tick.decide(
-            current, "step-limit", f"scale-down step limit reached for this {format_duration(down.period)}"
-        )
+        message = f"scale-down step limit reached for this {format_duration(down.period)}"
+        return tick.decide(current, Reason.STEP_LIMIT, "step-limit", message)
+    if tick.guard > target:
+        return _guarded(tick, target)
     quiet = ", ".join(
         f"{r.name} {r.value:.3g} < {t.scale_down_below:g}{t.unit}"
         for t, r in zip(tick.policy.triggers, tick.readings, strict=True)
         if t.scale_down_below is not None and r.value is not None
     )
-    return tick.decide(target, "scale-down", f"{quiet or 'load low'} for {span}: {current} -> {target}")
+    if not quiet and tick.demand is not None and tick.demand.needed is not None:
+        quiet = f"demand {tick.demand.arrival_rps:.3g} rps needs {tick.demand.needed}"
+    return tick.decide(
+        target, Reason.SCALE_DOWN, "scale-down", f"{quiet or 'load low'} for {span}: {current} -> {target}"
+    )
+
+
+def _guarded(tick: _Tick, target: int) -> Decision:
+    """Remove pods only while the rest still carry current and forecast demand within the SLO."""
+    current, guard = tick.current, tick.guard
+    d = tick.demand
+    assert d is not None
+    what = f"demand {d.arrival_rps or 0:.3g} rps" + (
+        f" (forecast {d.forecast_rps:.3g} rps)" if d.forecast_rps is not None else ""
+    )
+    if guard >= current:
+        message = f"{current - 1} replica(s) would miss the SLO at {what}: holding {current}"
+        return tick.decide(current, Reason.SLO_GUARD, "slo-guard", message)
+    message = f"{what} needs {guard}: {current} -> {guard} (not {target})"
+    return tick.decide(guard, Reason.SCALE_DOWN, "scale-down", message)

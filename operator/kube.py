@@ -17,6 +17,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from voxscale.metrics_contract import POD_LABEL_TTSDEPLOYMENT
 from voxscale.operator import children
 from voxscale.operator.crd import GROUP, PLURAL, VERSION
 
@@ -122,6 +123,23 @@ class Kube:
             items += retrying(call, "list Deployments").items
         return {(d.metadata.namespace, d.metadata.name): d for d in items}
 
+    def pod_start_seconds(self, namespaces: list[str] | None) -> dict[tuple[str, str], tuple[float, ...]]:
+        """Creation-to-Ready seconds of each TTSDeployment's Ready pods, one list call per scope."""
+        selector = POD_LABEL_TTSDEPLOYMENT
+        calls: list[Callable[[], Any]] = (
+            [functools.partial(self.core.list_namespaced_pod, ns, label_selector=selector) for ns in namespaces]
+            if namespaces
+            else [functools.partial(self.core.list_pod_for_all_namespaces, label_selector=selector)]
+        )
+        out: dict[tuple[str, str], list[float]] = {}
+        for call in calls:
+            for pod in retrying(call, "list pods").items:
+                owner = (pod.metadata.labels or {}).get(selector)
+                started = _ready_after(pod)
+                if owner and started is not None:
+                    out.setdefault((pod.metadata.namespace, owner), []).append(started)
+        return {k: tuple(v) for k, v in out.items()}
+
     def scale(self, ns: str, name: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
         retrying(
@@ -165,3 +183,13 @@ class Kube:
             self.core.create_namespaced_event(meta["namespace"], body)
         except (ApiException, urllib3.exceptions.HTTPError) as exc:
             log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+def _ready_after(pod: Any) -> float | None:
+    """Seconds from the pod's creation to its Ready condition turning True (None: not Ready)."""
+    created = pod.metadata.creation_timestamp
+    for cond in (pod.status.conditions if pod.status else None) or []:
+        if cond.type == "Ready" and cond.status == "True" and cond.last_transition_time and created:
+            seconds = float((cond.last_transition_time - created).total_seconds())
+            return seconds if seconds >= 0 else None
+    return None

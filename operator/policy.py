@@ -57,6 +57,7 @@ class TriggerType(StrEnum):
     QUEUE_LENGTH = "queueLength"
     LATENCY_P95 = "latencyP95"
     PROMQL = "promql"
+    SLO = "slo"
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,21 @@ class Trigger:
     scale_down_below: float | None = None
     gpu_metric: str = "DCGM_FI_DEV_GPU_UTIL"
     query: str | None = None
+    # type slo: the latency objective, the capacity assumed until measured, and the rate window.
+    latency_seconds: float = 2.0
+    quantile: float = 0.95
+    capacity_rps: float = 16.0
+    slots: int = 1  # service slots per replica: the batch on a GPU, 1 on a CPU
+    rate_window: dt.timedelta = dt.timedelta(minutes=1)
 
     @property
     def unit(self) -> str:
-        return {"gpuUtilization": "%", "latencyP95": "s"}.get(self.type.value, "")
+        return {"gpuUtilization": "%", "latencyP95": "s", "slo": " rps"}.get(self.type.value, "")
+
+    @property
+    def sized(self) -> bool:
+        """Sized from demand and capacity (slo) rather than proportional/threshold."""
+        return self.type is TriggerType.SLO
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,22 @@ class StepPolicy:
     cooldown: dt.timedelta
 
 
+class ScalingMode(StrEnum):
+    ACTIVE = "active"
+    ADVISORY = "advisory"  # decide and report, never write the scale
+
+
+@dataclass(frozen=True)
+class Predictive:
+    """The forecast floor: demand learnt from Prometheus history, sized with the slo trigger."""
+
+    enabled: bool
+    cold_start: dt.timedelta  # assumed until pod starts are observed
+    min_history: dt.timedelta
+    lookback: dt.timedelta
+    timezone: zoneinfo.ZoneInfo
+
+
 class FallbackMode(StrEnum):
     HOLD = "hold"
     FIXED = "fixed"
@@ -147,55 +175,77 @@ class ScalingPolicy:
     scale_up: StepPolicy
     scale_down: StepPolicy
     fallback: Fallback
+    mode: ScalingMode
+    predictive: Predictive
+
+    @property
+    def slo(self) -> Trigger | None:
+        """The slo trigger, if any (at most one): the model the forecast floor and safe scale-down use."""
+        return next((t for t in self.triggers if t.sized), None)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> ScalingPolicy:
-        """Parse a defaulted `spec` (as stored by the API server, or after crd.apply_defaults)."""
-        replicas = spec.get("replicas", {})
-        scaling = spec.get("scaling", {})
-        lo, hi = int(replicas.get("min", 1)), int(replicas.get("max", 10))
+        """Parse a `spec`, first defaulted from the CRD's own schema (the one table of defaults), so a
+        spec the API server stored and a partial one from a file or a test read the same way."""
+        from voxscale.operator import crd  # crd reads package data; kept out of this module's import
+
+        spec = crd.default_spec(spec)
+        replicas = spec["replicas"]
+        scaling = spec["scaling"]
+        lo, hi = int(replicas["min"]), int(replicas["max"])
         if lo > hi:
             raise SpecError("spec.replicas.min", f"min ({lo}) must be <= max ({hi})")
         if lo == 0 and not replicas.get("allowScaleToZero", False):
             raise SpecError("spec.replicas.min", "0 requires spec.replicas.allowScaleToZero: true")
+        slots = int(spec["model"]["maxBatchSize"]) if int(spec["resources"]["gpus"]) > 0 else 1
         triggers = tuple(
-            _parse_trigger(t, f"spec.scaling.triggers[{i}]") for i, t in enumerate(scaling.get("triggers", []))
+            _parse_trigger(t, f"spec.scaling.triggers[{i}]", slots) for i, t in enumerate(scaling.get("triggers", []))
         )
         names = [t.name for t in triggers]
         if len(set(names)) != len(names):
             raise SpecError("spec.scaling.triggers", f"trigger names must be unique, got {names}")
+        if sum(t.sized for t in triggers) > 1:
+            raise SpecError("spec.scaling.triggers", "at most one trigger of type slo")
         schedules = tuple(
             _parse_schedule(s, f"spec.scaling.schedules[{i}]", hi) for i, s in enumerate(scaling.get("schedules", []))
         )
-        fb = scaling.get("fallback", {})
-        fallback = Fallback(
-            FallbackMode(fb.get("mode", "hold")),
-            fb.get("replicas"),
-            bool(fb.get("allowBelowCurrent", False)),
-        )
+        fb = scaling["fallback"]
+        fallback = Fallback(FallbackMode(fb["mode"]), fb.get("replicas"), bool(fb["allowBelowCurrent"]))
         if fallback.mode is FallbackMode.FIXED and fallback.replicas is None:
             raise SpecError("spec.scaling.fallback.replicas", "required when mode is fixed")
         return cls(
             min_replicas=lo,
             max_replicas=hi,
-            interval=parse_duration(scaling.get("interval", "10s"), "spec.scaling.interval"),
-            paused=bool(scaling.get("paused", False)),
+            interval=parse_duration(scaling["interval"], "spec.scaling.interval"),
+            paused=bool(scaling["paused"]),
             triggers=triggers,
             schedules=schedules,
-            scale_up=_parse_step(scaling.get("scaleUp", {}), "spec.scaling.scaleUp", _UP_DEFAULTS),
-            scale_down=_parse_step(scaling.get("scaleDown", {}), "spec.scaling.scaleDown", _DOWN_DEFAULTS),
+            scale_up=_parse_step(scaling["scaleUp"], "spec.scaling.scaleUp"),
+            scale_down=_parse_step(scaling["scaleDown"], "spec.scaling.scaleDown"),
             fallback=fallback,
+            mode=ScalingMode(scaling["mode"]),
+            predictive=_parse_predictive(scaling["predictive"], "spec.scaling.predictive"),
         )
 
 
-# Used only when a spec did not go through CRD defaulting (unit tests with partial dicts); the
-# CRD file's defaults are the real ones and crd.apply_defaults() fills them in first.
-_UP_DEFAULTS = {"stabilizationWindow": "0s", "maxStepPods": 4, "maxStepPercent": 100, "period": "15s", "cooldown": "0s"}
-_DOWN_DEFAULTS = {"stabilizationWindow": "5m", "maxStepPods": 1, "maxStepPercent": 10, "period": "1m", "cooldown": "2m"}
+def _parse_predictive(raw: dict[str, Any], field: str) -> Predictive:
+    return Predictive(
+        enabled=bool(raw["enabled"]),
+        cold_start=parse_duration(raw["coldStart"], f"{field}.coldStart"),
+        min_history=parse_duration(raw["minHistory"], f"{field}.minHistory"),
+        lookback=parse_duration(raw["lookback"], f"{field}.lookback"),
+        timezone=_zone(raw["timezone"], f"{field}.timezone"),
+    )
 
 
-def _parse_step(raw: dict[str, Any], field: str, defaults: dict[str, Any]) -> StepPolicy:
-    v = {**defaults, **raw}
+def _zone(name: str, field: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise SpecError(field, f"unknown IANA timezone {name!r} (e.g. Europe/Berlin, UTC)") from None
+
+
+def _parse_step(v: dict[str, Any], field: str) -> StepPolicy:
     return StepPolicy(
         stabilization_window=parse_duration(v["stabilizationWindow"], f"{field}.stabilizationWindow"),
         max_step_pods=int(v["maxStepPods"]),
@@ -205,7 +255,7 @@ def _parse_step(raw: dict[str, Any], field: str, defaults: dict[str, Any]) -> St
     )
 
 
-def _parse_trigger(raw: dict[str, Any], field: str) -> Trigger:
+def _parse_trigger(raw: dict[str, Any], field: str, slots: int) -> Trigger:
     try:
         kind = TriggerType(str(raw.get("type")))
     except ValueError:
@@ -215,20 +265,36 @@ def _parse_trigger(raw: dict[str, Any], field: str) -> Trigger:
         name=str(raw.get("name") or kind.value),
         type=kind,
         target=_opt_float(raw.get("target")),
-        tolerance=float(raw.get("tolerance", 0.1)),
+        tolerance=float(raw["tolerance"]),
         scale_up_above=_opt_float(raw.get("scaleUpAbove")),
-        sustain_for=parse_duration(raw.get("sustainFor", "0s"), f"{field}.sustainFor"),
+        sustain_for=parse_duration(raw["sustainFor"], f"{field}.sustainFor"),
         scale_down_below=_opt_float(raw.get("scaleDownBelow")),
         gpu_metric=str(raw.get("gpuMetric", "DCGM_FI_DEV_GPU_UTIL")),
         query=raw.get("query"),
+        **(_slo_settings(raw, field, slots) if kind is TriggerType.SLO else {}),
     )
-    if trig.target is None and trig.scale_up_above is None:
+    if not trig.sized and trig.target is None and trig.scale_up_above is None:
         raise SpecError(field, "a trigger needs target (proportional) or scaleUpAbove (threshold)")
     if trig.target is not None and trig.target <= 0:
         raise SpecError(f"{field}.target", "must be > 0")
-    if kind is TriggerType.PROMQL and not trig.query:
-        raise SpecError(f"{field}.query", "a promql trigger needs query")
+    from voxscale.operator.triggers import kind as trigger_kind  # the kinds import this module
+
+    trigger_kind(trig).validate(trig, field)
     return trig
+
+
+def _slo_settings(raw: dict[str, Any], field: str, slots: int) -> dict[str, Any]:
+    slo = raw.get("slo")
+    if not isinstance(slo, dict):
+        raise SpecError(f"{field}.slo", "a slo trigger needs slo settings, e.g. slo: {latencyP95: 2s}")
+    latency = parse_duration(slo.get("latencyP95", ""), f"{field}.slo.latencyP95").total_seconds()
+    if latency <= 0:
+        raise SpecError(f"{field}.slo.latencyP95", "must be longer than 0s")
+    capacity = float(slo.get("replicaCapacity", 0))
+    if capacity <= 0:
+        raise SpecError(f"{field}.slo.replicaCapacity", "requests/s one replica serves; must be > 0")
+    window = parse_duration(slo.get("rateWindow", ""), f"{field}.slo.rateWindow")
+    return {"latency_seconds": latency, "capacity_rps": capacity, "slots": slots, "rate_window": window}
 
 
 def _opt_float(v: Any) -> float | None:
@@ -236,11 +302,7 @@ def _opt_float(v: Any) -> float | None:
 
 
 def _parse_schedule(raw: dict[str, Any], field: str, max_replicas: int) -> Schedule:
-    tz_name = raw.get("timezone", "UTC")
-    try:
-        tz = zoneinfo.ZoneInfo(tz_name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise SpecError(f"{field}.timezone", f"unknown IANA timezone {tz_name!r} (e.g. Europe/Berlin, UTC)") from None
+    tz = _zone(raw.get("timezone", "UTC"), f"{field}.timezone")
     cron = str(raw.get("cron", ""))
     if len(cron.split()) != 5 or not croniter.is_valid(cron):
         raise SpecError(f"{field}.cron", f"cannot parse cron expression {cron!r}; use 5 fields, e.g. '0 8 * * *'")

@@ -6,21 +6,26 @@ is reported as such (never as zero); the engine decides what missing data means.
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from voxscale.operator import queries
+from voxscale.operator import queries, triggers
 from voxscale.operator.engine import Metrics
+from voxscale.operator.forecast import RateHistory
 from voxscale.operator.policy import ScalingPolicy
 
 Key = tuple[str, str]  # (namespace, name)
+HISTORY_STEP_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -89,23 +94,59 @@ class PrometheusSource:
             needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
             for t in group:
                 for trig in t.policy.triggers:
-                    key = queries.batch_key(trig)
-                    if key is not None:
-                        needed[key].append((t, trig.name))
-                    else:
-                        self._custom(ep, t, trig.name, trig.query or "", values, errors)
+                    for role, key in triggers.kind(trig).inputs(trig).items():
+                        slot = trig.name if role == "value" else f"{trig.name}.{role}"
+                        if key is not None:
+                            needed[key].append((t, slot))
+                        else:
+                            self._custom(ep, t, slot, trig.query or "", values, errors)
             for batch, users in needed.items():
                 try:
-                    result = self._query(ep, queries.batch_query(batch, namespaces))
-                    samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None)
+                    result = self._query(ep, triggers.batch_query(batch, namespaces))
+                    # The lowest capacity of any GPU product the pods run on: sized for the slowest.
+                    samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None, combine=min)
                 except QueryError as exc:
-                    for t, _ in users:
-                        errors.setdefault(t.key, str(exc))
+                    for t, slot in users:
+                        if "." not in slot:  # a secondary input's failure leaves its trigger usable
+                            errors.setdefault(t.key, str(exc))
                     continue
-                for t, trig_name in users:
+                for t, slot in users:
                     if t.key in samples:
-                        values[t.key][trig_name] = samples[t.key]
+                        values[t.key][slot] = samples[t.key]
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key)) for t in targets}
+
+    def arrival_history(
+        self, ep: Endpoint, namespaces: Sequence[str], window_seconds: float, lookback: dt.timedelta, now: dt.datetime
+    ) -> dict[Key, RateHistory]:
+        """Each TTSDeployment's arrival rate over `lookback`, one sample a minute, in one range query.
+
+        Prometheus answers at most 11,000 points per series, so a longer look-back takes a longer step.
+        """
+        step = max(HISTORY_STEP_SECONDS, math.ceil(lookback.total_seconds() / 10_000))
+        start = now - lookback
+        promql = queries.arrival_rate(namespaces, max(window_seconds, 2 * step))  # >= 2 samples per window
+        self.stats.queries += 1
+        try:
+            result: list[dict[str, Any]] = self._client(ep).custom_query_range(
+                promql, start_time=start, end_time=now, step=f"{step}s"
+            )
+        except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
+            raise QueryError(_describe(ep, exc)) from exc
+        n = int(lookback.total_seconds() // step) + 1
+        out: dict[Key, RateHistory] = {}
+        for series in result:
+            labels = series.get("metric", {})
+            owner = labels.get(queries.OWNER_LABEL)
+            if not owner or "namespace" not in labels:
+                continue
+            rps = np.full(n, np.nan)
+            for ts, value in series.get("values", []):
+                i = round((float(ts) - start.timestamp()) / step)
+                v = float(value)
+                if 0 <= i < n and math.isfinite(v) and v >= 0:
+                    rps[i] = v
+            out[(labels["namespace"], owner)] = RateHistory(start, float(step), rps)
+        return out
 
     def _custom(
         self,
@@ -139,7 +180,11 @@ def _describe(ep: Endpoint, exc: Exception) -> str:
     return f"Prometheus at {ep.url}: {exc}"
 
 
-def _by_owner(result: Iterable[dict[str, Any]], nan_means: float | None = None) -> dict[Key, float]:
+def _by_owner(
+    result: Iterable[dict[str, Any]],
+    nan_means: float | None = None,
+    combine: Callable[[float, float], float] = min,
+) -> dict[Key, float]:
     """{(namespace, ttsdeployment): value} from a batched query.
 
     NaN comes from a quantile over zero requests: the series exist but nothing was served. For
@@ -156,5 +201,6 @@ def _by_owner(result: Iterable[dict[str, Any]], nan_means: float | None = None) 
             if nan_means is None:
                 continue
             value = nan_means
-        out[(labels["namespace"], owner)] = value
+        key = (labels["namespace"], owner)
+        out[key] = combine(out[key], value) if key in out else value
     return out

@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterable
 
 from voxscale import metrics_contract as mc
-from voxscale.operator.policy import Trigger, TriggerType
 
 OWNER_LABEL = "ttsdeployment"
 # kube's pod-template-hash alphabet (no vowels, no 0/1/3) and the 5-character random suffix.
@@ -77,23 +76,23 @@ def custom(query: str, namespace: str, name: str) -> str:
     )
 
 
-def batch_key(trigger: Trigger) -> str | None:
-    """Triggers sharing a key are answered by one batched query (None: a per-object custom query)."""
-    if trigger.type is TriggerType.GPU_UTILIZATION:
-        return f"gpu:{trigger.gpu_metric}"
-    if trigger.type is TriggerType.QUEUE_LENGTH:
-        return "queue"
-    if trigger.type is TriggerType.LATENCY_P95:
-        return "latency"
-    return None
+def _rate(series: str, namespaces: Iterable[str], seconds: float, by: str = "") -> str:
+    rate = f"rate({_selector(series, namespaces)}[{seconds:g}s])"
+    return f"sum by (namespace, {OWNER_LABEL}{by}) ({_with_owner(rate)})"
 
 
-def batch_query(key: str, namespaces: Iterable[str]) -> str:
-    kind, _, arg = key.partition(":")
-    if kind == "gpu":
-        return gpu_utilization(arg, namespaces)
-    if kind == "queue":
-        return queue_length(namespaces)
-    if kind == "latency":
-        return latency_p95(namespaces)
-    raise ValueError(f"unknown batch key {key!r}")
+def arrival_rate(namespaces: Iterable[str], seconds: float) -> str:
+    """Requests per second arriving at each TTSDeployment's pods, refused ones included."""
+    return _rate(mc.REQUESTS_RECEIVED.name, namespaces, seconds)
+
+
+def capacity(namespaces: Iterable[str], seconds: float, min_busy: float) -> str:
+    """One replica's capacity (completed requests per busy second) per TTSDeployment and GPU product,
+    only where the pods were busy at least `min_busy` of the window: a lightly loaded replica's batches
+    are small, so its completed/busy ratio says little about what it can do."""
+    by = f", {mc.GPU_PRODUCT_LABEL}"
+    done = _rate(mc.COMPLETED_REQUESTS.name, namespaces, seconds, by)
+    busy = _rate(mc.BUSY_SECONDS.name, namespaces, seconds, by)
+    busy_pods = f"count by (namespace, {OWNER_LABEL}{by}) ({_with_owner(_selector(mc.BUSY_SECONDS.name, namespaces))})"
+    on = f"on (namespace, {OWNER_LABEL}{by})"
+    return f"({done} / {busy}) and {on} (({busy} / {busy_pods}) >= {min_busy:g})"

@@ -12,18 +12,21 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from voxscale.operator import status as st
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
+from voxscale.operator.forecast import RateHistory
 from voxscale.operator.kube import Kube
-from voxscale.operator.policy import ScalingPolicy, SpecError, parse_duration
-from voxscale.operator.prometheus import Endpoint, Key, PrometheusSource, Target
+from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, parse_duration
+from voxscale.operator.prometheus import HISTORY_STEP_SECONDS, Endpoint, Key, PrometheusSource, QueryError, Target
 
 log = logging.getLogger("voxscale.operator.scaler")
 
@@ -46,6 +49,17 @@ DESIRED = Gauge("voxscale_operator_desired_replicas", "The engine's latest decis
 READY = Gauge("voxscale_operator_ready_replicas", "Ready pods of the TTSDeployment.", _PER_OBJECT)
 MAX = Gauge("voxscale_operator_max_replicas", "spec.replicas.max of the TTSDeployment.", _PER_OBJECT)
 METRICS_OK = Gauge("voxscale_operator_metrics_available", "1 while every trigger has data.", _PER_OBJECT)
+ADVISED = Gauge("voxscale_operator_advised_replicas", "What advisory mode would set (not written).", _PER_OBJECT)
+DEMAND = Gauge("voxscale_operator_demand_rps", "Requests/s arriving at the pods (slo trigger).", _PER_OBJECT)
+CAPACITY = Gauge("voxscale_operator_replica_capacity_rps", "One replica's capacity, measured or assumed.", _PER_OBJECT)
+FORECAST = Gauge(
+    "voxscale_operator_forecast_rps", "Peak demand forecast over the look-ahead (predictive floor).", _PER_OBJECT
+)
+FORECAST_ACTUAL = Gauge(
+    "voxscale_operator_forecast_actual_rps", "Peak demand that arrived in the last forecast window.", _PER_OBJECT
+)
+_PER_OBJECT_GAUGES = (DESIRED, READY, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
+HISTORY_REFRESH_SECONDS = 300.0  # re-read the arrival history from Prometheus this often
 
 STATUS_REFRESH_SECONDS = 30.0  # refresh status messages at least this often
 
@@ -63,6 +77,7 @@ class Tracked:
     written_at: float = 0.0
     reported_error: str | None = None
     metrics_ok: bool | None = None
+    advised: int | None = None  # the last advice reported (advisory mode)
 
     @property
     def key(self) -> Key:
@@ -84,6 +99,7 @@ class Scaler:
         self.namespaces = namespaces or None
         self.wall_clock = wall_clock
         self.tracked: dict[Key, Tracked] = {}
+        self.histories: dict[Key, tuple[float, RateHistory]] = {}  # (when read, history)
 
     # ---------------------------------------------------------------- registry (fed by kopf events)
     def upsert(self, body: dict[str, Any]) -> None:
@@ -108,7 +124,8 @@ class Scaler:
     def remove(self, key: Key) -> None:
         self.tracked.pop(key, None)
         TRACKED.set(len(self.tracked))
-        for gauge in (DESIRED, READY, MAX, METRICS_OK):
+        self.histories.pop(key, None)
+        for gauge in _PER_OBJECT_GAUGES:
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
 
@@ -144,13 +161,17 @@ class Scaler:
                 endpoint_errors[tr.key] = str(exc)
         queries_before = self.source.stats.queries
         metrics = self.source.fetch(targets)
+        self._refresh_histories(targets, now, mono)
+        starts = self.kube.pod_start_seconds(self.namespaces)
         PROM_QUERIES.inc(self.source.stats.queries - queries_before)
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
             tr.next_due = mono + interval
             m = metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
+            history = self.histories.get(tr.key)
+            m = replace(m, history=history[1] if history else None)
             try:
-                self._evaluate(tr, deployments.get(tr.key), m, now)
+                self._evaluate(tr, deployments.get(tr.key), m, now, starts.get(tr.key, ()))
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
         elapsed = time.perf_counter() - started
@@ -159,6 +180,31 @@ class Scaler:
         LAST_ROUND_OBJECTS.set(len(due))
         LAST_ROUND_QUERIES.set(self.source.stats.queries - queries_before)
         return len(due)
+
+    def _refresh_histories(self, targets: list[Target], now: dt.datetime, mono: float) -> None:
+        """Re-read the arrival history of objects with a forecast floor, one range query per endpoint."""
+        stale = [
+            t
+            for t in targets
+            if t.policy.slo is not None
+            and t.policy.predictive.enabled
+            and mono - self.histories.get(t.key, (-math.inf, None))[0] >= HISTORY_REFRESH_SECONDS
+        ]
+        by_endpoint: dict[Endpoint, list[Target]] = {}
+        for t in stale:
+            by_endpoint.setdefault(t.endpoint, []).append(t)
+        for ep, group in by_endpoint.items():
+            lookback = max(t.policy.predictive.lookback for t in group)
+            window = max(t.policy.slo.rate_window.total_seconds() for t in group if t.policy.slo)
+            try:
+                found = self.source.arrival_history(ep, sorted({t.namespace for t in group}), window, lookback, now)
+            except QueryError as exc:
+                log.warning("arrival history unavailable (%s); forecasts use what was read before", exc)
+                continue
+            for t in group:
+                # No series at all is an answer too: no history yet (the forecast says how much it needs).
+                empty = RateHistory(now, HISTORY_STEP_SECONDS, np.full(0, np.nan))
+                self.histories[t.key] = (mono, found.get(t.key, empty))
 
     def _endpoint(self, body: dict[str, Any]) -> Endpoint:
         prom = (body["spec"].get("scaling") or {}).get("prometheus") or {}
@@ -195,7 +241,9 @@ class Scaler:
             raise SpecError(field_path, f"Secret {ns}/{name} has no key {key!r}")
         return base64.b64decode(data[key]).decode().strip()
 
-    def _evaluate(self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime) -> None:
+    def _evaluate(
+        self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime, starts: tuple[float, ...] = ()
+    ) -> None:
         ns, name = tr.key
         if dep is None:
             # Deleted by hand, or not created yet: make the children again.
@@ -209,11 +257,14 @@ class Scaler:
         if tr.policy is None:
             self._write_status(tr, None, replicas, ready, deployment_found=True, now=now)
             return
-        decision = decide(tr.policy, Observed(replicas, ready), metrics, now, tr.history)
-        DECISIONS.labels(decision.rule).inc()
+        decision = decide(tr.policy, Observed(replicas, ready, starts), metrics, now, tr.history)
+        DECISIONS.labels(decision.reason.value).inc()
         if metrics.error:
             PROM_ERRORS.inc()
-        if decision.changed:
+        advisory = tr.policy.mode is ScalingMode.ADVISORY
+        if advisory:
+            self._advise(tr, decision)
+        elif decision.changed:
             self.kube.scale(ns, name, decision.desired)
             direction = "up" if decision.desired > replicas else "down"
             SCALE_EVENTS.labels(direction).inc()
@@ -224,13 +275,37 @@ class Scaler:
         if tr.metrics_ok is False and decision.metrics_available:
             self.kube.event(tr.body, "Normal", "MetricsAvailable", "metrics are back: " + decision.metrics_message)
         tr.metrics_ok = decision.metrics_available
-        DESIRED.labels(ns, name).set(decision.desired)
-        READY.labels(ns, name).set(ready)
-        MAX.labels(ns, name).set(tr.policy.max_replicas)
-        METRICS_OK.labels(ns, name).set(1 if decision.metrics_available else 0)
+        self._export(tr.key, decision, ready, tr.policy.max_replicas, advisory)
         tr.history = decision.history
         tr.decision = decision
-        self._write_status(tr, decision, decision.desired, ready, deployment_found=True, now=now)
+        self._write_status(tr, decision, replicas if advisory else decision.desired, ready, True, now)
+
+    def _advise(self, tr: Tracked, decision: Decision) -> None:
+        """Advisory mode: say what would be done, once per change of advice, and write nothing."""
+        if decision.desired != tr.advised:
+            if decision.changed:
+                message = f"would scale {decision.current} -> {decision.desired}: {decision.message}"
+                self.kube.event(tr.body, "Normal", "Advised", message)
+            tr.advised = decision.desired
+
+    @staticmethod
+    def _export(key: Key, decision: Decision, ready: int, max_replicas: int, advisory: bool) -> None:
+        DESIRED.labels(*key).set(decision.current if advisory else decision.desired)
+        READY.labels(*key).set(ready)
+        MAX.labels(*key).set(max_replicas)
+        METRICS_OK.labels(*key).set(1 if decision.metrics_available else 0)
+        if advisory:
+            ADVISED.labels(*key).set(decision.desired)
+        d = decision.demand
+        if d is None:
+            return
+        if d.arrival_rps is not None:
+            DEMAND.labels(*key).set(d.arrival_rps)
+        CAPACITY.labels(*key).set(d.capacity_rps)
+        if d.forecast_rps is not None:
+            FORECAST.labels(*key).set(d.forecast_rps)
+        if d.last_forecast is not None:
+            FORECAST_ACTUAL.labels(*key).set(d.last_forecast[1])
 
     def _write_status(
         self,
@@ -256,10 +331,14 @@ class Scaler:
             "conditions": st.merge_conditions(previous.get("conditions", []), conditions, now, tr.generation),
         }
         if decision is not None:
-            new["desiredReplicas"] = decision.desired
+            advisory = tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY
+            new["desiredReplicas"] = decision.current if advisory else decision.desired
+            new["advisedReplicas"] = decision.desired if advisory else None
             new["reason"] = decision.rule
             new["lastDecision"] = st.last_decision(decision, now)
-            if decision.changed:
+            new["demand"] = st.demand(decision)
+            new["forecast"] = st.forecast(decision)
+            if decision.changed and not advisory:
                 new["lastScaleTime"] = st.iso(now)
         elif tr.spec_error:
             new["reason"] = "InvalidSpec"
@@ -271,7 +350,15 @@ class Scaler:
         # steady fleet does not turn into one status write per object per interval.
         significant = {
             k: new.get(k)
-            for k in ("observedGeneration", "replicas", "readyReplicas", "desiredReplicas", "reason", "lastScaleTime")
+            for k in (
+                "observedGeneration",
+                "replicas",
+                "readyReplicas",
+                "desiredReplicas",
+                "advisedReplicas",
+                "reason",
+                "lastScaleTime",
+            )
         }
         significant["conditions"] = [(c["type"], c["status"], c["reason"]) for c in new["conditions"]]
         significant["specError"] = tr.spec_error

@@ -92,3 +92,36 @@ def last_decision(decision: Decision, now: dt.datetime) -> dict[str, Any]:
     if decision.active_schedule:
         out["activeSchedule"] = decision.active_schedule
     return out
+
+
+def demand(decision: Decision) -> dict[str, Any] | None:
+    """The slo model's view, for status (None without an slo trigger: the key is removed)."""
+    d = decision.demand
+    if d is None:
+        return None
+    return {
+        "arrivalRps": _round(d.arrival_rps),
+        "replicaCapacityRps": _round(d.capacity_rps),
+        "capacitySource": "measured" if d.capacity_measured else "assumed",
+        "neededReplicas": d.needed,
+    }
+
+
+def forecast(decision: Decision) -> dict[str, Any] | None:
+    """The predictive floor: forecast, the replicas it asks for, and the last forecast against what came."""
+    d = decision.demand
+    if d is None:
+        return None
+    last = d.last_forecast
+    return {
+        "peakRps": _round(d.forecast_rps),
+        "replicas": d.forecast_needed,
+        "lookaheadSeconds": round(d.lookahead.total_seconds()),
+        "message": d.forecast_note,
+        "lastPredictedRps": _round(last[0]) if last else None,
+        "lastActualRps": _round(last[1]) if last else None,
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

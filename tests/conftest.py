@@ -11,6 +11,7 @@ import pytest
 
 from voxscale.localcluster.cluster import ClusterState, LocalCluster, running_cluster
 from voxscale.localcluster.harness import OperatorProcess, install_operator_rbac
+from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 TEST_CLUSTER = os.environ.get("VOXSCALE_TEST_CLUSTER", "pytest")
 
@@ -47,6 +48,14 @@ def operator(
     op.stop()
 
 
+@pytest.fixture(scope="session")
+def exporter(cluster: LocalCluster, cluster_state: ClusterState) -> Iterator[PodMetricsExporter]:
+    """Per-pod GPU, queue and demand series for kwok's pods, scraped by the real Prometheus."""
+    exp = PodMetricsExporter(cluster, cluster_state).start()
+    yield exp
+    exp.stop()
+
+
 @pytest.fixture
 def namespace(cluster: LocalCluster) -> Iterator[str]:
     """A fresh namespace per test, deleted (with everything in it) afterwards."""
@@ -60,5 +69,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Anything that asks for the cluster is a cluster test, so `-m "not cluster"` runs the pure tests only.
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if {"cluster", "cluster_state", "prometheus_url", "operator", "namespace"} & set(fixtures):
+        if {"cluster", "cluster_state", "prometheus_url", "operator", "namespace", "exporter"} & set(fixtures):
             item.add_marker(pytest.mark.cluster)

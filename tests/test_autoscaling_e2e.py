@@ -5,24 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
-from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import OperatorProcess, get_json, wait_for
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 INTERVAL = 2  # seconds, spec.scaling.interval
 SCRAPE = 1  # seconds, the test Prometheus' scrape interval
-
-
-@pytest.fixture(scope="module")
-def exporter(cluster: LocalCluster, cluster_state: ClusterState) -> Iterator[PodMetricsExporter]:
-    exp = PodMetricsExporter(cluster, cluster_state).start()
-    yield exp
-    exp.stop()
 
 
 def ttsd(name: str, triggers: list[dict[str, Any]], **scaling: Any) -> dict[str, Any]:

@@ -39,5 +39,7 @@ def test_printer_columns_and_short_name() -> None:
     assert doc["spec"]["names"]["shortNames"] == ["ttsd"]
     version = doc["spec"]["versions"][0]
     cols = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert cols == ["Min", "Max", "Desired", "Ready", "Reason", "Age"]
+    assert cols == ["Min", "Max", "Desired", "Ready", "Demand", "Forecast", "Advised", "Reason", "Age"]
+    wide = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")]
+    assert wide == ["Demand", "Forecast", "Advised"]  # shown by `kubectl get ttsd -o wide`
     assert version["subresources"] == {"status": {}}

@@ -19,10 +19,17 @@ DURATIONS = ["0s", "10s", "30s", "1m", "3m"]
 @st.composite
 def triggers(draw: st.DrawFn) -> list[dict[str, Any]]:
     out = []
-    for i, kind in enumerate(
-        draw(st.lists(st.sampled_from(["gpuUtilization", "queueLength", "latencyP95"]), min_size=1, max_size=3))
-    ):
+    kinds = draw(
+        st.lists(st.sampled_from(["gpuUtilization", "queueLength", "latencyP95", "slo"]), min_size=1, max_size=3)
+    )
+    if kinds.count("slo") > 1:  # at most one slo trigger
+        kinds = [k for k in kinds if k != "slo"] + ["slo"]
+    for i, kind in enumerate(kinds):
         t: dict[str, Any] = {"name": f"t{i}", "type": kind}
+        if kind == "slo":
+            t["slo"] = {"latencyP95": draw(st.sampled_from(["1s", "2s", "5s"])), "replicaCapacity": 16}
+            out.append(t)
+            continue
         hi = draw(st.floats(min_value=5, max_value=95))
         if draw(st.booleans()):
             t["target"] = draw(st.floats(min_value=1, max_value=100))

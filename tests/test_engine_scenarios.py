@@ -80,7 +80,13 @@ def test_scale_down_only_after_gpu_below_40_for_the_whole_10_minute_window() -> 
     pol = policy(
         {
             "triggers": [GPU_75_FOR_3M],
-            "scaleDown": {"stabilizationWindow": "10m", "maxStepPods": 1, "period": "1m", "cooldown": "0s"},
+            "scaleDown": {
+                "stabilizationWindow": "10m",
+                "maxStepPods": 1,
+                "maxStepPercent": 1,
+                "period": "1m",
+                "cooldown": "0s",
+            },
         },
         {"min": 2, "max": 10},
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.engine_helpers import policy
-from voxscale.operator import queries
+from voxscale.operator import queries, triggers
 from voxscale.operator.policy import TriggerType
 
 POD_RE = re.compile(queries._POD_NAME)
@@ -23,12 +23,12 @@ def test_owner_is_recovered_from_real_deployment_pod_names() -> None:
 
 
 def test_one_batched_query_per_kind_scoped_to_namespaces() -> None:
-    q = queries.batch_query("queue", ["team-a", "team-b"])
+    q = triggers.batch_query("queue", ["team-a", "team-b"])
     assert q.startswith("sum by (namespace, ttsdeployment) (label_replace(voxscale_queue_depth{")
     assert 'namespace=~"team\\\\-a|team\\\\-b"' in q or 'namespace=~"team-a|team-b"' in q
-    gpu = queries.batch_query("gpu:DCGM_FI_PROF_GR_ENGINE_ACTIVE", ["ns"])
+    gpu = triggers.batch_query("gpu:DCGM_FI_PROF_GR_ENGINE_ACTIVE", ["ns"])
     assert gpu.startswith("100 * avg by (namespace, ttsdeployment)")  # a ratio, normalised to percent
-    lat = queries.batch_query("latency", ["ns"])
+    lat = triggers.batch_query("latency", ["ns"])
     assert "histogram_quantile(0.95" in lat and "voxscale_request_duration_seconds_bucket" in lat
 
 
@@ -47,8 +47,31 @@ def test_triggers_share_batches_and_custom_promql_is_substituted_and_escaped() -
             ]
         }
     )
-    keys = [queries.batch_key(t) for t in pol.triggers]
+    keys = [triggers.kind(t).inputs(t)["value"] for t in pol.triggers]
     assert keys == ["gpu:DCGM_FI_DEV_GPU_UTIL", "queue", None]
     custom = next(t for t in pol.triggers if t.type is TriggerType.PROMQL)
     q = queries.custom(custom.query or "", 'we"ird', "app")
     assert 'namespace="we\\"ird"' in q and "app-[a-z0-9]+-[a-z0-9]+" in q
+
+
+def test_slo_trigger_reads_arrivals_capacity_and_backlog_in_batches() -> None:
+    pol = policy({"triggers": [{"name": "slo", "type": "slo", "slo": {"rateWindow": "30s"}}]})
+    slo = pol.triggers[0]
+    assert triggers.kind(slo).inputs(slo) == {
+        "value": "arrivals:30",
+        "recent": "arrivals:8",  # a quarter of the window: a burst shows there first
+        "capacity": "capacity:30",
+        "backlog": "queue",
+    }
+    arrivals = triggers.batch_query("arrivals:30", ["ns"])
+    assert "rate(voxscale_requests_received_total{" in arrivals and "[30s]" in arrivals
+    cap = triggers.batch_query("capacity:30", ["ns"])
+    # completed / busy per GPU product, only where the pods were busy enough for it to mean capacity
+    assert "voxscale_completed_requests_total" in cap and "voxscale_busy_seconds_total" in cap
+    assert "gpu_product" in cap and ">= 0.6" in cap
+
+
+def test_a_trigger_without_settings_gets_the_defaults_from_the_crd() -> None:
+    slo = policy({"triggers": [{"name": "s", "type": "slo"}]}).triggers[0]
+    assert (slo.latency_seconds, slo.capacity_rps, slo.rate_window.total_seconds()) == (2.0, 16.0, 60.0)
+    assert policy({}).triggers[0].type.value == "slo"  # no triggers: the slo trigger

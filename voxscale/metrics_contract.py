@@ -102,10 +102,6 @@ SERVER_METRICS: tuple[Metric, ...] = (
     GPU_MEMORY_USED,
 )
 
-# The window over which the operator reads arrival and capacity rates (PromQL `rate(...[1m])`); the
-# simulator averages its arrivals over the same span, so both see demand with the same lag.
-DEMAND_RATE_WINDOW_SECONDS = 60
-
 # NVIDIA dcgm-exporter's series. It labels each with the pod/namespace/container using the GPU
 # (its Kubernetes pod-resources mapping), which is how GPU load is joined to a TTSDeployment.
 DCGM_GPU_UTIL = Metric("DCGM_FI_DEV_GPU_UTIL", Kind.GAUGE, "GPU utilisation in percent (0-100).", ("pod", "namespace"))

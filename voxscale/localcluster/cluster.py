@@ -383,7 +383,7 @@ class LocalCluster:
                 f"--storage.tsdb.path={d / 'prometheus' / 'data'}",
                 f"--web.listen-address=127.0.0.1:{st.prometheus_port}",
                 "--web.enable-lifecycle",
-                "--storage.tsdb.retention.time=1d",
+                "--storage.tsdb.retention.time=8d",  # a week of arrival history for the forecast floor
                 "--log.level=warn",
             ],
         )

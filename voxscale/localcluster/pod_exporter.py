@@ -1,8 +1,10 @@
-"""A test exporter that publishes DCGM-format GPU and inference-queue series per pod.
+"""A test exporter that publishes DCGM-format GPU, inference-queue and demand/capacity series per pod.
 
 It labels every series with `pod` and `namespace`, as dcgm-exporter and a pod scrape do, for the
 real pods of a TTSDeployment (listed from the API server as they come and go). The test chooses the
-values; the real Prometheus scrapes them; the real operator queries Prometheus.
+values; the real Prometheus scrapes them; the real operator queries Prometheus. Demand is given as a
+total arrival rate that the Service spreads over the Ready pods; each pod's counters (requests
+received, completed, busy seconds) advance as the server's would at that rate and a capacity.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from voxscale import metrics_contract as mc
-from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.cluster import GPU_PRODUCT, ClusterState, LocalCluster
 from voxscale.localcluster.harness import free_port
 
 
@@ -29,6 +31,21 @@ class Load:
     queue_per_pod: float | None = None  # on Ready pods
     # What a pod still loading its model reports (it holds its GPU but serves nothing); None: as Ready.
     loading_gpu_percent: float | None = None
+    arrivals_rps: float | None = None  # requests/s arriving at the Service, spread over Ready pods
+    capacity_rps: float = 16.0  # what one pod completes per busy second
+
+
+@dataclass
+class PodCounters:
+    received: float = 0.0
+    completed: float = 0.0
+    busy_seconds: float = 0.0
+
+    def advance(self, rps: float, capacity: float, seconds: float) -> None:
+        served = min(rps, capacity)
+        self.received += rps * seconds
+        self.completed += served * seconds
+        self.busy_seconds += served / capacity * seconds
 
 
 @dataclass(eq=False)  # a registered collector must stay hashable
@@ -37,6 +54,7 @@ class PodMetricsExporter(Collector):
     state: ClusterState
     loads: dict[tuple[str, str], Load] = field(default_factory=dict)
     _pods: dict[tuple[str, str], list[tuple[str, bool]]] = field(default_factory=dict)  # (pod, ready)
+    _counters: dict[tuple[str, str], PodCounters] = field(default_factory=dict)  # (namespace, pod)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -50,8 +68,10 @@ class PodMetricsExporter(Collector):
         gpu: float | None = None,
         queue_per_pod: float | None = None,
         loading_gpu: float | None = None,
+        arrivals_rps: float | None = None,
+        capacity_rps: float = 16.0,
     ) -> None:
-        self.loads[(namespace, name)] = Load(gpu, queue_per_pod, loading_gpu)
+        self.loads[(namespace, name)] = Load(gpu, queue_per_pod, loading_gpu, arrivals_rps, capacity_rps)
 
     def pods(self, namespace: str, name: str) -> list[tuple[str, bool]]:
         """The TTSDeployment's running pods as last listed, each with whether it is Ready."""
@@ -69,9 +89,35 @@ class PodMetricsExporter(Collector):
                     queue.add_metric([pod, ns], load.queue_per_pod if ready else 0.0)
         yield gpu
         yield queue
+        yield from self._demand_families()
+
+    def _demand_families(self) -> Iterable[Any]:
+        received = CounterMetricFamily(
+            mc.REQUESTS_RECEIVED.name, mc.REQUESTS_RECEIVED.help, labels=["pod", "namespace"]
+        )
+        product = [mc.GPU_PRODUCT_LABEL, "pod", "namespace"]
+        completed = CounterMetricFamily(mc.COMPLETED_REQUESTS.name, mc.COMPLETED_REQUESTS.help, labels=product)
+        busy = CounterMetricFamily(mc.BUSY_SECONDS.name, mc.BUSY_SECONDS.help, labels=product)
+        for (ns, pod), c in list(self._counters.items()):
+            received.add_metric([pod, ns], c.received)
+            completed.add_metric([GPU_PRODUCT, pod, ns], c.completed)
+            busy.add_metric([GPU_PRODUCT, pod, ns], c.busy_seconds)
+        yield received
+        yield completed
+        yield busy
+
+    def _advance_counters(self, seconds: float) -> None:
+        for (ns, name), load in list(self.loads.items()):
+            if load.arrivals_rps is None:
+                continue
+            ready = [pod for pod, r in self._pods.get((ns, name), []) if r]
+            for pod in ready:
+                per_pod = load.arrivals_rps / len(ready)
+                self._counters.setdefault((ns, pod), PodCounters()).advance(per_pod, load.capacity_rps, seconds)
 
     def _refresh(self) -> None:
         while not self._stop.wait(0.5):
+            self._advance_counters(0.5)
             for ns, name in list(self.loads):
                 try:
                     pods: Any = self.core.list_namespaced_pod(ns, label_selector=f"{mc.POD_LABEL_TTSDEPLOYMENT}={name}")

@@ -23,7 +23,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scenario", choices=sorted(traces.SCENARIOS), help="a built-in trace from the seed documents")
-    src.add_argument("--trace", type=Path, help="CSV with a header `timestamp,rps` (seconds or ISO-8601)")
+    src.add_argument(
+        "--trace",
+        type=Path,
+        help="CSV with a header `timestamp,rps` (or requests_per_second; seconds or ISO-8601), "
+        "optionally a metrics_up column (1, or 0 during a metrics outage)",
+    )
     p.add_argument(
         "--manifest",
         "-f",
@@ -31,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the TTSDeployment YAML to simulate (default for a scenario: its example manifest)",
     )
     p.add_argument("--step", type=float, default=1.0, help="simulation step in seconds (default %(default)s)")
-    p.add_argument("--days", type=float, help="length of a daily scenario in days (default 1; 7 for a week)")
+    p.add_argument(
+        "--days", type=float, help="length of a daily scenario in days (default 1, 3 for daily-dst/daily-outages)"
+    )
     p.add_argument("--slo", type=float, default=2.0, help="latency SLO in seconds (default %(default)s)")
     p.add_argument("--price", type=float, default=2.5, help="$ per GPU-hour (default %(default)s)")
     p.add_argument(
@@ -54,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(bench/results/inference.json): its peak requests/s and single-client latency",
     )
     p.add_argument("--stochastic", action="store_true", help="Poisson arrivals and exponential service")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the stochastic arrivals (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG: load, replicas, p95 latency over time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,14 +102,38 @@ def measured_capacity(path: Path, base: CapacityModel) -> CapacityModel:
     )
 
 
+def scenario_trace(name: str, step_seconds: float = 1.0, days: float | None = None) -> traces.Trace:
+    """A built-in scenario; `days` applies to the daily ones (course-launch lasts hours)."""
+    kwargs: dict[str, Any] = {"step_seconds": step_seconds}
+    if days and name in traces.MULTI_DAY:
+        kwargs["days"] = days
+    return traces.SCENARIOS[name](**kwargs)
+
+
+def capacity_from_manifest(
+    ttsd: dict[str, Any],
+    service_seconds: float = CapacityModel.service_seconds,
+    cold_start_seconds: float = CapacityModel.cold_start_seconds,
+) -> CapacityModel:
+    """One replica as the (defaulted) manifest describes it: its batch is its slots, its queue bound
+    the point where it answers 429."""
+    model = ttsd["spec"]["model"]
+    return CapacityModel(
+        slots=int(model.get("maxBatchSize", 8)),
+        service_seconds=service_seconds,
+        max_queue=int(model.get("maxQueueLength", 64)),
+        cold_start_seconds=cold_start_seconds,
+        gpus_per_replica=max(1, int(ttsd["spec"].get("resources", {}).get("gpus", 1))),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.scenario:
-            kwargs: dict[str, Any] = {"step_seconds": args.step}
-            if args.days and args.scenario != "course-launch":
-                kwargs["days"] = args.days
-            trace = traces.SCENARIOS[args.scenario](**kwargs)
+            trace = scenario_trace(args.scenario, args.step, args.days)
             manifest_path = args.manifest or EXAMPLES / traces.SCENARIO_MANIFESTS[args.scenario]
+            if not manifest_path.exists():
+                raise SpecError(str(manifest_path), f"no such file; pass --manifest for scenario {args.scenario}")
         else:
             trace = traces.load_csv(args.trace, args.step)
             if args.manifest is None:
@@ -112,14 +144,7 @@ def run(args: argparse.Namespace) -> int:
     except (SpecError, traces.TraceError) as exc:
         print(f"voxscale simulate: {exc}", file=sys.stderr)
         return 2
-    model = ttsd["spec"]["model"]
-    capacity = CapacityModel(
-        slots=int(model.get("maxBatchSize", 8)),
-        service_seconds=args.service_seconds,
-        max_queue=int(model.get("maxQueueLength", 64)),
-        cold_start_seconds=args.cold_start,
-        gpus_per_replica=max(1, int(ttsd["spec"].get("resources", {}).get("gpus", 1))),
-    )
+    capacity = capacity_from_manifest(ttsd, args.service_seconds, args.cold_start)
     if args.measured:
         try:
             capacity = measured_capacity(args.measured, capacity)
@@ -134,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         args.price,
         args.stochastic,
         progress=not args.no_progress and not args.json,
+        seed=args.seed,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

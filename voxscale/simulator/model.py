@@ -4,13 +4,15 @@ Each ready replica has `slots` parallel service slots (its dynamic batch) and a 
 for `service_seconds`. Requests wait in one FIFO queue in front of all ready replicas (the Service
 balances load); beyond `max_queue` per ready replica they are rejected, as the server answers 429.
 Deterministic (fluid) mode is fast enough for a week of 1-second steps; stochastic mode (Poisson
-arrivals, exponential service) is an M/M/c queue and is checked against Erlang C in the tests.
+arrivals, memoryless service in sub-steps of an eighth of a service time) approximates an M/M/c
+queue at any step size and is checked against Erlang C in the tests, at 50 ms and at 1 s steps.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +20,9 @@ import numpy as np
 
 LATENCY_BINS = np.concatenate([np.arange(0, 2, 0.01), np.arange(2, 30, 0.1), np.arange(30, 600, 1.0)])
 _BIN_EDGES = LATENCY_BINS.tolist()  # bisect on a list beats numpy for one value at a time
+# Stochastic mode's time resolution: sub-steps per mean service time. The geometric service time it
+# gives has a squared coefficient of variation of 1 - 1/SUBSTEPS_PER_SERVICE (the exponential's is 1).
+SUBSTEPS_PER_SERVICE = 8
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,30 @@ class CapacityModel:
         return self.slots / self.service_seconds
 
 
+@dataclass(frozen=True)
+class Substeps:
+    """The stochastic mode's sub-steps for a step of `dt` and a mean service time S."""
+
+    k: int  # sub-steps per step
+    h: float  # seconds per sub-step
+    p_done: float  # chance a busy slot finishes in a sub-step (h / S)
+    survive_step: float  # a request in service at the start still is at the end: (1 - p)^k
+    survive_arrival: float  # an arrival (uniform sub-step) still in service at the end of the step
+    busy_per_running: float  # mean busy slots over the step per request running at its start
+    busy_per_arrival: float  # mean busy slots over the step per arrival (no one waiting)
+
+
+@functools.cache
+def _substeps(dt: float, service_seconds: float) -> Substeps:
+    k = max(1, math.ceil(dt * SUBSTEPS_PER_SERVICE / service_seconds))
+    p = min(1.0, dt / k / service_seconds)
+    q = 1.0 - p
+    # Completions come first in a sub-step, then arrivals; a request counts as busy after both.
+    running = sum(q ** (j + 1) for j in range(k)) / k
+    arriving = sum((k - m) * q**m for m in range(k)) / k**2
+    return Substeps(k, dt / k, p, q**k, sum(q**m for m in range(k)) / k, running, arriving)
+
+
 @dataclass
 class StepStats:
     arrivals: float = 0.0
@@ -54,7 +83,8 @@ class ReplicaQueue:
     queued: float = 0.0
     in_service: float = 0.0
     latency_counts: list[float] = field(default_factory=lambda: [0.0] * len(_BIN_EDGES))
-    recent: collections.deque[tuple[float, float, float]] = field(default_factory=collections.deque)
+    recent: collections.deque[tuple[float, int, float]] = field(default_factory=collections.deque)  # time, bin, count
+    recent_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(_BIN_EDGES)))  # histogram of `recent`
     served: float = 0.0
     rejected: float = 0.0
     wait_sum: float = 0.0
@@ -62,30 +92,41 @@ class ReplicaQueue:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def step(self, now: float, dt: float, rps: float, ready: int) -> StepStats:
+    def step(self, now: float, dt: float, rps: float, ready: int, arrivals: float | None = None) -> StepStats:
+        """Advance one step of `dt` seconds with `ready` replicas. `arrivals` (requests this step) may be
+        drawn beforehand for the whole trace, which is much faster than one Poisson draw per step;
+        without it they are drawn here (stochastic) or taken as `rps * dt` (fluid)."""
+        if self.stochastic:
+            drawn = float(self.rng.poisson(rps * dt)) if arrivals is None else arrivals
+            return self._step_stochastic(now, dt, int(drawn), ready)
+        return self._step_fluid(now, dt, rps * dt if arrivals is None else arrivals, ready)
+
+    def _step_fluid(self, now: float, dt: float, arrivals: float, ready: int) -> StepStats:
+        """Fluid: a slot starts dt/S requests per step (several when S < dt); none carry over."""
         cap = self.capacity
         slots = ready * cap.slots
-        if self.stochastic:
-            # Memoryless service in discrete time: each busy slot finishes in a step with probability
-            # dt/S, a geometric service time whose mean is exactly S (needs dt well below S).
-            if self.in_service > 0:
-                p_done = min(1.0, dt / cap.service_seconds)
-                self.in_service -= float(self.rng.binomial(round(self.in_service), p_done))
-            arrivals = float(self.rng.poisson(rps * dt))
-            free = max(0.0, slots - self.in_service)  # after a scale-down, running requests drain
-        else:
-            # Fluid: a slot starts dt/S requests per step (several when S < dt); none carry over.
-            arrivals = rps * dt
-            self.in_service = 0.0
-            free = slots * dt / cap.service_seconds
+        self.in_service = 0.0
+        free = slots * dt / cap.service_seconds
         stats = StepStats(arrivals=arrivals)
-        limit = ready * cap.max_queue
-        admitted = min(arrivals, max(0.0, limit + free - self.queued)) if ready > 0 else 0.0
+        admitted = self._admit(now, arrivals, ready, free)
         stats.rejected = arrivals - admitted
-        self.rejected += stats.rejected
+        started = self._start_queued(now, free)
+        stats.busy_slots = min(float(slots), started * cap.service_seconds / dt)
+        stats.queue = self.queued
+        return stats
+
+    def _admit(self, at: float, arrivals: float, ready: int, free: float) -> float:
+        """Queue what fits (beyond max_queue per ready replica, 429); return how many were admitted."""
+        room = ready * self.capacity.max_queue + free - self.queued
+        admitted = min(arrivals, max(0.0, room)) if ready > 0 else 0.0
+        self.rejected += arrivals - admitted
         if admitted > 0:
-            self.queue.append([now, admitted])
+            self.queue.append([at, admitted])
             self.queued += admitted
+        return admitted
+
+    def _start_queued(self, now: float, free: float) -> float:
+        """Start up to `free` queued requests, oldest first, recording their latency; return how many."""
         started = 0.0
         while free > 1e-9 and self.queue:
             head = self.queue[0]
@@ -97,13 +138,57 @@ class ReplicaQueue:
             self.queued -= take
             if head[1] <= 1e-9:
                 self.queue.popleft()
-        if self.stochastic:
-            self.in_service += started
-            stats.busy_slots = self.in_service
-        else:
-            stats.busy_slots = min(float(slots), started * cap.service_seconds / dt)
-        stats.queue = self.queued
-        return stats
+        return started
+
+    def _step_stochastic(self, now: float, dt: float, arrivals: int, ready: int) -> StepStats:
+        """Poisson arrivals, memoryless service, in sub-steps of at most S / SUBSTEPS_PER_SERVICE.
+
+        Each busy slot finishes in a sub-step with probability h/S (h the sub-step), a geometric
+        service time whose mean is exactly S and whose variance is close to the exponential's; a
+        slot freed in a sub-step takes the next request in the same sub-step. Arrivals fall in
+        sub-steps uniformly at random, as a Poisson stream's do. When nothing waits and even no
+        departure would leave every arrival a free slot, the step is drawn in one go (same law).
+        """
+        slots = ready * self.capacity.slots
+        n = round(self.in_service)
+        if not self.queued and n + arrivals <= slots:
+            return self._step_unqueued(now, dt, arrivals, n)
+        sub = _substeps(dt, self.capacity.service_seconds)
+        # Where in the step each arrival falls: uniform, as Poisson arrivals are given their count.
+        spread = [arrivals] + [0] * (sub.k - 1)
+        if arrivals and sub.k > 1:
+            spread = self.rng.multinomial(arrivals, [1 / sub.k] * sub.k).tolist()
+        rejected_before = self.rejected
+        binomial, p_done = self.rng.binomial, sub.p_done
+        immediate = busy_sum = 0
+        for j, a in enumerate(spread):
+            if n:
+                n -= binomial(n, p_done)
+            free = slots - n if n < slots else 0
+            if a <= free and not self.queued:  # nobody waits: the common case, kept cheap
+                immediate += a
+                n += a
+            else:
+                at = now + j * sub.h
+                self._admit(at, float(a), ready, float(free))
+                n += round(self._start_queued(at, float(free)))
+            busy_sum += n if n < slots else slots
+        if immediate:
+            self._record(now, 0.0, float(immediate))
+        self.in_service = float(n)
+        return StepStats(float(arrivals), self.rejected - rejected_before, busy_sum / sub.k, self.queued)
+
+    def _step_unqueued(self, now: float, dt: float, arrivals: int, n: int) -> StepStats:
+        """A step in which every arrival finds a free slot: the requests in service at its end are
+        the survivors of those at its start and of the arrivals, each drawn in one binomial; the
+        busy slots are their expectation over the sub-steps."""
+        sub = _substeps(dt, self.capacity.service_seconds)
+        left = self.rng.binomial(n, sub.survive_step) if n else 0
+        if arrivals:
+            left += self.rng.binomial(arrivals, sub.survive_arrival)
+            self._record(now, 0.0, float(arrivals))
+        self.in_service = float(left)
+        return StepStats(float(arrivals), 0.0, n * sub.busy_per_running + arrivals * sub.busy_per_arrival, 0.0)
 
     @property
     def latency_hist(self) -> np.ndarray:
@@ -111,22 +196,26 @@ class ReplicaQueue:
 
     def _record(self, now: float, wait: float, count: float) -> None:
         latency = wait + self.capacity.service_seconds
-        self.latency_counts[min(bisect.bisect_left(_BIN_EDGES, latency), len(_BIN_EDGES) - 1)] += count
+        idx = min(bisect.bisect_left(_BIN_EDGES, latency), len(_BIN_EDGES) - 1)
+        self.latency_counts[idx] += count
         self.served += count
         self.wait_sum += wait * count
-        self.recent.append((now, latency, count))
+        self.recent.append((now, idx, count))
+        self.recent_counts[idx] += count
 
     def p95_recent(self, now: float, window: float = 60.0) -> float | None:
-        """p95 latency of requests that started service in the last `window` seconds (None: none did)."""
-        while self.recent and self.recent[0][0] < now - window:
-            self.recent.popleft()
-        if not self.recent:
+        """p95 latency of requests that started service in the last `window` seconds (None: none did),
+        read from a histogram of the window (the LATENCY_BINS value, as Prometheus reads buckets), kept
+        up to date entry by entry so a tick costs one cumulative sum, not a sort of the window."""
+        recent, counts = self.recent, self.recent_counts
+        while recent and recent[0][0] < now - window:
+            _, idx, count = recent.popleft()
+            counts[idx] -= count
+        if not recent:
+            counts[:] = 0.0  # no drift from float subtraction survives an empty window
             return None
-        lat = np.fromiter((r[1] for r in self.recent), float)
-        w = np.fromiter((r[2] for r in self.recent), float)
-        order = np.argsort(lat)
-        cum = np.cumsum(w[order])
-        return float(lat[order][np.searchsorted(cum, 0.95 * cum[-1])])
+        cum = np.cumsum(counts)
+        return float(LATENCY_BINS[min(int(np.searchsorted(cum, 0.95 * cum[-1])), len(LATENCY_BINS) - 1)])
 
     def percentile(self, q: float) -> float:
         total = self.latency_hist.sum()
@@ -134,6 +223,10 @@ class ReplicaQueue:
             return 0.0
         idx = int(np.searchsorted(np.cumsum(self.latency_hist), q * total))
         return float(LATENCY_BINS[min(idx, len(LATENCY_BINS) - 1)])
+
+    def served_within(self, seconds: float) -> float:
+        """Requests served so far with a latency of at most `seconds`."""
+        return float(self.latency_hist[seconds >= LATENCY_BINS].sum())
 
     def fraction_within(self, seconds: float) -> float:
         total = self.latency_hist.sum()

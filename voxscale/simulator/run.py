@@ -11,11 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from voxscale.simulator.model import CapacityModel, ReplicaQueue
-from voxscale.simulator.policies import Autoscaler, HpaKedaModel, Signals, StaticAutoscaler, VoxscaleAutoscaler
+from voxscale.operator.policy import ScalingPolicy
+from voxscale.simulator.baselines import KedaHpaModel, OracleAutoscaler, StaticAutoscaler
+from voxscale.simulator.model import CapacityModel, ReplicaQueue, StepStats
+from voxscale.simulator.policies import Autoscaler, Signals, VoxscaleAutoscaler
 from voxscale.simulator.traces import Trace
 
 SERIES_POINTS = 3000  # time-series samples kept per run, for plots
+CAPACITY_MIN_BUSY = 0.6  # share of busy slots over the window above which a measured capacity is reported
 
 
 @dataclass
@@ -35,6 +38,13 @@ class Summary:
     scale_events: int
     under_provisioned_s: float
     over_provisioned_s: float
+    # From the second day on (traces longer than a day): the first day includes warm-up and, for
+    # voxscale's forecast, the day it learns from.
+    within_slo_after_day1_percent: float | None = None
+    gpu_hours_after_day1: float | None = None
+    # This run's GPU-hours over the KEDA+HPA model's and over the oracle's (set by compare()).
+    gpu_hours_vs_keda: float | None = None
+    gpu_hours_vs_oracle: float | None = None
 
 
 @dataclass
@@ -67,6 +77,100 @@ class Progress:
             print(f"\r  {self.label:<18} [{'#' * 30}] 100.0%", file=sys.stderr, flush=True)
 
 
+class Fleet:
+    """The replicas asked for and when each turns Ready; `ready` is recounted only when a pod's time
+    comes or the count changes, not every step."""
+
+    def __init__(self, replicas: int, cold_start_seconds: float) -> None:
+        self.cold_start = cold_start_seconds
+        self.ready_at: list[float] = [0.0] * replicas
+        self.replicas = self.ready = replicas
+        self.next_ready = math.inf  # when the next starting pod turns Ready
+
+    def tick(self, now: float) -> int:
+        if now >= self.next_ready:
+            self._recount(now)
+        return self.ready
+
+    def scale(self, now: float, want: int) -> None:
+        if want > self.replicas:
+            self.ready_at += [now + self.cold_start] * (want - self.replicas)
+        else:
+            self.ready_at = sorted(self.ready_at)[:want]  # the newest (possibly still starting) pods go first
+        self.replicas = want
+        self._recount(now)
+
+    def _recount(self, now: float) -> None:
+        self.ready = sum(1 for t in self.ready_at if t <= now)
+        self.next_ready = min((t for t in self.ready_at if t > now), default=math.inf)
+
+
+class Window:
+    """A running sum over the last `size` steps, O(1) per step."""
+
+    def __init__(self, size: int) -> None:
+        self.values = [0.0] * max(1, size)
+        self.total = 0.0
+        self.count = 0
+
+    def push(self, value: float) -> None:
+        i = self.count % len(self.values)
+        self.total += value - self.values[i]
+        self.values[i] = value
+        self.count += 1
+
+    @property
+    def filled(self) -> int:
+        return min(self.count, len(self.values))
+
+
+def draw_arrivals(trace: Trace, stochastic: bool, seed: int) -> np.ndarray:
+    """Requests arriving at each step: Poisson draws for the whole trace at once (stochastic), or the
+    fluid rate x step."""
+    expected = trace.rps * trace.step_seconds
+    if not stochastic:
+        return expected
+    result: np.ndarray = np.random.default_rng((seed, 1)).poisson(expected).astype(float)
+    return result
+
+
+@dataclass
+class _Day1:
+    """What had happened by the end of the first day, so later days can be reported on their own."""
+
+    gpu_seconds: float
+    arrivals: float
+    served_within: float
+
+
+def _signals(
+    stats: StepStats,
+    ready: int,
+    arrivals: Window,
+    recent: Window,
+    busy: Window,
+    slots: Window,
+    capacity: CapacityModel,
+    p95: float | None,
+    metrics_up: bool,
+    dt_s: float,
+) -> Signals:
+    """What Prometheus would answer now. arrival_rps counts refused requests too (the server counts
+    at the door); capacity_rps is reported only when the fleet was busy enough (>= 60 % of its slots
+    over the window) for a measured capacity to mean something."""
+    loaded = slots.total > 0 and busy.total / slots.total >= CAPACITY_MIN_BUSY
+    return Signals(
+        gpu_percent=min(100.0, 100 * stats.busy_slots / (ready * capacity.slots)) if ready else None,
+        queue=stats.queue,
+        p95_seconds=p95,
+        arrival_rps=arrivals.total / (arrivals.filled * dt_s) if ready else None,
+        arrival_recent_rps=recent.total / (recent.filled * dt_s) if ready else None,
+        capacity_rps=capacity.rps_per_replica if loaded else None,
+        metrics_up=metrics_up,
+        pod_start_seconds=capacity.cold_start_seconds,
+    )
+
+
 def simulate(
     trace: Trace,
     autoscaler: Autoscaler,
@@ -78,11 +182,20 @@ def simulate(
     stochastic: bool = False,
     seed: int = 0,
     progress: bool = False,
+    rate_window_seconds: float = 60.0,
 ) -> RunResult:
+    """Step the trace through `autoscaler` and the replica model; keep a thinned time series of the
+    load, the replicas asked for and Ready, and p95 latency, and summarise the run."""
     dt_s = trace.step_seconds
     queue = ReplicaQueue(capacity, stochastic=stochastic, seed=seed)
-    ready_at: list[float] = [0.0] * initial_replicas
-    replicas = initial_replicas
+    fleet = Fleet(initial_replicas, capacity.cold_start_seconds)
+    width = max(1, round(rate_window_seconds / dt_s))
+    arrivals_w, busy_w, slots_w = Window(width), Window(width), Window(width)
+    recent_w = Window(max(1, width // 4))
+    arrivals = draw_arrivals(trace, stochastic, seed)
+    ups = trace.metrics_up.tolist() if trace.metrics_up is not None else None
+    day_steps = round(86400 / dt_s) if len(trace.rps) > round(86400 / dt_s) else -1
+    day1: _Day1 | None = None
     gpu_seconds = under = over = 0.0
     events = 0
     next_eval = 0.0
@@ -91,64 +204,85 @@ def simulate(
     bar = Progress(autoscaler.name, len(trace.rps), progress)
     last_p95 = 0.0
     start_ts = trace.start.timestamp()
-    ready = initial_replicas
-    next_ready = math.inf  # when the next starting pod turns Ready
-    for i, rps in enumerate(trace.rps.tolist()):
+    per_replica = capacity.rps_per_replica
+    for i, (rps, arrived) in enumerate(zip(trace.rps.tolist(), arrivals.tolist(), strict=True)):
         now = i * dt_s
-        if now >= next_ready:
-            ready = sum(1 for t in ready_at if t <= now)
-            next_ready = min((t for t in ready_at if t > now), default=math.inf)
-        stats = queue.step(now, dt_s, rps, ready)
-        gpu_seconds += replicas * capacity.gpus_per_replica * dt_s
-        ready_capacity = ready * capacity.rps_per_replica
+        if i == day_steps:
+            day1 = _Day1(gpu_seconds, float(arrivals[:i].sum()), queue.served_within(slo_seconds))
+        ready = fleet.tick(now)
+        stats = queue.step(now, dt_s, rps, ready, arrived)
+        arrivals_w.push(arrived)
+        recent_w.push(arrived)
+        busy_w.push(stats.busy_slots)
+        slots_w.push(ready * capacity.slots)
+        gpu_seconds += fleet.replicas * capacity.gpus_per_replica * dt_s
+        ready_capacity = ready * per_replica
         if rps > ready_capacity:
             under += dt_s
-        elif ready_capacity > 2 * rps and replicas > min_replicas:
+        elif ready_capacity > 2 * rps and fleet.replicas > min_replicas:
             over += dt_s
         if now >= next_eval:
             p95 = queue.p95_recent(now)
             last_p95 = p95 if p95 is not None else 0.0
-            gpu = min(100.0, 100 * stats.busy_slots / (ready * capacity.slots)) if ready else None
+            up = ups[i] if ups is not None else True
+            signals = _signals(stats, ready, arrivals_w, recent_w, busy_w, slots_w, capacity, p95, up, dt_s)
             wall = dt.datetime.fromtimestamp(start_ts + now, dt.UTC)
-            want = autoscaler.desired(wall, replicas, ready, Signals(gpu, stats.queue, p95))
-            if want != replicas:
-                if want > replicas:
-                    ready_at += [now + capacity.cold_start_seconds] * (want - replicas)
-                else:
-                    ready_at = sorted(ready_at)[:want]  # the newest (possibly still starting) pods go first
-                ready = sum(1 for t in ready_at if t <= now)
-                next_ready = min((t for t in ready_at if t > now), default=math.inf)
-            events += want != replicas
-            replicas = want
+            want = autoscaler.desired(wall, fleet.replicas, ready, signals)
+            if want != fleet.replicas:
+                events += 1
+                fleet.scale(now, want)
             next_eval += autoscaler.interval_seconds
         if i % every == 0:
             result.t.append(now)
             result.rps.append(float(rps))
-            result.desired.append(replicas)
-            result.ready.append(ready)
+            result.desired.append(fleet.replicas)
+            result.ready.append(fleet.ready)
             result.p95.append(last_p95)
             bar.update(i)
     bar.done()
-    total = queue.served + queue.rejected + queue.queued + queue.in_service
-    gpu_hours = gpu_seconds / 3600
-    result.summary = Summary(
-        autoscaler=autoscaler.name,
-        gpu_hours=gpu_hours,
-        cost=gpu_hours * price_per_gpu_hour,
+    result.summary = _summary(autoscaler.name, queue, capacity, gpu_seconds, events, under, over, day1, slo_seconds)
+    result.summary.cost = result.summary.gpu_hours * price_per_gpu_hour
+    return result
+
+
+def _summary(
+    name: str,
+    queue: ReplicaQueue,
+    capacity: CapacityModel,
+    gpu_seconds: float,
+    events: int,
+    under: float,
+    over: float,
+    day1: _Day1 | None,
+    slo_seconds: float,
+) -> Summary:
+    total = queue.served + queue.rejected + queue.queued + queue.in_service  # every arrival
+    within = queue.served_within(slo_seconds)
+    after_day1_within: float | None = None
+    after_day1_gpu: float | None = None
+    if day1 is not None:
+        later = total - day1.arrivals
+        after_day1_within = 100 * (within - day1.served_within) / later if later else 100.0
+        after_day1_gpu = (gpu_seconds - day1.gpu_seconds) / 3600
+    return Summary(
+        autoscaler=name,
+        gpu_hours=gpu_seconds / 3600,
+        cost=0.0,
         saved_vs_static_peak_percent=None,
         latency_p50_s=queue.percentile(0.50),
         latency_p95_s=queue.percentile(0.95),
         latency_p99_s=queue.percentile(0.99),
         latency_mean_s=(queue.wait_sum / queue.served + capacity.service_seconds) if queue.served else 0.0,
-        within_slo_percent=100 * queue.fraction_within(slo_seconds) * (queue.served / total if total else 1.0),
+        within_slo_percent=100 * within / total if total else 100.0,
         requests=total,
         rejected=queue.rejected,
         success_percent=100 * queue.served / total if total else 100.0,
         scale_events=events,
         under_provisioned_s=under,
         over_provisioned_s=over,
+        within_slo_after_day1_percent=after_day1_within,
+        gpu_hours_after_day1=after_day1_gpu,
     )
-    return result
 
 
 @dataclass
@@ -167,8 +301,12 @@ class Comparison:
                 "description": self.trace.description,
                 "hours": self.trace.seconds / 3600,
                 "step_seconds": self.trace.step_seconds,
+                "start": self.trace.start.isoformat(),
                 "mean_rps": float(np.mean(self.trace.rps)),
                 "peak_rps": float(np.max(self.trace.rps)),
+                "metrics_outage_seconds": self.trace.step_seconds * float(np.sum(~self.trace.metrics_up))
+                if self.trace.metrics_up is not None
+                else 0.0,
             },
             "capacity": asdict(self.capacity),
             "slo_seconds": self.slo_seconds,
@@ -176,6 +314,30 @@ class Comparison:
             "simulation_wall_seconds": self.sim_seconds,
             "results": [asdict(r.summary) for r in self.runs],
         }
+
+
+def rate_window(policy: ScalingPolicy) -> float:
+    """The window arrivals are averaged over: the slo trigger's rateWindow (the CRD's default without
+    one), the same for every contender - they all read the same Prometheus."""
+    slo = policy.slo or ScalingPolicy.from_spec({"model": {"image": "-"}}).slo  # a bare spec gets one
+    assert slo is not None
+    return slo.rate_window.total_seconds()
+
+
+def contenders(
+    trace: Trace, engine: VoxscaleAutoscaler, capacity: CapacityModel, slo_seconds: float
+) -> list[tuple[Autoscaler, int]]:
+    """voxscale, a static fleet for the peak, the KEDA + HPA model given every signal in the manifest,
+    and the clairvoyant oracle; each with the replicas it starts from."""
+    pol = engine.policy
+    peak = max(1, math.ceil(float(np.max(trace.rps)) / (0.8 * capacity.rps_per_replica)))
+    oracle = OracleAutoscaler.for_trace(trace, capacity, slo_seconds, pol.min_replicas, pol.max_replicas)
+    return [
+        (engine, pol.min_replicas),
+        (StaticAutoscaler(peak, name=f"static peak ({peak})"), peak),
+        (KedaHpaModel(pol), pol.min_replicas),
+        (oracle, int(oracle.plan[0])),
+    ]
 
 
 def compare(
@@ -186,31 +348,60 @@ def compare(
     price_per_gpu_hour: float = 2.5,
     stochastic: bool = False,
     progress: bool = False,
+    seed: int = 0,
 ) -> Comparison:
-    """voxscale against static-for-peak, static-for-average and the KEDA+HPA model, on one trace."""
-    pol = policy_engine.policy
-    per = capacity.rps_per_replica
-    peak = max(1, math.ceil(float(np.max(trace.rps)) / (0.8 * per)))
-    avg = max(1, math.ceil(float(np.mean(trace.rps)) / per))
-    hpa_target = next((t.target or t.scale_up_above for t in pol.triggers if t.type.value == "gpuUtilization"), 60.0)
-    contenders: list[tuple[Autoscaler, int]] = [
-        (policy_engine, pol.min_replicas),
-        (StaticAutoscaler(peak, name=f"static peak ({peak})"), peak),
-        (StaticAutoscaler(avg, name=f"static average ({avg})"), avg),
-        (HpaKedaModel(float(hpa_target or 60.0), pol.min_replicas, pol.max_replicas), pol.min_replicas),
-    ]
+    """Every contender on one trace (the same arrivals for all, given the seed), priced against the
+    static fleet for the peak and set against the KEDA model and the oracle."""
+    min_replicas = policy_engine.policy.min_replicas
+    window = rate_window(policy_engine.policy)
     started = time.perf_counter()
     runs = [
         simulate(
-            trace, a, capacity, n, slo_seconds, price_per_gpu_hour, pol.min_replicas, stochastic, progress=progress
+            trace, a, capacity, n, slo_seconds, price_per_gpu_hour, min_replicas, stochastic, seed, progress, window
         )
-        for a, n in contenders
+        for a, n in contenders(trace, policy_engine, capacity, slo_seconds)
     ]
     elapsed = time.perf_counter() - started
-    static_peak_cost = runs[1].summary.cost
-    for r in runs:
-        r.summary.saved_vs_static_peak_percent = 100 * (1 - r.summary.cost / static_peak_cost)
+    _relate(runs)
     return Comparison(trace, capacity, slo_seconds, price_per_gpu_hour, runs, elapsed)
+
+
+def _relate(runs: list[RunResult]) -> None:
+    """Savings against the static peak fleet (runs[1]); GPU-hour ratios to the KEDA model (runs[2])
+    and the oracle (runs[3])."""
+    static, keda, oracle = (runs[k].summary for k in (1, 2, 3))
+    for r in runs:
+        s = r.summary
+        s.saved_vs_static_peak_percent = 100 * (1 - s.cost / static.cost) if static.cost else None
+        s.gpu_hours_vs_keda = s.gpu_hours / keda.gpu_hours if keda.gpu_hours else None
+        s.gpu_hours_vs_oracle = s.gpu_hours / oracle.gpu_hours if oracle.gpu_hours else None
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _row(s: Summary, multi_day: bool) -> list[str]:
+    row = [
+        s.autoscaler,
+        f"{s.gpu_hours:.1f}",
+        f"{s.cost:.0f}",
+        f"{s.saved_vs_static_peak_percent or 0:.0f}%",
+        _ratio(s.gpu_hours_vs_keda),
+        _ratio(s.gpu_hours_vs_oracle),
+        f"{s.latency_p50_s:.2f}",
+        f"{s.latency_p95_s:.2f}",
+        f"{s.latency_p99_s:.2f}",
+        f"{s.latency_mean_s:.2f}",
+        f"{s.within_slo_percent:.1f}%",
+        f"{s.rejected:.0f}",
+        str(s.scale_events),
+        f"{s.under_provisioned_s / 60:.0f}m",
+        f"{s.over_provisioned_s / 60:.0f}m",
+    ]
+    if multi_day:
+        row += [f"{s.gpu_hours_after_day1 or 0:.1f}", f"{s.within_slo_after_day1_percent or 0:.1f}%"]
+    return row
 
 
 def format_table(c: Comparison) -> str:
@@ -220,54 +411,38 @@ def format_table(c: Comparison) -> str:
         f"{c.capacity.rps_per_replica:.0f} rps, {c.capacity.cold_start_seconds:.0f} s cold start; "
         f"SLO {c.slo_seconds:g} s; ${c.price_per_gpu_hour:g}/GPU-hour"
     )
-    cols = [
-        "autoscaler",
-        "GPU-h",
-        "cost $",
-        "saved",
-        "p50 s",
-        "p95 s",
-        "p99 s",
-        "mean s",
-        "in SLO",
-        "rejected",
-        "events",
-        "under",
-        "over",
-    ]
-    rows = []
-    for r in c.runs:
-        s = r.summary
-        rows.append(
-            [
-                s.autoscaler,
-                f"{s.gpu_hours:.1f}",
-                f"{s.cost:.0f}",
-                f"{s.saved_vs_static_peak_percent or 0:.0f}%",
-                f"{s.latency_p50_s:.2f}",
-                f"{s.latency_p95_s:.2f}",
-                f"{s.latency_p99_s:.2f}",
-                f"{s.latency_mean_s:.2f}",
-                f"{s.within_slo_percent:.1f}%",
-                f"{s.rejected:.0f}",
-                str(s.scale_events),
-                f"{s.under_provisioned_s / 60:.0f}m",
-                f"{s.over_provisioned_s / 60:.0f}m",
-            ]
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows, strict=False)]
+    multi_day = c.runs[0].summary.gpu_hours_after_day1 is not None
+    cols = ["autoscaler", "GPU-h", "cost $", "saved", "vs keda", "vs oracle", "p50 s", "p95 s", "p99 s", "mean s"]
+    cols += ["in SLO", "rejected", "events", "under", "over"] + (["GPU-h d2+", "in SLO d2+"] if multi_day else [])
+    rows = [_row(r.summary, multi_day) for r in c.runs]
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows, strict=True)]
     lines = [
         "  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths, strict=True)))
         for row in [cols, *rows]
     ]
     foot = (
         "under: time the load exceeded the ready capacity; over: time the ready capacity was more than "
-        "twice the load (above min). keda+hpa is a model of their documented algorithms."
+        "twice the load (above min). vs keda / vs oracle: GPU-hours over theirs. keda+hpa is a model of "
+        "their documented algorithms given every trigger and schedule of the manifest; the oracle knows "
+        "the load ahead and sizes exactly to the SLO (a lower bound on GPU-hours)."
+        + (" d2+: from the second day on." if multi_day else "")
     )
     return "\n".join([head, "", *lines, "", foot, f"simulated in {c.sim_seconds:.1f} s"])
 
 
+def outages(trace: Trace) -> list[tuple[float, float]]:
+    """(start, end) seconds of each metrics outage of the trace."""
+    if trace.metrics_up is None:
+        return []
+    edges = np.diff(np.concatenate([[1], trace.metrics_up.astype(np.int8), [1]]))
+    starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
+    return [(float(a) * trace.step_seconds, float(b) * trace.step_seconds) for a, b in zip(starts, ends, strict=True)]
+
+
 def plot(c: Comparison, path: str) -> None:
+    """Load, every contender's Ready replicas and p95 latency over time; metrics outages shaded."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +453,11 @@ def plot(c: Comparison, path: str) -> None:
     hours = np.asarray(first.t) / 3600
     axes[0].plot(hours, first.rps, color="black", lw=0.8)
     axes[0].set_ylabel("load (requests/s)")
-    axes[0].set_title(c.trace.description)
+    axes[0].set_title("\n".join(textwrap.wrap(c.trace.description, 120)), fontsize=9)
+    for k, (lo, hi) in enumerate(outages(c.trace)):
+        for ax in axes:
+            label = None if k else "metrics outage"
+            ax.axvspan(lo / 3600, hi / 3600, color="orange", alpha=0.25, lw=0, label=label)
     for r in c.runs:
         axes[1].step(hours, r.ready, where="post", lw=1.2, label=f"{r.summary.autoscaler} ready")
         axes[2].plot(hours, r.p95, lw=1.0, label=r.summary.autoscaler)

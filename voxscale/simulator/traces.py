@@ -1,7 +1,9 @@
 """Traffic traces: a CSV a user brings, or a built-in scenario from the seed documents.
 
-A trace is requests per second at a fixed step. CSV rows are `timestamp,rps[,mean_chars]` with a
-header; timestamps are seconds (or ISO-8601) and must increase. Every error names the line and field.
+A trace is requests per second at a fixed step, and optionally whether metrics were up at each step.
+A CSV has a header naming its columns: `timestamp`, the rate as `rps` or `requests_per_second`, and
+optionally `metrics_up` (1, or 0 during a metrics outage); other columns (mean_chars, ...) are ignored.
+Timestamps are seconds (or ISO-8601) and must increase. Every error names the file:line and field.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import math
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,12 @@ class Trace:
     step_seconds: float
     rps: np.ndarray  # requests per second, one value per step
     description: str = ""
+    # Per step, False during a metrics outage (an autoscaler's queries come back empty); None: always up.
+    metrics_up: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics_up is not None and self.metrics_up.shape != self.rps.shape:
+            raise ValueError(f"metrics_up has {self.metrics_up.shape} steps, rps {self.rps.shape}: they must match")
 
     @property
     def seconds(self) -> float:
@@ -48,43 +57,93 @@ def _parse_time(text: str, where: str) -> float:
     return t.timestamp()
 
 
-def load_csv(path: Path, step_seconds: float = 1.0) -> Trace:
-    """Read a CSV trace and resample it to `step_seconds` (each row holds until the next one)."""
-    if not path.exists():
-        raise TraceError(str(path), "no such file")
+# Accepted names of the rate column, and the optional outage column (1: metrics up, 0: an outage).
+RATE_COLUMNS = ("rps", "requests_per_second")
+METRICS_UP_COLUMN = "metrics_up"
+_HEADER_HELP = "a header `timestamp,rps` (or `timestamp,requests_per_second`), optionally with `metrics_up`"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where each field sits in a row, found by name so extra columns (mean_chars, ...) are ignored."""
+
+    timestamp: int
+    rate: int
+    rate_name: str
+    metrics_up: int | None
+
+    @property
+    def needed(self) -> int:
+        return max(self.timestamp, self.rate, -1 if self.metrics_up is None else self.metrics_up) + 1
+
+
+def _columns(header: list[str], where: str) -> _Columns:
+    cols = [h.strip().lower() for h in header]
+    rate = next((c for c in RATE_COLUMNS if c in cols), None)
+    if "timestamp" not in cols or rate is None:
+        raise TraceError(where, f"expected {_HEADER_HELP}; got {','.join(header)!r}")
+    up = cols.index(METRICS_UP_COLUMN) if METRICS_UP_COLUMN in cols else None
+    return _Columns(cols.index("timestamp"), cols.index(rate), rate, up)
+
+
+def _parse_rate(text: str, where: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise TraceError(where, f"{text!r} is not a number") from None
+    if not math.isfinite(r) or r < 0:
+        raise TraceError(where, f"must be a finite number >= 0, got {text!r}")
+    return r
+
+
+def _parse_up(text: str, where: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise TraceError(where, f"{text!r} is not 1 (metrics up) or 0 (metrics outage)")
+
+
+def _read_rows(path: Path) -> tuple[list[float], list[float], list[bool] | None]:
+    """(timestamps, rates, metrics-up flags or None) of every data row, each checked where it stands."""
     times: list[float] = []
     rates: list[float] = []
+    ups: list[bool] = []
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
-            raise TraceError(f"{path}:1", "empty file; expected a header `timestamp,rps`")
-        cols = [h.strip().lower() for h in header]
-        if len(cols) < 2 or cols[0] != "timestamp" or cols[1] != "rps":
-            raise TraceError(f"{path}:1", f"header must start with `timestamp,rps`, got {','.join(header)!r}")
+            raise TraceError(f"{path}:1", f"empty file; expected {_HEADER_HELP}")
+        cols = _columns(header, f"{path}:1")
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
                 continue
             where = f"{path}:{lineno}"
-            if len(row) < 2:
-                raise TraceError(where, f"expected at least 2 fields (timestamp,rps), got {len(row)}")
-            t = _parse_time(row[0].strip(), f"{where}: field timestamp")
-            try:
-                r = float(row[1])
-            except ValueError:
-                raise TraceError(f"{where}: field rps", f"{row[1]!r} is not a number") from None
-            if not math.isfinite(r) or r < 0:
-                raise TraceError(f"{where}: field rps", f"must be a finite number >= 0, got {row[1]!r}")
+            if len(row) < cols.needed:
+                raise TraceError(where, f"expected at least {cols.needed} fields as in the header, got {len(row)}")
+            t = _parse_time(row[cols.timestamp].strip(), f"{where}: field timestamp")
             if times and t <= times[-1]:
                 raise TraceError(f"{where}: field timestamp", "timestamps must strictly increase")
             times.append(t)
-            rates.append(r)
+            rates.append(_parse_rate(row[cols.rate].strip(), f"{where}: field {cols.rate_name}"))
+            if cols.metrics_up is not None:
+                ups.append(_parse_up(row[cols.metrics_up], f"{where}: field {METRICS_UP_COLUMN}"))
+    return times, rates, (ups if cols.metrics_up is not None else None)
+
+
+def load_csv(path: Path, step_seconds: float = 1.0) -> Trace:
+    """Read a CSV trace and resample it to `step_seconds` (each row holds until the next one)."""
+    if not path.exists():
+        raise TraceError(str(path), "no such file")
+    times, rates, ups = _read_rows(path)
     if len(times) < 2:
         raise TraceError(str(path), "need at least 2 data rows")
     grid = np.arange(times[0], times[-1], step_seconds)
     idx = np.searchsorted(np.asarray(times), grid, side="right") - 1
     start = dt.datetime.fromtimestamp(times[0], dt.UTC) if times[0] > 1e9 else dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
-    return Trace(path.stem, start, step_seconds, np.asarray(rates)[idx], f"CSV trace {path}")
+    up = None if ups is None else np.asarray(ups, dtype=bool)[idx]
+    return Trace(path.stem, start, step_seconds, np.asarray(rates)[idx], f"CSV trace {path}", up)
 
 
 # --- built-in scenarios from the seed documents -------------------------------------------------
@@ -159,15 +218,113 @@ def course_launch(
     )
 
 
-SCENARIOS: dict[str, Callable[[], Trace]] = {
+def _local_clock(start: dt.datetime, n: int, step_seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """(local hour of day, local day index from the start) per step, following the start's timezone
+    through DST changes, so a pattern written in local time moves by an hour in UTC when the clocks do."""
+    utc = start.timestamp() + np.arange(n) * step_seconds
+    quarter = 900.0  # offsets change on quarter-hour boundaries in every IANA zone
+    first = math.floor(utc[0] / quarter)
+    buckets = (np.floor(utc / quarter) - first).astype(np.int64)
+    tz = start.tzinfo
+    offsets = np.array(
+        [
+            (dt.datetime.fromtimestamp((first + k) * quarter, tz).utcoffset() or dt.timedelta(0)).total_seconds()
+            for k in range(int(buckets[-1]) + 1)
+        ]
+    )
+    local = utc + offsets[buckets]
+    day = np.floor(local / 86400) - math.floor(local[0] / 86400)
+    return (local / 3600) % 24, day.astype(np.int64)
+
+
+def _daily_load(local_hour: np.ndarray, day_rps: float, noise: np.ndarray) -> np.ndarray:
+    """Night at ~15 % of the day level; a sharp 3x morning peak from 08:00 (a ~2-minute rise) that
+    ebbs around 11:00 over ~30 minutes; slow multiplicative noise."""
+    awake = _smooth_step(local_hour, 6.5, 0.4) * (1 - _smooth_step(local_hour, 23.0, 0.4))
+    peak = _smooth_step(local_hour, 8.0 + 1 / 60, 1 / 60) * (1 - _smooth_step(local_hour, 11.0, 0.25))
+    result: np.ndarray = day_rps * (0.15 + 0.85 * awake) * (1 + 2.0 * peak) * noise
+    return result
+
+
+def _within(local_hour: np.ndarray, windows: list[tuple[int, int]]) -> np.ndarray:
+    """Steps inside any [start, end) window, given in whole seconds of the local day."""
+    second = np.round(local_hour * 3600, 3)  # exact whole seconds despite the float hours
+    inside = np.zeros(local_hour.shape, dtype=bool)
+    for lo, hi in windows:
+        inside |= (second >= lo) & (second < hi)
+    return inside
+
+
+# When the clocks in Berlin go forward (2026-03-29 02:00 -> 03:00 local).
+_BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
+_DST_START = dt.datetime(2026, 3, 28, tzinfo=_BERLIN)
+
+
+def daily_dst(days: float = 3.0, day_rps: float = 50.0, step_seconds: float = 1.0) -> Trace:
+    """A daily pattern in Europe/Berlin local time across the DST change of 2026-03-29, with an
+    unannounced 8x burst on the last day at 05:10 local (a batch job at night): tests that schedules
+    and learnt daily patterns follow local time, and how each autoscaler meets a burst nobody
+    announced, within the fleet's reach (~60 rps; the morning peak is ~150)."""
+    n = int(days * 86400 / step_seconds)
+    hour, day = _local_clock(_DST_START, n, step_seconds)
+    rps = _daily_load(hour, day_rps, _noise(n, 4, 0.05))
+    last_day = max(0, math.ceil(days) - 1)
+    # 05:10 local, a ~20 s rise to 8x the level of the moment, ~15 minutes, a ~2-minute fall.
+    burst = _smooth_step(hour, 5 + 10 / 60, 10 / 3600) * (1 - _smooth_step(hour, 5 + 25 / 60, 1 / 60))
+    rps = rps * (1 + 7.0 * burst * (day == last_day))
+    return Trace(
+        "daily-dst",
+        _DST_START.astimezone(dt.UTC),
+        step_seconds,
+        np.clip(rps, 0, None),
+        f"daily pattern in Europe/Berlin across the DST change of 2026-03-29 ({days:g} days): ~{day_rps:g} rps by "
+        f"day, 3x from 08:00 local for ~3 h; an unannounced 8x burst at 05:10 local on day {last_day + 1}",
+    )
+
+
+# Metrics outages, every day (seconds of the day): 3 min centred on the morning ramp (08:01), 5 min as
+# the morning peak ebbs (~11:00), 20 min at night.
+OUTAGES = [
+    (7 * 3600 + 59 * 60 + 30, 8 * 3600 + 2 * 60 + 30),
+    (10 * 3600 + 58 * 60, 11 * 3600 + 3 * 60),
+    (3 * 3600, 3 * 3600 + 20 * 60),
+]
+
+
+def daily_outages(days: float = 3.0, day_rps: float = 50.0, step_seconds: float = 1.0) -> Trace:
+    """The same kind of daily pattern (UTC) with metrics outages every day: 3 min in the middle of
+    the morning ramp, 5 min as the morning peak ebbs, 20 min at night. Tests what an autoscaler does
+    when its queries come back empty, rising, falling and quiet."""
+    n = int(days * 86400 / step_seconds)
+    hour, _ = _local_clock(_MONDAY, n, step_seconds)
+    rps = _daily_load(hour, day_rps, _noise(n, 5, 0.05))
+    return Trace(
+        "daily-outages",
+        _MONDAY,
+        step_seconds,
+        np.clip(rps, 0, None),
+        f"daily pattern (UTC, {days:g} days), ~{day_rps:g} rps by day, 3x from 08:00 for ~3 h; metrics outages "
+        "every day: 3 min mid-ramp at 08:00, 5 min as the peak ebbs at 11:00, 20 min at 03:00",
+        ~_within(hour, OUTAGES),
+    )
+
+
+SCENARIOS: dict[str, Callable[..., Trace]] = {
     "education": education,
     "game-studio": game_studio,
     "course-launch": course_launch,
+    "daily-dst": daily_dst,
+    "daily-outages": daily_outages,
 }
+
+# Scenarios that take `days` (course-launch takes `hours`).
+MULTI_DAY = frozenset({"education", "game-studio", "daily-dst", "daily-outages"})
 
 # The example manifest each scenario is meant for (examples/<file>).
 SCENARIO_MANIFESTS = {
     "education": "education-morning-peak.yaml",
     "game-studio": "game-studio-day-night.yaml",
     "course-launch": "course-launch-burst.yaml",
+    "daily-dst": "daily-pattern.yaml",
+    "daily-outages": "daily-pattern.yaml",
 }

@@ -42,6 +42,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch", "delete"]
+# Pod start times (creation to Ready): the forecast floor looks ahead by their P90.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Decisions and errors as Events.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]

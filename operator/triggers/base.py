@@ -1,0 +1,104 @@
+"""The interface every trigger kind implements, and the shared proportional/threshold arithmetic.
+
+A trigger kind is one small module (like a KEDA scaler): which Prometheus series it reads, how it
+checks its own settings, and how it turns one tick's value into a replica recommendation. The
+registry in `__init__.py` maps a manifest's `type` to the kind; nothing else branches on the type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from voxscale.operator.policy import Trigger, format_duration
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a trigger may know about the fleet and the tick besides its own value."""
+
+    replicas: int  # the Deployment's spec.replicas (pods ready or starting)
+    ready: int
+    step_up: int  # pods a threshold trigger may add in one step
+    above_for: dt.timedelta | None  # how long the value has been above scaleUpAbove (None: it is not)
+    inputs: Mapping[str, float]  # the trigger's secondary inputs this tick (role -> value), when present
+    capacity_rps: float | None = None  # one replica's capacity, measured or assumed (SLO kinds)
+    capacity_measured: bool = False
+    headroom: float = 1.0  # demand's usual rise over a pod start (slo kinds size for demand x this)
+
+    @property
+    def starting(self) -> int:
+        return max(0, self.replicas - self.ready)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    replicas: int | None  # None: no opinion this tick
+    note: str  # prose for status and Events
+    # A count sized from demand and capacity, not a ratio of the current count: it has no feedback on
+    # itself, so it is reached in one step (up to max) instead of through the step limits.
+    sized: bool = False
+
+
+class TriggerKind(Protocol):
+    prefixes: tuple[str, ...]  # the batch keys it answers start with one of these
+
+    def validate(self, trigger: Trigger, field: str) -> None:
+        """Raise SpecError naming the field for settings the CRD schema cannot judge."""
+
+    def inputs(self, trigger: Trigger) -> dict[str, str | None]:
+        """Role -> batch key of the series it reads ("value" is the main one; None: a per-object query)."""
+
+    def query(self, key: str, namespaces: Iterable[str]) -> str:
+        """The batched PromQL for one of its batch keys (every TTSDeployment at once)."""
+
+    def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
+        """One tick's replica recommendation and the words that explain it."""
+
+
+def fmt(trigger: Trigger, value: float) -> str:
+    return f"{value:.3g}{trigger.unit}"
+
+
+def named(trigger: Trigger, value: float) -> str:
+    return f"{trigger.name} {fmt(trigger, value)}"
+
+
+def proportional_and_threshold(trigger: Trigger, value: float, ctx: Context, summed: bool) -> Recommendation:
+    """The HPA formula (target) and/or a sustained threshold (scaleUpAbove for sustainFor).
+
+    `summed`: the value is a sum over pods with a per-replica target (a queue), so the count that
+    brings it to target is value/target; otherwise an average over ready pods scales the ready count
+    (pods still starting are capacity on its way, not counted twice).
+    """
+    recs: list[tuple[int, str]] = []
+    pending = ""
+    if trigger.target is not None:
+        ratio = value / trigger.target
+        if summed:
+            rec = math.ceil(value / trigger.target - 1e-9)
+            per_pod = value / ctx.replicas if ctx.replicas else math.inf
+            within = abs(per_pod / trigger.target - 1) <= trigger.tolerance
+        else:
+            rec = math.ceil(ctx.ready * ratio - 1e-9)
+            within = abs(ratio - 1) <= trigger.tolerance
+        target = fmt(trigger, trigger.target)
+        if within:
+            recs.append((ctx.replicas, f"{named(trigger, value)} within {trigger.tolerance:.0%} of target {target}"))
+        else:
+            recs.append((rec, f"{named(trigger, value)} vs target {target}"))
+    if trigger.scale_up_above is not None and ctx.above_for is not None:
+        above = f"{named(trigger, value)} > {fmt(trigger, trigger.scale_up_above)} for {format_duration(ctx.above_for)}"
+        if ctx.above_for < trigger.sustain_for:
+            pending = f"{above} of {format_duration(trigger.sustain_for)}"
+        elif ctx.starting > 0:
+            recs.append((ctx.replicas, f"{above}, {ctx.starting} pod(s) still starting"))
+        else:
+            recs.append((ctx.replicas + ctx.step_up, above))
+    if not recs:
+        return Recommendation(None, pending or f"{named(trigger, value)}, no threshold crossed")
+    rec, note = max(recs, key=lambda r: r[0])
+    return Recommendation(rec, f"{note}; {pending}" if pending else note)

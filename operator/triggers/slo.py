@@ -1,0 +1,76 @@
+"""slo: the fewest replicas that keep p95 latency within the SLO at the demand arriving now.
+
+Demand is every request counted at the pods' door, refused ones included, so it stays visible when
+queues are full (a full queue reads the same at 2x and at 10x overload; demand does not). Capacity is
+what one replica serves per second, measured on the pods as completed requests / busy seconds while
+they are busy enough for that to mean something; until then it is the `replicaCapacity` figure from
+the spec, and the explanation says so. The sizing is the M/M/c model in `queueing.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from voxscale.operator import queries
+from voxscale.operator.policy import Trigger
+from voxscale.operator.queueing import replicas_for_slo
+from voxscale.operator.triggers.base import Context, Recommendation
+
+# A backlog already queued is worked off within this long, on top of the arrivals.
+BACKLOG_DRAIN_SECONDS = 30.0
+# Arrivals are also read over the last 1/RECENT_FRACTION of the rate window: a burst shows there
+# first, while the full window keeps a steady load's estimate smooth; demand is the higher of the two.
+RECENT_FRACTION = 4
+# A replica busier than this is near saturation: its completed/busy ratio is its capacity.
+CAPACITY_MIN_BUSY = 0.6
+
+
+def size(trigger: Trigger, demand_rps: float, capacity_rps: float) -> int:
+    """Replicas that meet the trigger's latency SLO at `demand_rps` (0 with no demand)."""
+    return replicas_for_slo(demand_rps, capacity_rps, trigger.slots, trigger.latency_seconds, trigger.quantile)
+
+
+def demand(arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0) -> tuple[float, float]:
+    """(requests/s arriving, what the fleet must carry by the time a pod it orders now is Ready):
+    arrivals grown by the headroom, plus the backlog to work off."""
+    arriving = max(arrivals, inputs.get("recent", arrivals))
+    return arriving, arriving * headroom + inputs.get("backlog", 0.0) / BACKLOG_DRAIN_SECONDS
+
+
+class Slo:
+    prefixes: tuple[str, ...] = ("arrivals:", "capacity:")
+
+    def validate(self, trigger: Trigger, field: str) -> None:
+        return None
+
+    def inputs(self, trigger: Trigger) -> dict[str, str | None]:
+        seconds = trigger.rate_window.total_seconds()
+        window, recent = f"{seconds:g}", f"{math.ceil(seconds / RECENT_FRACTION)}"
+        return {
+            "value": f"arrivals:{window}",
+            "recent": f"arrivals:{recent}",
+            "capacity": f"capacity:{window}",
+            "backlog": "queue",
+        }
+
+    def query(self, key: str, namespaces: Iterable[str]) -> str:
+        kind, _, window = key.partition(":")
+        seconds = float(window)
+        if kind == "arrivals":
+            return queries.arrival_rate(namespaces, seconds)
+        return queries.capacity(namespaces, seconds, CAPACITY_MIN_BUSY)
+
+    def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
+        capacity = ctx.capacity_rps or trigger.capacity_rps
+        backlog = ctx.inputs.get("backlog", 0.0)
+        arriving, carried = demand(value, ctx.inputs, ctx.headroom)
+        need = size(trigger, carried, capacity)
+        grown = f" +{ctx.headroom - 1:.0%} rise" if ctx.headroom > 1.005 else ""
+        source = "measured" if ctx.capacity_measured else "assumed: not yet measured under load"
+        queued = f" + {backlog:.0f} queued" if backlog >= 1 else ""
+        note = (
+            f"demand {arriving:.3g} rps{grown}{queued} = {carried / capacity:.1f} replicas at {capacity:.3g} rps each "
+            f"({source}); p{trigger.quantile * 100:g} {trigger.latency_seconds:g}s needs {need}"
+        )
+        return Recommendation(need, note, sized=True)
