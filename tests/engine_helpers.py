@@ -10,6 +10,7 @@ from typing import Any
 from voxscale.operator import crd
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.policy import ScalingPolicy
+from voxscale.simulator.model import Fleet
 
 T0 = dt.datetime(2026, 3, 2, 0, 0, 0, tzinfo=dt.UTC)
 
@@ -22,7 +23,8 @@ def policy(scaling: dict[str, Any], replicas: dict[str, Any] | None = None) -> S
 
 @dataclass
 class Run:
-    """Steps the engine tick by tick; pods become Ready `cold_start` after they are requested."""
+    """Steps the engine tick by tick on the simulator's fleet model: pods become Ready `cold_start`
+    after they are requested."""
 
     policy: ScalingPolicy
     replicas: int
@@ -30,22 +32,25 @@ class Run:
     cold_start: dt.timedelta = dt.timedelta(0)
     history: History = field(default_factory=History)
     decisions: list[tuple[dt.datetime, Decision]] = field(default_factory=list)
-    _ready_at: list[dt.datetime] = field(default_factory=list)
+    fleet: Fleet = field(init=False)
+    origin: dt.datetime = field(init=False)  # the fleet's clock counts seconds from the first tick
 
     def __post_init__(self) -> None:
-        self._ready_at = [self.now] * self.replicas
+        self.fleet = Fleet(self.replicas, self.cold_start.total_seconds())
+        self.origin = self.now
+
+    def _seconds(self) -> float:
+        return (self.now - self.origin).total_seconds()
 
     @property
     def ready(self) -> int:
-        return sum(1 for t in self._ready_at if t <= self.now)
+        return self.fleet.tick(self._seconds())
 
     def tick(self, metrics: Metrics) -> Decision:
         d = decide(self.policy, Observed(self.replicas, self.ready), metrics, self.now, self.history)
         self.history = d.history
-        if d.desired > self.replicas:
-            self._ready_at += [self.now + self.cold_start] * (d.desired - self.replicas)
-        elif d.desired < self.replicas:
-            self._ready_at = sorted(self._ready_at)[: d.desired]
+        if d.desired != self.replicas:
+            self.fleet.scale(self._seconds(), d.desired)
         self.replicas = d.desired
         self.decisions.append((self.now, d))
         return d

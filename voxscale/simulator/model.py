@@ -245,3 +245,32 @@ def erlang_c_wait(arrival_rps: float, service_seconds: float, servers: int) -> f
     last = a**servers / (math.factorial(servers) * (1 - rho))
     p_wait = last / (terms + last)
     return p_wait / (servers / service_seconds - arrival_rps)
+
+
+class Fleet:
+    """The replicas asked for and when each turns Ready, a cold start after it was asked for; on a
+    scale-down the newest (possibly still starting) pods go first. The one fleet model the simulator
+    and the engine's tests step; `ready` is recounted only when a pod's time comes or the count changes."""
+
+    def __init__(self, replicas: int, cold_start_seconds: float) -> None:
+        self.cold_start = cold_start_seconds
+        self.ready_at: list[float] = [0.0] * replicas
+        self.replicas = self.ready = replicas
+        self.next_ready = math.inf  # when the next starting pod turns Ready
+
+    def tick(self, now: float) -> int:
+        if now >= self.next_ready:
+            self._recount(now)
+        return self.ready
+
+    def scale(self, now: float, want: int) -> None:
+        if want > self.replicas:
+            self.ready_at += [now + self.cold_start] * (want - self.replicas)
+        else:
+            self.ready_at = sorted(self.ready_at)[:want]  # the newest (possibly still starting) pods go first
+        self.replicas = want
+        self._recount(now)
+
+    def _recount(self, now: float) -> None:
+        self.ready = sum(1 for t in self.ready_at if t <= now)
+        self.next_ready = min((t for t in self.ready_at if t > now), default=math.inf)

@@ -13,7 +13,7 @@ import numpy as np
 
 from voxscale.operator.policy import ScalingPolicy
 from voxscale.simulator.baselines import KedaHpaModel, OracleAutoscaler, StaticAutoscaler
-from voxscale.simulator.model import CapacityModel, ReplicaQueue, StepStats
+from voxscale.simulator.model import CapacityModel, Fleet, ReplicaQueue, StepStats
 from voxscale.simulator.policies import Autoscaler, Signals, VoxscaleAutoscaler
 from voxscale.simulator.traces import Trace
 
@@ -75,34 +75,6 @@ class Progress:
     def done(self) -> None:
         if self.enabled:
             print(f"\r  {self.label:<18} [{'#' * 30}] 100.0%", file=sys.stderr, flush=True)
-
-
-class Fleet:
-    """The replicas asked for and when each turns Ready; `ready` is recounted only when a pod's time
-    comes or the count changes, not every step."""
-
-    def __init__(self, replicas: int, cold_start_seconds: float) -> None:
-        self.cold_start = cold_start_seconds
-        self.ready_at: list[float] = [0.0] * replicas
-        self.replicas = self.ready = replicas
-        self.next_ready = math.inf  # when the next starting pod turns Ready
-
-    def tick(self, now: float) -> int:
-        if now >= self.next_ready:
-            self._recount(now)
-        return self.ready
-
-    def scale(self, now: float, want: int) -> None:
-        if want > self.replicas:
-            self.ready_at += [now + self.cold_start] * (want - self.replicas)
-        else:
-            self.ready_at = sorted(self.ready_at)[:want]  # the newest (possibly still starting) pods go first
-        self.replicas = want
-        self._recount(now)
-
-    def _recount(self, now: float) -> None:
-        self.ready = sum(1 for t in self.ready_at if t <= now)
-        self.next_ready = min((t for t in self.ready_at if t > now), default=math.inf)
 
 
 class Window:
