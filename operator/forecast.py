@@ -173,7 +173,7 @@ def _minutes(td: dt.timedelta) -> str:
 
 
 GROWTH_SPAN = dt.timedelta(hours=6)
-GROWTH_QUANTILE = 0.95
+GROWTH_QUANTILE = 0.8
 GROWTH_CAP = 1.5
 # A sample counts towards growth only with this many arrivals behind it: the minute-to-minute wobble of
 # a thin Poisson stream is not demand growth (the queueing model already allows for Poisson arrivals).
