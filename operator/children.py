@@ -196,3 +196,11 @@ def pod_disruption_budget(ttsd: dict[str, Any]) -> dict[str, Any] | None:
         "metadata": _metadata(ttsd),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ttsd["metadata"]["name"])}},
     }
+
+
+def expected_kinds(ttsd: dict[str, Any]) -> set[str]:
+    """The kinds of child a TTSDeployment should have now (a PDB only with min >= 2)."""
+    kinds = {"Deployment", "Service"}
+    if pod_disruption_budget(ttsd) is not None:
+        kinds.add("PodDisruptionBudget")
+    return kinds

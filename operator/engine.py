@@ -32,6 +32,7 @@ from typing import Any
 from voxscale.operator import forecast as fc
 from voxscale.operator.policy import FallbackMode, ScalingMode, ScalingPolicy, StepPolicy, Trigger, format_duration
 from voxscale.operator.triggers import Context, kind
+from voxscale.operator.triggers import slo as slo_kind
 from voxscale.operator.triggers.slo import demand as demand_now
 from voxscale.operator.triggers.slo import size
 
@@ -82,6 +83,17 @@ class Metrics:
     values: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the query round failed (Prometheus down, timeout...), if it did
     history: fc.RateHistory | None = None
+    invalid: dict[str, str] = field(default_factory=dict)  # slot -> why its sample is no data (NaN, garbage)
+
+    def finite(self) -> Metrics:
+        """These metrics with NaN, +-Inf and non-numbers moved from `values` to `invalid`: a value
+        that is not a number is missing data (PromQL's 0/0 at idle is NaN), never a load."""
+        bad = {k: v for k, v in self.values.items() if not _is_finite_number(v)}
+        if not bad:
+            return self
+        values = {k: v for k, v in self.values.items() if k not in bad}
+        invalid = {**self.invalid, **{k: f"returned {v!r}, which is not a number (no data)" for k, v in bad.items()}}
+        return replace(self, values=values, invalid=invalid)
 
     def missing(self, policy: ScalingPolicy) -> list[str]:
         return [t.name for t in policy.triggers if t.name not in self.values]
@@ -108,6 +120,11 @@ class PendingForecast:
     actual_peak_rps: float = 0.0
 
 
+# Memory older than this many intervals (and STALE_MIN) was not kept by consecutive ticks.
+STALE_TICKS = 3
+STALE_MIN = dt.timedelta(minutes=1)
+
+
 @dataclass(frozen=True)
 class History:
     """The engine's own small memory between ticks (serialisable, so a restart loses nothing)."""
@@ -121,6 +138,16 @@ class History:
     cold_start_seconds: float | None = None  # P90 of observed pod starts
     pending_forecast: PendingForecast | None = None
     last_forecast: tuple[float, float] | None = None  # (predicted, actual) peak of the last closed window
+    observed_at: dt.datetime | None = None  # the tick that wrote this memory
+
+    def resumed(self, now: dt.datetime, interval: dt.timedelta) -> History:
+        """This memory as a tick at `now` may trust it. "Below 40 % since 10:00" claims every tick
+        since 10:00 saw it below; after a gap with no ticks (an operator restart, a lost leader,
+        a stale status read back) nobody saw it, so the clocks and the data streak start again —
+        which only ever delays a scale step, never causes one."""
+        if self.observed_at is None or now - self.observed_at <= max(STALE_TICKS * interval, STALE_MIN):
+            return self
+        return replace(self, above_since={}, below_since={}, data_since=None)
 
     def last_event(self) -> ScaleEvent | None:
         return self.events[-1] if self.events else None
@@ -139,6 +166,7 @@ class History:
             if pf
             else None,
             "lastForecast": list(self.last_forecast) if self.last_forecast else None,
+            "observedAt": self.observed_at.isoformat() if self.observed_at else None,
         }
 
     @classmethod
@@ -158,7 +186,12 @@ class History:
             cold_start_seconds=_opt_float(d.get("coldStartSeconds")),
             pending_forecast=PendingForecast(ts(pf[0]), ts(pf[1]), float(pf[2]), float(pf[3])) if pf else None,
             last_forecast=(float(last[0]), float(last[1])) if last else None,
+            observed_at=ts(d["observedAt"]) if d.get("observedAt") else None,
         )
+
+
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _opt_float(v: Any) -> float | None:
@@ -330,6 +363,16 @@ def _learn_cold_start(observed: Observed, hist: History) -> float | None:
     return starts[min(len(starts) - 1, math.ceil(0.9 * len(starts)) - 1)]
 
 
+def _growth(slo: Trigger | None, metrics: Metrics, now: dt.datetime, lookahead: dt.timedelta) -> tuple[float, float]:
+    """How much demand will have grown by the time a pod ordered now is Ready: (the usual rise,
+    learnt from the last hours of history; the rise under way now, extrapolated from the rate window)."""
+    if slo is None:
+        return 1.0, 1.0
+    learnt = fc.growth(metrics.history, now, lookahead) if metrics.history is not None else None
+    under_way = slo_kind.trend(slo, metrics.values.get(slo.name), metrics.inputs(slo), lookahead.total_seconds())
+    return learnt or 1.0, under_way
+
+
 # --------------------------------------------------------------------------- phase 4: recommendations
 def _readings(
     policy: ScalingPolicy,
@@ -339,13 +382,16 @@ def _readings(
     above_since: dict[str, dt.datetime],
     capacity: float | None,
     headroom: float,
+    trend: float,
 ) -> list[TriggerReading]:
     step_up = _step_limit(policy.scale_up, max(observed.replicas, 1), up=True)
     readings: list[TriggerReading] = []
     for trig in policy.triggers:
         value = metrics.values.get(trig.name)
         if value is None:
-            readings.append(TriggerReading(trig.name, None, None, metrics.error or "no data (empty result)"))
+            idle = "no pods to measure (scaled to zero)" if observed.replicas == 0 and kind(trig).reads_pods else None
+            why = metrics.error or metrics.invalid.get(trig.name) or idle or "no data (empty result)"
+            readings.append(TriggerReading(trig.name, None, None, why))
             continue
         ctx = Context(
             replicas=observed.replicas,
@@ -356,6 +402,7 @@ def _readings(
             capacity_rps=capacity,
             capacity_measured=capacity is not None,
             headroom=headroom,
+            trend=trend,
         )
         rec = kind(trig).recommend(trig, value, ctx)
         readings.append(TriggerReading(trig.name, value, rec.replicas, rec.note, rec.sized))
@@ -395,13 +442,14 @@ def decide(
     history: History | None = None,
 ) -> Decision:
     """Choose the replica count for one tick. Pure: same inputs, same decision."""
-    hist = history or History()
+    hist = (history or History()).resumed(now, policy.interval)
+    metrics = metrics.finite()
     current = observed.replicas
     lo, hi = policy.min_replicas, policy.max_replicas
     slo = policy.slo
 
     schedule_floor, active = _schedule_floor(policy, now)
-    missing = metrics.missing(policy)
+    missing = [n for n in metrics.missing(policy) if not (current == 0 and _reads_pods(policy, n))]
     complete = metrics.error is None and not missing
     above_since, below_since = _threshold_clocks(policy, metrics, now, hist)
     capacity = _learn_capacity(slo, metrics, hist)
@@ -409,8 +457,8 @@ def decide(
     lookahead = dt.timedelta(seconds=cold_start) if cold_start is not None else policy.predictive.cold_start
     lookahead += policy.interval
 
-    headroom = fc.growth(metrics.history, now, lookahead) if metrics.history is not None and slo else 1.0
-    readings = _readings(policy, observed, metrics, now, above_since, capacity, headroom)
+    headroom, trend = _growth(slo, metrics, now, lookahead)
+    readings = _readings(policy, observed, metrics, now, above_since, capacity, headroom, trend)
     opinions = [r for r in readings if r.recommendation is not None]
     best = max(opinions, key=lambda r: r.recommendation or 0) if opinions else None
     # Nobody asking for capacity means "as few as allowed"; the scale-down rules make that gradual.
@@ -447,6 +495,7 @@ def decide(
             cold_start_seconds=cold_start,
             pending_forecast=pending,
             last_forecast=last_fc,
+            observed_at=now,
         ),
         demand=demand,
         guard=guard,
@@ -494,13 +543,19 @@ def _demand(
     return demand, forecast_needed or 0, guard, pending, last
 
 
+def _reads_pods(policy: ScalingPolicy, name: str) -> bool:
+    return any(kind(t).reads_pods for t in policy.triggers if t.name == name)
+
+
 def _metrics_message(policy: ScalingPolicy, metrics: Metrics, missing: list[str]) -> str:
     if not policy.triggers:
         return "no triggers configured"
     if metrics.error:
         return f"metrics unavailable: {metrics.error}"
     if missing:
-        return f"no data for {', '.join(missing)} (an empty result is not read as zero)"
+        why = [f"{name} {metrics.invalid[name]}" for name in missing if name in metrics.invalid]
+        because = f"; {'; '.join(why)}" if why else ""
+        return f"no data for {', '.join(missing)} (an empty result is not read as zero){because}"
     return "every trigger has data"
 
 

@@ -180,23 +180,24 @@ GROWTH_CAP = 1.5
 GROWTH_MIN_ARRIVALS = 1000
 
 
-def growth(history: RateHistory, now: dt.datetime, horizon: dt.timedelta) -> float:
-    """How much demand rises within `horizon` (a pod start) at worst, usually: the P95 over the last
-    hours of max(rate over the next `horizon`) / rate now, at least 1 and at most GROWTH_CAP.
+def growth(history: RateHistory, now: dt.datetime, horizon: dt.timedelta) -> float | None:
+    """How much demand rises within `horizon` (a pod start) at worst, usually: the GROWTH_QUANTILE
+    over the last hours of max(rate over the next `horizon`) / rate now, at least 1 and at most
+    GROWTH_CAP; None without enough busy history to say.
 
     Capacity ordered now is Ready only after a pod start; sizing for today's demand alone leaves the
     fleet short whenever demand drifts up meanwhile. This is that drift, learnt from the service's
-    own recent traffic rather than a fixed utilisation target; 1 without enough busy history.
+    own recent traffic rather than a fixed utilisation target.
     """
     rps = history.window(now - GROWTH_SPAN, now)
     ahead = max(1, math.ceil(horizon.total_seconds() / history.step_seconds))
     if len(rps) <= ahead + 10:
-        return 1.0
+        return None
     windows = np.lib.stride_tricks.sliding_window_view(rps[1:], ahead)
     base = rps[: len(windows)]
     busy_enough = GROWTH_MIN_ARRIVALS / history.step_seconds
     ok = ~np.isnan(base) & (base >= busy_enough) & ~np.isnan(windows).any(axis=1)
     if ok.sum() < 10:
-        return 1.0
+        return None
     ratios = windows[ok].max(axis=1) / base[ok]
     return float(min(max(np.quantile(ratios, GROWTH_QUANTILE), 1.0), GROWTH_CAP))

@@ -27,6 +27,7 @@ T = TypeVar("T")
 APPLY_MANAGER = "voxscale-operator"  # owns everything in the children except the replica count
 SCALE_MANAGER = "voxscale-scaler"  # owns spec.replicas, through the scale subresource
 RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 def load_config() -> None:
@@ -123,6 +124,51 @@ class Kube:
             items += retrying(call, "list Deployments").items
         return {(d.metadata.namespace, d.metadata.name): d for d in items}
 
+    def list_children(self, namespaces: list[str] | None) -> dict[tuple[str, str], set[str]]:
+        """Which of its Service and PodDisruptionBudget each TTSDeployment has, one list call per
+        kind and scope: a child deleted by hand is noticed at the next round, not the next spec edit."""
+        selector = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
+        per_kind: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
+            ("Service", self.core.list_namespaced_service, self.core.list_service_for_all_namespaces),
+            (
+                "PodDisruptionBudget",
+                self.policy.list_namespaced_pod_disruption_budget,
+                self.policy.list_pod_disruption_budget_for_all_namespaces,
+            ),
+        ]
+        out: dict[tuple[str, str], set[str]] = {}
+        for kind, namespaced, everywhere in per_kind:
+            calls = (
+                [functools.partial(namespaced, ns, label_selector=selector) for ns in namespaces]
+                if namespaces
+                else [functools.partial(everywhere, label_selector=selector)]
+            )
+            for call in calls:
+                for item in retrying(call, f"list {kind}s").items:
+                    out.setdefault((item.metadata.namespace, item.metadata.name), set()).add(kind)
+        return out
+
+    def foreign_autoscalers(self, namespaces: list[str] | None) -> dict[tuple[str, str], str]:
+        """(namespace, Deployment name) -> the HorizontalPodAutoscaler that also scales it, named for
+        a person (KEDA's ScaledObject shows as the owner of the HPA it creates)."""
+        autoscaling = client.AutoscalingV2Api(self.api)
+        calls: list[Callable[[], Any]] = (
+            [functools.partial(autoscaling.list_namespaced_horizontal_pod_autoscaler, ns) for ns in namespaces]
+            if namespaces
+            else [autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces]
+        )
+        out: dict[tuple[str, str], str] = {}
+        for call in calls:
+            for hpa in retrying(call, "list HorizontalPodAutoscalers").items:
+                ref = hpa.spec.scale_target_ref
+                if ref.kind != "Deployment" or not (ref.api_version or "apps/v1").startswith("apps/"):
+                    continue
+                ns = hpa.metadata.namespace
+                owners = [f"{o.kind} {ns}/{o.name}" for o in hpa.metadata.owner_references or []]
+                owned = f" (created by {', '.join(owners)})" if owners else ""
+                out[(ns, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
+        return out
+
     def pod_start_seconds(self, namespaces: list[str] | None) -> dict[tuple[str, str], tuple[float, ...]]:
         """Creation-to-Ready seconds of each TTSDeployment's Ready pods, one list call per scope."""
         selector = POD_LABEL_TTSDEPLOYMENT
@@ -140,6 +186,18 @@ class Kube:
                     out.setdefault((pod.metadata.namespace, owner), []).append(started)
         return {k: tuple(v) for k, v in out.items()}
 
+    def set_deletion_costs(self, ns: str, costs: dict[str, int]) -> None:
+        """Annotate pods with `controller.kubernetes.io/pod-deletion-cost`: on a scale-down the
+        ReplicaSet removes the Ready pods with the lowest cost first, so idle pods go before busy ones."""
+        for pod, cost in costs.items():
+            body = {"metadata": {"annotations": {DELETION_COST: str(cost)}}}
+            patch = functools.partial(self.core.patch_namespaced_pod, pod, ns, body)
+            try:
+                retrying(patch, f"annotate pod {ns}/{pod}")
+            except ApiException as exc:
+                if exc.status != 404:  # a pod that is already gone costs nothing to remove
+                    raise
+
     def scale(self, ns: str, name: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
         retrying(
@@ -148,12 +206,15 @@ class Kube:
         )
 
     # ------------------------------------------------------------------ status and events
-    def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+    def replace_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        """Replace the whole status (a JSON patch `add` of /status): keys this status lacks are gone
+        afterwards, which a merge patch would have kept."""
+        patch = [{"op": "add", "path": "/status", "value": status}]
         retrying(
             lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, PLURAL, name, {"status": status}
+                GROUP, VERSION, ns, PLURAL, name, patch, _content_type="application/json-patch+json"
             ),
-            f"patch status {ns}/{name}",
+            f"replace status {ns}/{name}",
         )
 
     def event(self, ttsd: dict[str, Any], kind: str, reason: str, message: str) -> None:

@@ -209,6 +209,12 @@ class ScalingPolicy:
         schedules = tuple(
             _parse_schedule(s, f"spec.scaling.schedules[{i}]", hi) for i, s in enumerate(scaling.get("schedules", []))
         )
+        if lo == 0 and not schedules and all(t.type is not TriggerType.PROMQL for t in triggers):
+            raise SpecError(
+                "spec.replicas.min",
+                "0 needs a signal that exists while no pod runs: a promql trigger (e.g. on your gateway's "
+                "request counter) or a schedule; slo, gpu, queue and latency triggers read the pods themselves",
+            )
         fb = scaling["fallback"]
         fallback = Fallback(FallbackMode(fb["mode"]), fb.get("replicas"), bool(fb["allowBelowCurrent"]))
         if fallback.mode is FallbackMode.FIXED and fallback.replicas is None:

@@ -85,6 +85,7 @@ class PrometheusSource:
     def fetch(self, targets: Sequence[Target]) -> dict[Key, Metrics]:
         """Metrics for each target, with one batched query per metric kind and endpoint."""
         values: dict[Key, dict[str, float]] = defaultdict(dict)
+        invalid: dict[Key, dict[str, str]] = defaultdict(dict)
         errors: dict[Key, str] = {}
         by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
         for t in targets:
@@ -99,7 +100,7 @@ class PrometheusSource:
                         if key is not None:
                             needed[key].append((t, slot))
                         else:
-                            self._custom(ep, t, slot, trig.query or "", values, errors)
+                            self._custom(ep, t, slot, trig.query or "", values, invalid, errors)
             for batch, users in needed.items():
                 try:
                     result = self._query(ep, triggers.batch_query(batch, namespaces))
@@ -113,7 +114,17 @@ class PrometheusSource:
                 for t, slot in users:
                     if t.key in samples:
                         values[t.key][slot] = samples[t.key]
-        return {t.key: Metrics(dict(values[t.key]), errors.get(t.key)) for t in targets}
+        return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in targets}
+
+    def pod_work(self, ep: Endpoint, namespace: str, name: str) -> dict[str, float]:
+        """Requests held by each pod of one TTSDeployment (pods without a finite value are left out)."""
+        self.stats.queries += 1
+        out: dict[str, float] = {}
+        for series in self._query(ep, queries.pod_work(namespace, name)):
+            pod, value = series.get("metric", {}).get("pod"), sample_value(_raw_value(series))
+            if pod and value is not None:
+                out[pod] = value
+        return out
 
     def arrival_history(
         self, ep: Endpoint, namespaces: Sequence[str], window_seconds: float, lookback: dt.timedelta, now: dt.datetime
@@ -155,17 +166,24 @@ class PrometheusSource:
         trigger: str,
         promql: str,
         values: dict[Key, dict[str, float]],
+        invalid: dict[Key, dict[str, str]],
         errors: dict[Key, str],
     ) -> None:
+        """A custom trigger's own query: one series, one number; anything else is that trigger's missing data."""
         try:
             result = self._query(ep, queries.custom(promql, t.namespace, t.name))
         except QueryError as exc:
             errors.setdefault(t.key, str(exc))
             return
-        if len(result) == 1:
-            values[t.key][trigger] = float(result[0]["value"][1])
-        elif len(result) > 1:
-            errors.setdefault(t.key, f"trigger {trigger}: query returned {len(result)} series, expected one")
+        if len(result) > 1:
+            invalid[t.key][trigger] = f"returned {len(result)} series; the query must return one (aggregate it)"
+        elif result:
+            raw = _raw_value(result[0])
+            value = sample_value(raw)
+            if value is None:
+                invalid[t.key][trigger] = f"returned {raw!r}, which is not a number (no data)"
+            else:
+                values[t.key][trigger] = value
 
 
 class QueryError(RuntimeError):
@@ -196,11 +214,27 @@ def _by_owner(
         owner = labels.get(queries.OWNER_LABEL)
         if not owner or "namespace" not in labels:
             continue
-        value = float(series["value"][1])
-        if value != value:  # NaN
-            if nan_means is None:
+        raw = _raw_value(series)
+        value = sample_value(raw)
+        if value is None:
+            if nan_means is None or raw.lower() != "nan":
                 continue
             value = nan_means
         key = (labels["namespace"], owner)
         out[key] = combine(out[key], value) if key in out else value
     return out
+
+
+def _raw_value(series: dict[str, Any]) -> str:
+    """The sample of an instant-vector series as Prometheus sent it ("" if it sent none)."""
+    sample = series.get("value")
+    return str(sample[1]) if isinstance(sample, list | tuple) and len(sample) == 2 else ""
+
+
+def sample_value(raw: str) -> float | None:
+    """A sample as a finite float; None for NaN, +-Inf and anything that is not a number."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

@@ -60,6 +60,15 @@ def queue_length(namespaces: Iterable[str]) -> str:
     return f"sum by (namespace, {OWNER_LABEL}) ({_with_owner(_selector(mc.QUEUE_DEPTH.series, namespaces))})"
 
 
+def pod_work(namespace: str, name: str) -> str:
+    """Requests each pod of one TTSDeployment holds (waiting + being synthesised), by pod: what a
+    scale-down would cut if it removed that pod."""
+    series = "|".join((mc.QUEUE_DEPTH.name, mc.INFLIGHT.name))
+    pods = _POD_NAME.replace("(.+)", re.escape(name), 1)
+    matchers = f'__name__=~"{series}", namespace="{escape_label_value(namespace)}", pod=~"{escape_label_value(pods)}"'
+    return f"sum by (pod) ({{{matchers}}})"
+
+
 def latency_p95(namespaces: Iterable[str]) -> str:
     """p95 request latency (seconds) per TTSDeployment over the last minute."""
     rate = f"rate({_selector(mc.REQUEST_LATENCY.series, namespaces)}[{LATENCY_WINDOW}])"

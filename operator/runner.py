@@ -24,6 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("VOXSCALE_PROMETHEUS_URL"),
         help="Prometheus for TTSDeployments that name none (env VOXSCALE_PROMETHEUS_URL)",
     )
+    p.add_argument(
+        "--allowed-prometheus-url",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="a URL prefix spec.scaling.prometheus.url may start with (repeatable); the default URL is always "
+        "allowed; none given: any URL (a TTSDeployment author then chooses where its Secret's credentials go)",
+    )
     p.add_argument("--metrics-port", type=int, default=8080, help="the operator's own /metrics (0: off)")
     p.add_argument("--health-port", type=int, default=8081, help="kopf liveness endpoint /healthz (0: off)")
     p.add_argument("--bind", default="0.0.0.0", help="address for the metrics and health endpoints")
@@ -74,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         elector.keep_renewing()
     handlers.RUNTIME.kube = Kube()
     handlers.RUNTIME.scaler = Scaler(
-        handlers.RUNTIME.kube, default_prometheus_url=args.prometheus_url, namespaces=args.namespace or None
+        handlers.RUNTIME.kube,
+        default_prometheus_url=args.prometheus_url,
+        namespaces=args.namespace or None,
+        allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
     )
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     try:

@@ -13,14 +13,17 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
+from voxscale.operator import children
 from voxscale.operator import status as st
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.forecast import RateHistory
@@ -73,11 +76,15 @@ class Tracked:
     next_due: float = 0.0
     history: History = field(default_factory=History)
     decision: Decision | None = None
-    written: dict[str, Any] | None = None  # the significant part of the last status written
+    status: dict[str, Any] | None = None  # the last status written
+    written: dict[str, Any] | None = None  # its significant part
     written_at: float = 0.0
     reported_error: str | None = None
     metrics_ok: bool | None = None
     advised: int | None = None  # the last advice reported (advisory mode)
+    expected_replicas: int | None = None  # spec.replicas as voxscale last left it
+    conflict: str | None = None  # another autoscaler on the Deployment, this round
+    reported_conflict: str | None = None
 
     @property
     def key(self) -> Key:
@@ -92,23 +99,36 @@ class Scaler:
         default_prometheus_url: str | None = None,
         namespaces: list[str] | None = None,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        allowed_prometheus_urls: tuple[str, ...] = (),
     ) -> None:
+        self.allowed_prometheus_urls = allowed_prometheus_urls
         self.kube = kube
         self.source = source or PrometheusSource()
         self.default_prometheus_url = default_prometheus_url
         self.namespaces = namespaces or None
         self.wall_clock = wall_clock
+        # kopf runs sync handlers (upsert/remove) in its executor threads while the round runs in
+        # another: every access to `tracked` holds this lock.
+        self._lock = threading.Lock()
         self.tracked: dict[Key, Tracked] = {}
         self.histories: dict[Key, tuple[float, RateHistory]] = {}  # (when read, history)
 
     # ---------------------------------------------------------------- registry (fed by kopf events)
     def upsert(self, body: dict[str, Any]) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        tr = self.tracked.get(key)
-        if tr is None:
-            tr = Tracked(body=body, history=History.from_dict((body.get("status") or {}).get("engine")))
-            self.tracked[key] = tr
-        tr.body = body
+        with self._lock:
+            tr = self.tracked.get(key)
+            if tr is None:
+                tr = Tracked(body=body, history=History.from_dict((body.get("status") or {}).get("engine")))
+                self.tracked[key] = tr
+            tr.body = body
+            self._parse_spec(tr)
+            TRACKED.set(len(self.tracked))
+
+    @staticmethod
+    def _parse_spec(tr: Tracked) -> None:
+        """Parse the policy again when the spec's generation moved (status-only events keep it)."""
+        body = tr.body
         generation = int(body["metadata"].get("generation", 0))
         if generation != tr.generation:
             tr.generation = generation
@@ -119,19 +139,26 @@ class Scaler:
             except (KeyError, TypeError, ValueError) as exc:
                 tr.policy, tr.spec_error = None, f"spec: {exc}"
             tr.next_due = 0.0  # evaluate a changed spec at once
-        TRACKED.set(len(self.tracked))
 
     def remove(self, key: Key) -> None:
-        self.tracked.pop(key, None)
-        TRACKED.set(len(self.tracked))
-        self.histories.pop(key, None)
+        with self._lock:
+            self.tracked.pop(key, None)
+            TRACKED.set(len(self.tracked))
+            self.histories.pop(key, None)
         for gauge in _PER_OBJECT_GAUGES:
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
 
     def mark_due(self, key: Key) -> None:
-        if key in self.tracked:
-            self.tracked[key].next_due = 0.0
+        with self._lock:
+            if key in self.tracked:
+                self.tracked[key].next_due = 0.0
+
+    def due(self, mono: float) -> list[Tracked]:
+        """The TTSDeployments whose interval has elapsed (a snapshot: handlers may change the registry
+        while the round works through it)."""
+        with self._lock:
+            return [tr for tr in self.tracked.values() if tr.next_due <= mono]
 
     # ---------------------------------------------------------------- the loop
     async def run_forever(self, granularity: float = 0.5) -> None:
@@ -145,7 +172,7 @@ class Scaler:
     def tick(self) -> int:
         """One round over every due TTSDeployment; returns how many were evaluated."""
         mono = time.monotonic()
-        due = [tr for tr in self.tracked.values() if tr.next_due <= mono]
+        due = self.due(mono)
         if not due:
             return 0
         started = time.perf_counter()
@@ -163,6 +190,8 @@ class Scaler:
         metrics = self.source.fetch(targets)
         self._refresh_histories(targets, now, mono)
         starts = self.kube.pod_start_seconds(self.namespaces)
+        present = self.kube.list_children(self.namespaces)
+        foreign = self.kube.foreign_autoscalers(self.namespaces)
         PROM_QUERIES.inc(self.source.stats.queries - queries_before)
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
@@ -171,6 +200,8 @@ class Scaler:
             history = self.histories.get(tr.key)
             m = replace(m, history=history[1] if history else None)
             try:
+                self._restore_children(tr, present.get(tr.key, set()))
+                tr.conflict = foreign.get(tr.key)
                 self._evaluate(tr, deployments.get(tr.key), m, now, starts.get(tr.key, ()))
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
@@ -214,6 +245,7 @@ class Scaler:
                 "spec.scaling.prometheus.url",
                 "no Prometheus URL: set it here or start the operator with --prometheus-url",
             )
+        self._check_allowed(url)
         timeout = parse_duration(prom.get("timeout", "5s"), "spec.scaling.prometheus.timeout").total_seconds()
         auth = prom.get("auth") or {}
         ns = body["metadata"]["namespace"]
@@ -229,6 +261,18 @@ class Scaler:
             return Endpoint(url, timeout, basic_auth=(user, password))
         return Endpoint(url, timeout)
 
+    def _check_allowed(self, url: str) -> None:
+        """Refuse a Prometheus URL outside the operator's allowlist, before any Secret is read for it."""
+        allowed = self.allowed_prometheus_urls
+        if not allowed or url == self.default_prometheus_url or any(url.startswith(p) for p in allowed):
+            return
+        raise SpecError(
+            "spec.scaling.prometheus.url",
+            f"{url} is not among the Prometheus URLs this operator may query ({', '.join(allowed)}); "
+            "leave the field empty for the default, or ask the operator's admin to add it "
+            "(chart value allowedPrometheusUrls)",
+        )
+
     def _secret_value(self, ns: str, name: str, key: str, field_path: str) -> str:
         from kubernetes.client.exceptions import ApiException
 
@@ -240,6 +284,15 @@ class Scaler:
         if key not in data:
             raise SpecError(field_path, f"Secret {ns}/{name} has no key {key!r}")
         return base64.b64decode(data[key]).decode().strip()
+
+    def _restore_children(self, tr: Tracked, present: set[str]) -> None:
+        """Re-apply the children when a Service or PDB the spec calls for is gone (the Deployment is
+        checked in `_evaluate`)."""
+        missing = sorted(children.expected_kinds(tr.body) - {"Deployment"} - present)
+        if missing:
+            applied = self.kube.apply_children(tr.body)
+            message = f"{', '.join(missing)} missing (deleted?): applied {', '.join(applied)}"
+            self.kube.event(tr.body, "Normal", "ChildrenRecreated", message)
 
     def _evaluate(
         self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime, starts: tuple[float, ...] = ()
@@ -261,15 +314,21 @@ class Scaler:
         DECISIONS.labels(decision.reason.value).inc()
         if metrics.error:
             PROM_ERRORS.inc()
-        advisory = tr.policy.mode is ScalingMode.ADVISORY
+        self._report_conflict(tr)
+        advisory = tr.policy.mode is ScalingMode.ADVISORY or tr.conflict is not None
         if advisory:
             self._advise(tr, decision)
-        elif decision.changed:
+        else:
+            self._report_manual_scale(tr, decision)
+        if decision.changed and not advisory:
+            if decision.desired < replicas:
+                self._spare_busy_pods(tr)
             self.kube.scale(ns, name, decision.desired)
             direction = "up" if decision.desired > replicas else "down"
             SCALE_EVENTS.labels(direction).inc()
             self.kube.event(tr.body, "Normal", f"Scaled{direction.capitalize()}", decision.message)
             log.info("%s/%s: %s", ns, name, decision.message)
+        tr.expected_replicas = replicas if advisory else decision.desired
         if tr.metrics_ok is not False and not decision.metrics_available and tr.policy.triggers:
             self.kube.event(tr.body, "Warning", "MetricsUnavailable", decision.metrics_message)
         if tr.metrics_ok is False and decision.metrics_available:
@@ -279,6 +338,40 @@ class Scaler:
         tr.history = decision.history
         tr.decision = decision
         self._write_status(tr, decision, replicas if advisory else decision.desired, ready, True, now)
+
+    def _spare_busy_pods(self, tr: Tracked) -> None:
+        """Before a scale-down, rank the pods by the requests they hold, so the ReplicaSet removes idle
+        ones first. Best effort: without the figures the scale-down still happens, as it would have."""
+        ns, name = tr.key
+        try:
+            work = self.source.pod_work(self._endpoint(tr.body), ns, name)
+            self.kube.set_deletion_costs(ns, deletion_costs(work))
+        except (QueryError, SpecError, ApiException) as exc:
+            log.warning("%s/%s: could not rank pods for the scale-down (%s)", ns, name, exc)
+
+    def _report_conflict(self, tr: Tracked) -> None:
+        """Another autoscaler on the same Deployment: stop writing (two writers overwrite each other
+        every sync) and say who, once per change."""
+        if tr.conflict != tr.reported_conflict:
+            if tr.conflict is not None:
+                message = (
+                    f"{tr.conflict} also scales this Deployment: voxscale stopped writing replicas and only "
+                    "advises; delete one of the two autoscalers"
+                )
+                self.kube.event(tr.body, "Warning", "ConflictingAutoscaler", message)
+            else:
+                self.kube.event(tr.body, "Normal", "ConflictResolved", "no other autoscaler: scaling again")
+            tr.reported_conflict = tr.conflict
+
+    def _report_manual_scale(self, tr: Tracked, decision: Decision) -> None:
+        """spec.replicas changed by someone else (kubectl scale): if the policy moves it, say so."""
+        if tr.expected_replicas is None or decision.current == tr.expected_replicas or not decision.changed:
+            return
+        message = (
+            f"replicas were set to {decision.current} outside voxscale (kubectl scale?); the policy sets "
+            f"{decision.desired}. To hold a count, set spec.replicas.min and max to it or spec.scaling.paused: true"
+        )
+        self.kube.event(tr.body, "Warning", "ManualScaleOverridden", message)
 
     def _advise(self, tr: Tracked, decision: Decision) -> None:
         """Advisory mode: say what would be done, once per change of advice, and write nothing."""
@@ -316,55 +409,34 @@ class Scaler:
         deployment_found: bool,
         now: dt.datetime,
     ) -> None:
+        """Replace status with this round's (see status.build), at once when something a user, a
+        controller or a new leader acts on changed; sentences with running clocks ("below 40% for
+        1m10s of 5m") refresh at most every STATUS_REFRESH_SECONDS, so a steady fleet does not turn
+        into one status write per object per interval."""
         body = tr.body
-        previous = body.get("status") or {}
-        spec_replicas = body["spec"].get("replicas") or {}
-        paused = bool(tr.policy.paused) if tr.policy else False
-        conditions = [
-            st.ready_condition(ready, replicas, int(spec_replicas.get("min", 1)), deployment_found),
-            *st.scaling_conditions(decision, tr.spec_error, paused),
-        ]
-        new: dict[str, Any] = {
-            "observedGeneration": tr.generation,
-            "replicas": replicas,
-            "readyReplicas": ready,
-            "conditions": st.merge_conditions(previous.get("conditions", []), conditions, now, tr.generation),
-        }
-        if decision is not None:
-            advisory = tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY
-            new["desiredReplicas"] = decision.current if advisory else decision.desired
-            new["advisedReplicas"] = decision.desired if advisory else None
-            new["reason"] = decision.rule
-            new["lastDecision"] = st.last_decision(decision, now)
-            new["demand"] = st.demand(decision)
-            new["forecast"] = st.forecast(decision)
-            if decision.changed and not advisory:
-                new["lastScaleTime"] = st.iso(now)
-        elif tr.spec_error:
-            new["reason"] = "InvalidSpec"
+        seen = st.Observation(
+            generation=tr.generation,
+            replicas=replicas,
+            ready=ready,
+            min_replicas=int((body["spec"].get("replicas") or {}).get("min", 1)),
+            deployment_found=deployment_found,
+            spec_error=tr.spec_error,
+            paused=bool(tr.policy.paused) if tr.policy else False,
+            advisory=(tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY) or tr.conflict is not None,
+            conflict=tr.conflict,
+        )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
         tr.reported_error = tr.spec_error
-        # Write at once when something a user or a controller acts on changes; sentences with running
-        # clocks ("below 40% for 1m10s of 5m") refresh at most every STATUS_REFRESH_SECONDS, so a
-        # steady fleet does not turn into one status write per object per interval.
-        significant = {
-            k: new.get(k)
-            for k in (
-                "observedGeneration",
-                "replicas",
-                "readyReplicas",
-                "desiredReplicas",
-                "advisedReplicas",
-                "reason",
-                "lastScaleTime",
-            )
-        }
-        significant["conditions"] = [(c["type"], c["status"], c["reason"]) for c in new["conditions"]]
-        significant["specError"] = tr.spec_error
+        new = st.build(tr.status or body.get("status") or {}, seen, decision, tr.history, now)
+        significant = {**st.significant(new), "specError": tr.spec_error}
         mono = time.monotonic()
         if significant == tr.written and mono - tr.written_at < STATUS_REFRESH_SECONDS:
             return
-        new["engine"] = tr.history.to_dict()
-        self.kube.patch_status(tr.key[0], tr.key[1], new)
-        tr.written, tr.written_at = significant, mono
+        self.kube.replace_status(tr.key[0], tr.key[1], new)
+        tr.status, tr.written, tr.written_at = new, significant, mono
+
+
+def deletion_costs(work: dict[str, float]) -> dict[str, int]:
+    """Pod -> deletion cost: the requests it holds, in thousandths (int32, as the annotation wants)."""
+    return {pod: min(round(held * 1000), 2**31 - 1) for pod, held in work.items()}

@@ -1,5 +1,10 @@
 """Pure construction of a TTSDeployment's status: conditions per Kubernetes conventions and the
-last decision, from what the scaler observed. Transition times only move when a status flips."""
+last decision, from what the scaler observed. Transition times only move when a status flips.
+
+`build()` returns the WHOLE status and the scaler replaces status with it: a key this round has no
+value for is absent, not left over from an earlier round (a merge patch never deletes keys, and a
+new leader would read stale clocks, schedules and metric values back from them).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from voxscale.operator.engine import Decision
+from voxscale.operator.engine import Decision, History
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ def ready_condition(ready: int, replicas: int, min_replicas: int, deployment_fou
     return Condition("Ready", "False", "PodsStarting", f"{ready}/{replicas} pods ready, {needed} needed")
 
 
-def scaling_conditions(decision: Decision | None, spec_error: str | None, paused: bool) -> list[Condition]:
+def scaling_conditions(
+    decision: Decision | None, spec_error: str | None, paused: bool, conflict: str | None = None
+) -> list[Condition]:
     if spec_error is not None:
         return [
             Condition("ScalingActive", "False", "InvalidSpec", spec_error),
@@ -66,12 +73,14 @@ def scaling_conditions(decision: Decision | None, spec_error: str | None, paused
             Condition("ScalingActive", "Unknown", "Pending", "waiting for the first evaluation"),
             Condition("MetricsAvailable", "Unknown", "Pending", "not queried yet"),
         ]
-    active = (
-        Condition("ScalingActive", "False", "Paused", decision.message)
-        if paused
-        else Condition("ScalingActive", "True", "Evaluating", decision.message)
-    )
-    if decision.metrics_message == "no triggers configured":
+    if conflict is not None:
+        why = f"{conflict} also scales the Deployment: not writing replicas (would set {decision.desired})"
+        active = Condition("ScalingActive", "False", "ConflictingAutoscaler", why)
+    elif paused:
+        active = Condition("ScalingActive", "False", "Paused", decision.message)
+    else:
+        active = Condition("ScalingActive", "True", "Evaluating", decision.message)
+    if not decision.readings:
         metrics = Condition("MetricsAvailable", "Unknown", "NoTriggers", decision.metrics_message)
     elif decision.metrics_available:
         metrics = Condition("MetricsAvailable", "True", "QueriesSucceeded", decision.metrics_message)
@@ -125,3 +134,78 @@ def forecast(decision: Decision) -> dict[str, Any] | None:
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the scaler saw of one TTSDeployment this round, for `build()`."""
+
+    generation: int
+    replicas: int  # the Deployment's spec.replicas (what advisory mode leaves alone)
+    ready: int
+    min_replicas: int
+    deployment_found: bool
+    spec_error: str | None = None
+    paused: bool = False
+    advisory: bool = False  # the policy runs but does not write replicas (advisory mode, or a conflict)
+    conflict: str | None = None  # another autoscaler on the same Deployment
+
+
+def build(
+    previous: dict[str, Any], seen: Observation, decision: Decision | None, history: History, now: dt.datetime
+) -> dict[str, Any]:
+    """The complete status document: no None values, nothing carried over but lastScaleTime and the
+    conditions' transition times."""
+    conditions = [
+        ready_condition(seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found),
+        *scaling_conditions(decision, seen.spec_error, seen.paused, seen.conflict),
+    ]
+    out: dict[str, Any] = {
+        "observedGeneration": seen.generation,
+        "replicas": seen.replicas,
+        "readyReplicas": seen.ready,
+        "conditions": merge_conditions(previous.get("conditions", []), conditions, now, seen.generation),
+        "lastScaleTime": previous.get("lastScaleTime"),
+        "engine": history.to_dict(),
+    }
+    if seen.spec_error is not None:
+        out["reason"] = "InvalidSpec"
+    elif decision is not None:
+        out |= {
+            "desiredReplicas": decision.current if seen.advisory else decision.desired,
+            "advisedReplicas": decision.desired if seen.advisory else None,
+            "reason": decision.rule,
+            "lastDecision": last_decision(decision, now),
+            "demand": demand(decision),
+            "forecast": forecast(decision),
+        }
+        if decision.changed and not seen.advisory:
+            out["lastScaleTime"] = iso(now)
+    document: dict[str, Any] = without_nulls(out)
+    return document
+
+
+def without_nulls(doc: Any) -> Any:
+    """`doc` with every None map value dropped, recursively (absent, not null, in a replaced status)."""
+    if isinstance(doc, dict):
+        return {k: without_nulls(v) for k, v in doc.items() if v is not None}
+    if isinstance(doc, list):
+        return [without_nulls(v) for v in doc]
+    return doc
+
+
+SIGNIFICANT = ("observedGeneration", "replicas", "readyReplicas", "desiredReplicas", "advisedReplicas", "reason")
+# The engine's memory that a new leader acts on: a clock or an event it misses or reads stale changes
+# what it does. The rest (recommendations, learnt capacity) moves every round and is rewritten with
+# the periodic refresh.
+SIGNIFICANT_ENGINE = ("aboveSince", "belowSince", "dataSince", "events", "pendingForecast", "lastForecast")
+
+
+def significant(status: dict[str, Any]) -> dict[str, Any]:
+    """The part of a status whose change is written at once (the rest refreshes periodically)."""
+    engine = status.get("engine", {})
+    return {
+        **{k: status.get(k) for k in (*SIGNIFICANT, "lastScaleTime")},
+        "conditions": [(c["type"], c["status"], c["reason"]) for c in status.get("conditions", [])],
+        "engine": {k: engine.get(k) for k in SIGNIFICANT_ENGINE},
+    }

@@ -172,3 +172,29 @@ def test_prometheus_down_holds_replicas_and_recovers(
     events = get_json(cluster, "events", "-n", namespace, "--field-selector", "involvedObject.name=hold-app")
     reasons = {e["reason"] for e in events["items"]}
     assert {"MetricsUnavailable", "MetricsAvailable"} <= reasons
+
+
+def test_a_scale_down_removes_idle_pods_and_spares_busy_ones(
+    cluster: LocalCluster, operator: OperatorProcess, exporter: PodMetricsExporter, namespace: str
+) -> None:
+    """Two of four pods hold requests; 4 -> 2 must remove the two idle ones (pod-deletion-cost)."""
+    gpu = {"name": "gpu", "type": "gpuUtilization", "target": 60}
+    fast_down = {"stabilizationWindow": "0s", "maxStepPods": 4, "period": f"{INTERVAL}s", "cooldown": "0s"}
+    app = ttsd("spare", [gpu], replicas={"min": 4, "max": 4}, scaleDown=fast_down)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(app))
+    exporter.set(namespace, "spare", gpu=30, queue_per_pod=0)
+    wait_for("4 Ready pods", lambda: [p for p, ready in exporter.pods(namespace, "spare") if ready][3:], timeout=60)
+    busy = sorted(p for p, _ in exporter.pods(namespace, "spare"))[1:3]
+    for pod in busy:
+        exporter.pod_queue[(namespace, pod)] = 3
+    time.sleep(3 * SCRAPE)  # Prometheus has the per-pod queues
+    app["spec"]["replicas"] = {"min": 1, "max": 4}  # 4 pods at 30 % GPU with a 60 % target: 2 are enough
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(app))
+    wait_for("2 replicas", lambda: replicas(cluster, namespace, "spare") == 2, timeout=60)
+
+    def survivors() -> list[str]:
+        pods = get_json(cluster, "pods", "-n", namespace, "-l", "voxscale.io/ttsdeployment=spare")["items"]
+        alive = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return sorted(alive) if len(alive) == 2 else []
+
+    assert wait_for("two pods left", survivors, timeout=60) == busy

@@ -120,10 +120,18 @@ def test_namespaced_install_grants_roles_only_in_those_namespaces() -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
+def test_the_prometheus_allowlist_reaches_the_operator() -> None:
+    docs = render("--set", "allowedPrometheusUrls={http://prom.monitoring:9090,https://thanos.example}")
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--allowed-prometheus-url=http://prom.monitoring:9090" in args
+    assert "--allowed-prometheus-url=https://thanos.example" in args
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
         ("replicaCount=0", "/replicaCount"),
+        ("allowedPrometheusUrls={prom:9090}", "/allowedPrometheusUrls/0"),
         ("prometheusUrl=prometheus:9090", "/prometheusUrl"),
         ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
         ("monitoring.prometheusRule.atMaxFor=half an hour", "/monitoring/prometheusRule/atMaxFor"),

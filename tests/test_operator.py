@@ -88,6 +88,11 @@ def test_examples_create_deployment_service_and_pdb(
 BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
     ("min > max", {"replicas": {"min": 5, "max": 2}}, "spec.replicas.min must be <= spec.replicas.max"),
     ("min 0 without opt-in", {"replicas": {"min": 0, "max": 2}}, "allowScaleToZero"),
+    (
+        "min 0 with nothing that can wake it",
+        {"replicas": {"min": 0, "max": 2, "allowScaleToZero": True}},
+        "spec.replicas.min: 0 needs a signal that exists while no pod runs",
+    ),
     ("negative max", {"replicas": {"min": 1, "max": -3}}, "spec.replicas.max"),
     ("absurd max", {"replicas": {"min": 1, "max": 100000}}, "spec.replicas.max"),
     ("absurd GPUs per pod", {"resources": {"gpus": 64}}, "spec.resources.gpus"),
@@ -257,21 +262,19 @@ def test_deleting_the_ttsdeployment_removes_its_children(
     wait_for("garbage collection", all_gone, timeout=60)
 
 
+@pytest.mark.parametrize("kind", ["deployment", "service", "poddisruptionbudget"])
 def test_children_deleted_by_hand_are_recreated(
-    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str, kind: str
 ) -> None:
-    apply(cluster, namespace, minimal("heal", scaling={"interval": "2s"}))
-    first = wait_for("Deployment", lambda: get_json(cluster, "deployment", "heal", "-n", namespace))
-    cluster.kubectl("delete", "deployment", "heal", "-n", namespace)
-    again = wait_for(
-        "Deployment recreated",
-        lambda: (
-            (d := get_json(cluster, "deployment", "heal", "-n", namespace))["metadata"]["uid"]
-            != first["metadata"]["uid"]
-            and d
-        ),
-        timeout=60,
-    )
+    apply(cluster, namespace, minimal("heal", replicas={"min": 2, "max": 4}, scaling={"interval": "2s"}))
+    first = wait_for(kind, lambda: get_json(cluster, kind, "heal", "-n", namespace))
+    cluster.kubectl("delete", kind, "heal", "-n", namespace)
+
+    def recreated() -> Any:
+        obj = get_json(cluster, kind, "heal", "-n", namespace)
+        return obj["metadata"]["uid"] != first["metadata"]["uid"] and obj
+
+    again = wait_for(f"{kind} recreated", recreated, timeout=60)
     assert again["metadata"]["ownerReferences"][0]["name"] == "heal"
 
 
@@ -291,3 +294,48 @@ def test_kubectl_explain_teaches_the_scaling_spec(cluster: LocalCluster, operato
     assert "Reactive rules" in out and "scaleUpAbove" in out and "sustainFor" in out
     deep = cluster.kubectl("explain", "ttsd.spec.scaling.schedules.prewarm").stdout
     assert "Lead time" in deep
+
+
+def events(cluster: LocalCluster, namespace: str, reason: str) -> list[str]:
+    listed = get_json(cluster, "events", "-n", namespace, "--field-selector", f"reason={reason}")["items"]
+    return [e["message"] for e in listed]
+
+
+def test_a_competing_hpa_is_detected_and_not_fought(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal("rival", scaling={"interval": "2s"}))
+    wait_for("Deployment", lambda: get_json(cluster, "deployment", "rival", "-n", namespace))
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "rival-hpa"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rival"},
+            "minReplicas": 1,
+            "maxReplicas": 3,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization"}}}],
+        },
+    }
+    hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = 50
+    apply(cluster, namespace, hpa)
+
+    def conflict() -> dict[str, Any]:
+        return condition(get_json(cluster, "ttsd", "rival", "-n", namespace), "ScalingActive")
+
+    found = wait_for("conflict reported", lambda: conflict().get("reason") == "ConflictingAutoscaler" and conflict())
+    assert f"HorizontalPodAutoscaler {namespace}/rival-hpa" in found["message"]
+    assert wait_for("Event", lambda: events(cluster, namespace, "ConflictingAutoscaler"))
+    cluster.kubectl("delete", "hpa", "rival-hpa", "-n", namespace)
+    wait_for("scaling again", lambda: conflict().get("reason") == "Evaluating")
+
+
+def test_a_manual_scale_that_the_policy_undoes_is_said(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal("manual", replicas={"min": 2, "max": 4}, scaling={"interval": "2s"}))
+    wait_for("status", lambda: get_json(cluster, "ttsd", "manual", "-n", namespace).get("status", {}).get("reason"))
+    cluster.kubectl("scale", "deployment", "manual", "-n", namespace, "--replicas=1")
+    said = wait_for("Event", lambda: events(cluster, namespace, "ManualScaleOverridden"))
+    assert "replicas were set to 1 outside voxscale" in said[0]
+    wait_for("back at min", lambda: get_json(cluster, "deployment", "manual", "-n", namespace)["spec"]["replicas"] == 2)

@@ -7,19 +7,22 @@ import math
 import zoneinfo
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.engine_helpers import T0, Run, policy
 from voxscale.operator import forecast as fc
 from voxscale.operator.engine import History, Metrics, Observed, Reason, decide
+from voxscale.operator.policy import ScalingPolicy
 from voxscale.operator.queueing import erlang_c, replicas_for_slo, response_time_tail
+from voxscale.operator.triggers import slo as slo_kind
 from voxscale.simulator.model import CapacityModel, ReplicaQueue, erlang_c_wait
 
 SLO = {"name": "slo", "type": "slo", "slo": {"latencyP95": "2s", "replicaCapacity": 16}}
 
 
-def slo_policy(max_replicas: int = 20, min_replicas: int = 1, **scaling: object) -> object:
+def slo_policy(max_replicas: int = 20, min_replicas: int = 1, **scaling: object) -> ScalingPolicy:
     return policy({"triggers": [SLO], **scaling}, {"min": min_replicas, "max": max_replicas})
 
 
@@ -83,8 +86,31 @@ def test_pods_still_starting_count_as_capacity_on_its_way() -> None:
 
 
 def test_a_burst_shows_first_in_the_recent_window() -> None:
-    d = decide(slo_policy(12), Observed(2, 2), Metrics({"slo": 20.0, "slo.recent": 120.0}), T0)
-    assert d.desired == replicas_for_slo(120.0, 16, 8, 2.0)
+    d = decide(slo_policy(20), Observed(2, 2), Metrics({"slo": 20.0, "slo.recent": 120.0}), T0)
+    # Sized for the recent rate, and one ahead: the recent rate's rise over the window's is under way.
+    assert d.desired == replicas_for_slo(120.0, 16, 8, 2.0) + slo_kind.TREND_MAX_EXTRA
+    assert "ahead of a rise under way (+50% over a pod start)" in d.message
+
+
+def test_a_rise_within_poisson_noise_is_no_trend() -> None:
+    trig = slo_policy(20).triggers[0]
+    window_rps = 100.0  # the 15 s recent window of a 1 m rate window: noise sd = sqrt(100 / 15) = 2.6 rps
+    assert slo_kind.trend(trig, window_rps, {"recent": window_rps + 15.0}, 60.0) == 1.0  # < 6 sd
+    rising = slo_kind.trend(trig, window_rps, {"recent": window_rps + 20.0}, 60.0)
+    # slope 20 rps over the 22.5 s between the windows' midpoints, extrapolated over 60 s.
+    assert rising == pytest.approx(1 + (20 / 22.5) * 60 / 120)
+
+
+@given(
+    window_rps=st.floats(0, 1e4),
+    recent_rps=st.floats(0, 1e4),
+    lookahead=st.floats(0, 3600),
+)
+def test_the_trend_never_lowers_demand_nor_exceeds_its_cap(
+    window_rps: float, recent_rps: float, lookahead: float
+) -> None:
+    trig = slo_policy(20).triggers[0]
+    assert 1.0 <= slo_kind.trend(trig, window_rps, {"recent": recent_rps}, lookahead) <= slo_kind.TREND_CAP
 
 
 def test_measured_capacity_replaces_the_assumed_one_and_is_remembered() -> None:
@@ -184,7 +210,7 @@ def test_the_forecast_floor_never_lowers_the_count_nor_exceeds_max(
     without = decide(pol, Observed(current, current), Metrics(dict(values)), now)
     with_forecast = decide(pol, Observed(current, current), Metrics(dict(values), history=hist), now)
     assert with_forecast.desired >= without.desired
-    assert with_forecast.desired <= pol.max_replicas  # type: ignore[attr-defined]
+    assert with_forecast.desired <= pol.max_replicas
 
 
 # ------------------------------------------------------------------------------------- advisory

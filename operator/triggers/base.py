@@ -28,6 +28,7 @@ class Context:
     capacity_rps: float | None = None  # one replica's capacity, measured or assumed (SLO kinds)
     capacity_measured: bool = False
     headroom: float = 1.0  # demand's usual rise over a pod start (slo kinds size for demand x this)
+    trend: float = 1.0  # the rise under way now, extrapolated over a pod start (slo kinds lean on it a little)
 
     @property
     def starting(self) -> int:
@@ -45,6 +46,9 @@ class Recommendation:
 
 class TriggerKind(Protocol):
     prefixes: tuple[str, ...]  # the batch keys it answers start with one of these
+    # Reads series the inference pods publish: at zero pods it has no data by construction, which is
+    # no news (only a trigger on something outside the pods, like a gateway's counter, can wake them).
+    reads_pods: bool
 
     def validate(self, trigger: Trigger, field: str) -> None:
         """Raise SpecError naming the field for settings the CRD schema cannot judge."""
@@ -85,6 +89,8 @@ def proportional_and_threshold(trigger: Trigger, value: float, ctx: Context, sum
         else:
             rec = math.ceil(ctx.ready * ratio - 1e-9)
             within = abs(ratio - 1) <= trigger.tolerance
+            if ctx.replicas == 0 and value > 0:
+                rec, within = 1, False  # activation, as KEDA's: any load wakes one replica, then the ratio applies
         target = fmt(trigger, trigger.target)
         if within:
             recs.append((ctx.replicas, f"{named(trigger, value)} within {trigger.tolerance:.0%} of target {target}"))

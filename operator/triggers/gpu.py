@@ -13,6 +13,7 @@ _PREFIX = "gpu:"
 
 class GpuUtilization:
     prefixes: tuple[str, ...] = ("gpu:",)
+    reads_pods = True
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None

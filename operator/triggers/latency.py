@@ -11,6 +11,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 
 class LatencyP95:
     prefixes: tuple[str, ...] = ("latency",)
+    reads_pods = True
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None

@@ -10,6 +10,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 
 class PromQL:
     prefixes: tuple[str, ...] = ()
+    reads_pods = False
 
     def validate(self, trigger: Trigger, field: str) -> None:
         if not trigger.query:

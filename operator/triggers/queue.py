@@ -11,6 +11,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 
 class QueueLength:
     prefixes: tuple[str, ...] = ("queue",)
+    reads_pods = True
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None

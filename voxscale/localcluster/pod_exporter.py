@@ -56,6 +56,8 @@ class PodMetricsExporter(Collector):
     _pods: dict[tuple[str, str], list[tuple[str, bool]]] = field(default_factory=dict)  # (pod, ready)
     _counters: dict[tuple[str, str], PodCounters] = field(default_factory=dict)  # (namespace, pod)
     _stop: threading.Event = field(default_factory=threading.Event)
+    # A queue length for one pod, over its TTSDeployment's queue_per_pod: (namespace, pod) -> requests.
+    pod_queue: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         api = k8s_config.new_client_from_config(config_file=str(self.state.kubeconfig))  # type: ignore[no-untyped-call]
@@ -85,8 +87,9 @@ class PodMetricsExporter(Collector):
                 value = load.gpu_percent if ready or load.loading_gpu_percent is None else load.loading_gpu_percent
                 if value is not None:
                     gpu.add_metric(["0", pod, ns], value)
-                if load.queue_per_pod is not None:
-                    queue.add_metric([pod, ns], load.queue_per_pod if ready else 0.0)
+                held = self.pod_queue.get((ns, pod), load.queue_per_pod)
+                if held is not None:
+                    queue.add_metric([pod, ns], held if ready else 0.0)
         yield gpu
         yield queue
         yield from self._demand_families()

@@ -36,16 +36,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["patch"]
+# (list: a Service or PDB deleted by hand is re-applied at the next round)
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch", "delete"]
-# Pod start times (creation to Ready): the forecast floor looks ahead by their P90.
+  verbs: ["get", "list", "create", "patch", "delete"]
+# Another autoscaler on our Deployment (an HPA, or KEDA's, which is one) is detected, not fought.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
+# Pod start times (creation to Ready): the forecast floor looks ahead by their P90. Patch: the
+# pod-deletion-cost annotation, so a scale-down removes idle pods before busy ones.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "patch"]
 # Decisions and errors as Events.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]

@@ -1,0 +1,244 @@
+"""Operator faults (issue 12): stale status after a fail-over, NaN and garbage from PromQL.
+
+Pure parts run the engine and the status builder on plain data; the parts marked `cluster` write
+status through the real API server and query the real Prometheus.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import threading
+from typing import Any, cast
+
+import pytest
+from kubernetes import config as k8s_config
+
+from tests.engine_helpers import T0, Run, policy
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import REPO
+from voxscale.operator import status as st
+from voxscale.operator.crd import GROUP, PLURAL, VERSION
+from voxscale.operator.engine import History, Metrics, Observed, decide
+from voxscale.operator.kube import Kube
+from voxscale.operator.policy import SpecError
+from voxscale.operator.prometheus import Endpoint, PrometheusSource, Target, sample_value
+from voxscale.operator.scaler import Scaler
+
+GPU = {"name": "gpu", "type": "gpuUtilization", "target": 60, "scaleDownBelow": 40}
+SCALE_DOWN = {"stabilizationWindow": "10m", "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}
+
+
+def gpu_policy() -> Any:
+    return policy({"triggers": [GPU], "scaleDown": SCALE_DOWN}, {"min": 1, "max": 10})
+
+
+def written(run_status: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the API server holds after the operator wrote these statuses, one after another."""
+    return run_status[-1] if run_status else {}
+
+
+def seen(replicas: int) -> st.Observation:
+    return st.Observation(generation=1, replicas=replicas, ready=replicas, min_replicas=1, deployment_found=True)
+
+
+# ------------------------------------------------------------------------------ 1. stale status
+def test_a_new_leader_does_not_act_on_a_clock_that_stopped_holding() -> None:
+    """The issue's reproduction: GPU below 40 % once, then at 60 % for 20 minutes, then one tick at
+    39 %. Statuses are rebuilt whole, so the ended below-clock is gone and a fresh operator holds."""
+    run = Run(gpu_policy(), replicas=6)
+    statuses: list[dict[str, Any]] = []
+    for gpu in [30.0] + [60.0] * 120:  # 10 s ticks: 20 minutes at 60 %
+        d = run.tick(Metrics({"gpu": gpu}))
+        statuses.append(st.build(written(statuses), seen(d.desired), d, d.history, run.now))
+        run.now += dt.timedelta(seconds=10)
+    stored = written(statuses)
+    assert "gpu" not in stored["engine"].get("belowSince", {})
+    fresh = History.from_dict(stored["engine"])
+    d = decide(gpu_policy(), Observed(6, 6), Metrics({"gpu": 39.0}), run.now, fresh)
+    assert d.desired == 6, d.message
+
+
+def test_clocks_read_back_after_a_gap_start_again() -> None:
+    """Belt and braces: memory no tick kept up to date (a status read back after an outage) cannot
+    claim "below 40 % for 10m"."""
+    stale = History(below_since={"gpu": T0}, observed_at=T0 + dt.timedelta(minutes=5))
+    later = T0 + dt.timedelta(minutes=30)
+    d = decide(gpu_policy(), Observed(6, 6), Metrics({"gpu": 39.0}), later, stale)
+    assert d.desired == 6 and d.history.below_since == {"gpu": later}
+    kept = History(below_since={"gpu": T0}, data_since=T0, observed_at=later - dt.timedelta(seconds=10))
+    assert decide(gpu_policy(), Observed(6, 6), Metrics({"gpu": 39.0}), later, kept).desired < 6
+
+
+@pytest.mark.parametrize(
+    ("previous", "path"),
+    [
+        ({"lastDecision": {"activeSchedule": "morning"}}, ("lastDecision", "activeSchedule")),
+        ({"lastDecision": {"metrics": {"old": 1.0}}}, ("lastDecision", "metrics", "old")),
+        ({"engine": {"belowSince": {"gpu": "2026-01-01T00:00:00+00:00"}}}, ("engine", "belowSince", "gpu")),
+        ({"advisedReplicas": 4}, ("advisedReplicas",)),
+        ({"demand": {"arrivalRps": 3.0}}, ("demand",)),
+    ],
+)
+def test_build_carries_nothing_over_but_scale_time_and_transitions(
+    previous: dict[str, Any], path: tuple[str, ...]
+) -> None:
+    d = decide(gpu_policy(), Observed(3, 3), Metrics({"gpu": 50.0}), T0)  # between the thresholds: holds
+    assert not d.changed
+    out = st.build({**previous, "lastScaleTime": "2026-01-01T00:00:00Z"}, seen(3), d, d.history, T0)
+    node: Any = out
+    for key in path[:-1]:
+        node = node.get(key, {})
+    assert path[-1] not in node
+    assert out["lastScaleTime"] == "2026-01-01T00:00:00Z"
+    assert out["lastDecision"]["metrics"] == {"gpu": 50.0}
+    assert "activeSchedule" not in out["lastDecision"]
+
+
+def test_build_never_writes_null() -> None:
+    d = decide(gpu_policy(), Observed(3, 3), Metrics(), T0)
+    out = st.build({}, seen(3), d, d.history, T0)
+    assert "null" not in json.dumps(out)
+
+
+# ------------------------------------------------------------------------------ 2. NaN and garbage
+CUSTOM = {"name": "c", "type": "promql", "query": "x", "target": 10}
+CUSTOM_THRESHOLD = {"name": "c", "type": "promql", "query": "x", "scaleUpAbove": 10, "scaleDownBelow": 2}
+
+
+@pytest.mark.parametrize("trigger", [CUSTOM, CUSTOM_THRESHOLD], ids=["proportional", "threshold"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_value_that_is_not_a_number_is_missing_data(trigger: dict[str, Any], value: float) -> None:
+    pol = policy({"triggers": [trigger]}, {"min": 1, "max": 10})
+    d = decide(pol, Observed(4, 4), Metrics({"c": value}), T0)
+    assert d.desired == 4 and not d.metrics_available
+    assert "not a number" in d.metrics_message
+    out = st.build({}, seen(4), d, d.history, T0)
+    json.dumps(out, allow_nan=False)  # a bare NaN in a status patch is invalid JSON: HTTP 400
+    assert out["conditions"][-1]["reason"] == "MetricsUnavailable"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1.5", 1.5), ("0", 0.0), ("NaN", None), ("+Inf", None), ("-Inf", None), ("", None), ("abc", None)],
+)
+def test_sample_values_are_finite_numbers_or_none(raw: str, expected: float | None) -> None:
+    assert sample_value(raw) == expected
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("vector(0) / 0", "not a number"),  # PromQL's 0/0 at idle
+        ("vector(1) / 0", "not a number"),  # +Inf
+        ('label_replace(vector(1), "x", "a", "", "") or label_replace(vector(2), "x", "b", "", "")', "2 series"),
+    ],
+)
+def test_nan_inf_and_many_series_from_the_real_prometheus_name_the_cause(
+    prometheus_url: str, query: str, why: str
+) -> None:
+    pol = policy({"triggers": [{**CUSTOM, "query": query}]}, {"min": 1, "max": 10})
+    target = Target("ns", "app", pol, Endpoint(prometheus_url))
+    m = PrometheusSource().fetch([target])[target.key]
+    assert m.values == {} and m.error is None
+    assert why in m.invalid["c"]
+    d = decide(pol, Observed(2, 2), m, T0)
+    assert d.desired == 2 and why in d.metrics_message
+
+
+@pytest.mark.cluster
+def test_status_writes_remove_what_the_new_status_lacks(
+    cluster: LocalCluster, cluster_state: ClusterState, namespace: str
+) -> None:
+    """Through the real API server: a key written once is gone after a status without it."""
+    cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/ttsdeployments.voxscale.io", "--timeout=60s")
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TTSDeployment",
+        "metadata": {"name": "app", "namespace": namespace},
+        "spec": {"model": {"image": "tts:1"}, "replicas": {"min": 1, "max": 3}},
+    }
+    api = k8s_config.new_client_from_config(config_file=str(cluster_state.kubeconfig))
+    kube = Kube(api)
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    first = {"replicas": 6, "engine": {"belowSince": {"gpu": "2026-01-01T00:00:00+00:00"}}, "advisedReplicas": 5}
+    kube.replace_status(namespace, "app", first)
+    kube.replace_status(namespace, "app", {"replicas": 6, "engine": {"belowSince": {}}})
+    stored = kube.custom.get_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "app")["status"]
+    assert stored == {"replicas": 6, "engine": {"belowSince": {}}}
+
+
+# ------------------------------------------------------------------------------ 4. scale to zero
+GATEWAY = {"name": "gateway", "type": "promql", "query": "sum(rate(gateway_requests_total[1m]))", "target": 10}
+TO_ZERO = {"min": 0, "max": 5, "allowScaleToZero": True}
+
+
+def test_min_zero_without_a_signal_outside_the_pods_is_refused_naming_the_field() -> None:
+    with pytest.raises(SpecError) as err:
+        policy({}, TO_ZERO)
+    assert err.value.field == "spec.replicas.min" and "promql trigger" in str(err.value)
+    policy({"triggers": [GATEWAY]}, TO_ZERO)  # a gateway's counter can wake it
+    policy({"schedules": [{"name": "day", "cron": "0 8 * * *", "duration": "1h", "minReplicas": 1}]}, TO_ZERO)
+
+
+@pytest.mark.parametrize("fallback", [{"mode": "hold"}, {"mode": "fixed", "replicas": 3}])
+def test_at_zero_a_gateway_signal_wakes_one_replica_and_silence_keeps_zero(fallback: dict[str, Any]) -> None:
+    pol = policy({"triggers": [{"name": "slo", "type": "slo"}, GATEWAY], "fallback": fallback}, TO_ZERO)
+    quiet = decide(pol, Observed(0, 0), Metrics({"gateway": 0.0}), T0)
+    assert quiet.desired == 0 and quiet.metrics_available  # no pods: their metrics are absent, not missing
+    assert "scaled to zero" in next(r.note for r in quiet.readings if r.name == "slo")
+    woken = decide(pol, Observed(0, 0), Metrics({"gateway": 0.2}), T0)
+    assert woken.desired == 1, woken.message
+
+
+# ------------------------------------------------------------------------------ 8. tenants
+def ttsd_body(prometheus: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"namespace": "team-a", "name": "app"}, "spec": {"scaling": {"prometheus": prometheus}}}
+
+
+def test_a_prometheus_url_outside_the_allowlist_is_refused_before_any_secret_is_read() -> None:
+    # No Kube at all: reading the Secret would fail loudly; the check must come first.
+    scaler = Scaler(
+        cast(Kube, None), default_prometheus_url="http://prom:9090", allowed_prometheus_urls=("http://prom",)
+    )
+    evil = {"url": "https://attacker.example/", "auth": {"bearerTokenSecretRef": {"name": "s", "key": "token"}}}
+    with pytest.raises(SpecError) as err:
+        scaler._endpoint(ttsd_body(evil))
+    assert err.value.field == "spec.scaling.prometheus.url" and "allowedPrometheusUrls" in str(err.value)
+    assert scaler._endpoint(ttsd_body({})).url == "http://prom:9090"
+    assert scaler._endpoint(ttsd_body({"url": "http://prom-team-a:9090"})).url == "http://prom-team-a:9090"
+    assert Scaler(cast(Kube, None))._endpoint(ttsd_body({"url": "http://any:9090"})).url == "http://any:9090"
+
+
+# ------------------------------------------------------------------------------ 10. handler threads
+def test_handlers_may_change_the_registry_while_a_round_reads_it() -> None:
+    """kopf's handler threads upsert and remove while the round takes its due objects."""
+    scaler = Scaler(cast(Kube, None))
+    bodies = [
+        {"metadata": {"namespace": "ns", "name": f"t{i}", "generation": 1}, "spec": {"model": {"image": "x:1"}}}
+        for i in range(200)
+    ]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        while not stop.is_set():
+            for b in bodies:
+                scaler.upsert(b)
+            for b in bodies:
+                scaler.remove((b["metadata"]["namespace"], b["metadata"]["name"]))
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(2000):
+            scaler.due(math.inf)
+    except RuntimeError as exc:  # "dictionary changed size during iteration"
+        errors.append(exc)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
