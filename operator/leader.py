@@ -1,9 +1,11 @@
 """Leader election on a coordination.k8s.io Lease, so two operator replicas never act at once.
 
-The rule (a pure function) is the one client-go uses: the holder renews well inside the lease
-duration; anyone may take over a lease whose renewTime is older than its duration. Writes carry the
-resourceVersion they read, so two candidates racing for an expired lease cannot both win. A leader
-that cannot renew in time exits the process: crash-only, its replacement (or the standby) takes over.
+The rule (a pure function) is client-go's: a candidate never compares another replica's renewTime
+with its own clock (two clocks, any skew). It remembers the lease record as it last saw it and when,
+on its own monotonic clock, that record last changed; the holder is presumed dead only once the
+record has stood still for the lease duration. Writes carry the resourceVersion they read, so two
+candidates racing for an expired lease cannot both win. A leader that cannot renew in time exits the
+process: crash-only, its replacement (or the standby) takes over.
 """
 
 from __future__ import annotations
@@ -13,28 +15,70 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger("voxscale.operator.leader")
+RENEW_STEP = dt.timedelta(milliseconds=1)  # the API server keeps renewTime to the microsecond
 
 
 @dataclass(frozen=True)
-class LeaseView:
+class LeaseRecord:
+    """A Lease's spec as the election compares it: any change of any field is a sign of life.
+
+    The times are written for people reading the Lease; the election only asks whether they changed.
+    """
+
     holder: str | None
-    renew_time: dt.datetime | None
-    duration: dt.timedelta
+    duration_seconds: int
+    acquire_time: dt.datetime | None = None
+    renew_time: dt.datetime | None = None
+    transitions: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: client.V1LeaseSpec, default_seconds: int) -> LeaseRecord:
+        return cls(
+            holder=spec.holder_identity or None,
+            duration_seconds=spec.lease_duration_seconds or default_seconds,
+            acquire_time=spec.acquire_time,
+            renew_time=spec.renew_time,
+            transitions=spec.lease_transitions or 0,
+        )
 
 
-def may_acquire(lease: LeaseView | None, identity: str, now: dt.datetime) -> bool:
-    """Whether `identity` may hold the lease at `now` (absent, ours, or expired)."""
-    if lease is None or lease.holder in (None, "", identity):
+@dataclass(frozen=True)
+class Observation:
+    """The record this replica last saw, and its own monotonic time when it first saw it so."""
+
+    record: LeaseRecord
+    since: float
+
+
+def observe(last: Observation | None, record: LeaseRecord, mono: float) -> Observation:
+    """Restart the clock whenever the record differs in any field from the one last seen."""
+    if last is None or last.record != record:
+        return Observation(record, mono)
+    return last
+
+
+def may_acquire(seen: Observation, identity: str, mono: float) -> bool:
+    """Whether `identity` may write the lease now: it is free, ours, or has stood still for its duration
+    as measured on this replica's clock since it last changed (client-go's observedTime rule)."""
+    holder = seen.record.holder
+    if holder is None or holder == identity:
         return True
-    if lease.renew_time is None:
-        return True
-    return now - lease.renew_time > lease.duration
+    return mono - seen.since >= seen.record.duration_seconds
+
+
+def next_renew_time(previous: dt.datetime | None, now: dt.datetime) -> dt.datetime:
+    """The renewTime to write: `now`, but always after the previous one, so that a renewal is always a
+    visible change even when the holder's clock stepped back (an unchanged write would look dead)."""
+    if previous is not None and now <= previous:
+        return previous + RENEW_STEP
+    return now
 
 
 class LeaseElector:
@@ -46,59 +90,70 @@ class LeaseElector:
         lease_seconds: int = 15,
         renew_seconds: float = 5.0,
         api: client.CoordinationV1Api | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
         self.api = api or client.CoordinationV1Api()
         self.is_leader = False
         self._stop = threading.Event()
+        self._monotonic = monotonic
+        self._seen: Observation | None = None  # the record as last read or written here
 
     def _try(self) -> bool:
-        now = dt.datetime.now(dt.UTC)
+        """One round of the election: read, judge by what this replica observed, write if allowed."""
         try:
             lease = self.api.read_namespaced_lease(self.name, self.namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            body = client.V1Lease(
-                metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                spec=client.V1LeaseSpec(
-                    holder_identity=self.identity,
-                    lease_duration_seconds=self.lease_seconds,
-                    acquire_time=now,
-                    renew_time=now,
-                    lease_transitions=0,
-                ),
-            )
-            try:
-                self.api.create_namespaced_lease(self.namespace, body)
-                return True
-            except ApiException as create_exc:
-                if create_exc.status == 409:  # someone else created it first
-                    return False
-                raise
+            return self._create()
         spec = lease.spec
         assert spec is not None, "a Lease always has a spec"
-        view = LeaseView(
-            spec.holder_identity,
-            spec.renew_time,
-            dt.timedelta(seconds=spec.lease_duration_seconds or self.lease_seconds),
-        )
-        if not may_acquire(view, self.identity, now):
+        self._seen = observe(self._seen, LeaseRecord.from_spec(spec, self.lease_seconds), self._monotonic())
+        if not may_acquire(self._seen, self.identity, self._monotonic()):
             return False
-        if spec.holder_identity != self.identity:
+        now = dt.datetime.now(dt.UTC)
+        if spec.holder_identity == self.identity:
+            spec.renew_time = next_renew_time(spec.renew_time, now)
+        else:  # taking over: holder and transitions change, so the record changes whatever the clock
             spec.holder_identity = self.identity
-            spec.acquire_time = now
+            spec.acquire_time = spec.renew_time = now
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
-        spec.renew_time = now
         spec.lease_duration_seconds = self.lease_seconds
         try:
-            self.api.replace_namespaced_lease(self.name, self.namespace, lease)  # carries resourceVersion
-            return True
+            written = self.api.replace_namespaced_lease(self.name, self.namespace, lease)  # carries resourceVersion
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status == 409:  # another candidate wrote first: its record is what the next read sees
                 return False
             raise
+        self._remember(written)
+        return True
+
+    def _create(self) -> bool:
+        now = dt.datetime.now(dt.UTC)
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+            spec=client.V1LeaseSpec(
+                holder_identity=self.identity,
+                lease_duration_seconds=self.lease_seconds,
+                acquire_time=now,
+                renew_time=now,
+                lease_transitions=0,
+            ),
+        )
+        try:
+            self._remember(self.api.create_namespaced_lease(self.namespace, body))
+            return True
+        except ApiException as exc:
+            if exc.status == 409:  # someone else created it first
+                return False
+            raise
+
+    def _remember(self, written: client.V1Lease) -> None:
+        """What we wrote is what we observed (as the server stored it), as of now."""
+        assert written.spec is not None
+        self._seen = Observation(LeaseRecord.from_spec(written.spec, self.lease_seconds), self._monotonic())
 
     def acquire(self, poll_seconds: float = 1.0) -> None:
         """Block until this process holds the lease."""

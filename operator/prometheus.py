@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from voxscale.operator.policy import ScalingPolicy
 
 Key = tuple[str, str]  # (namespace, name)
 HISTORY_STEP_SECONDS = 60
+LABELS_LOOKBACK_SECONDS = 300  # series seen this recently explain an empty result
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,31 @@ class PrometheusSource:
                 for t, slot in users:
                     if t.key in samples:
                         values[t.key][slot] = samples[t.key]
+                self._explain_missing(ep, batch, [(t, s) for t, s in users if t.key not in samples], invalid)
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in targets}
+
+    def _explain_missing(
+        self, ep: Endpoint, batch: str, missing: Sequence[tuple[Target, str]], invalid: dict[Key, dict[str, str]]
+    ) -> None:
+        """Say why a join matched nothing, from the label names the series carry: one look-up per
+        endpoint and batch, only when some object came back empty, and names only (no other tenant's values)."""
+        explainer = triggers.explainer(batch)
+        main = [(t, slot) for t, slot in missing if "." not in slot]
+        if explainer is None or not main:
+            return
+        seen = self._label_names(ep, explainer.probe(batch))
+        for t, slot in main:
+            invalid[t.key].setdefault(slot, explainer.explain_missing(batch, slot, t.namespace, t.name, seen))
+
+    def _label_names(self, ep: Endpoint, series: str) -> list[str] | None:
+        """Label names of `series` over the last few minutes (None: they could not be read)."""
+        self.stats.queries += 1
+        params = {"match[]": series, "start": f"{time.time() - LABELS_LOOKBACK_SECONDS:.0f}"}
+        try:
+            names: list[str] = self._client(ep).get_label_names(params=params)
+        except (requests.RequestException, PrometheusApiClientException, ValueError, KeyError):
+            return None
+        return [n for n in names if n != "__name__"]
 
     def pod_work(self, ep: Endpoint, namespace: str, name: str) -> dict[str, float]:
         """Requests held by each pod of one TTSDeployment (pods without a finite value are left out)."""

@@ -1,7 +1,10 @@
 """PromQL for every trigger kind, batched: one query per kind answers for ALL TTSDeployments.
 
 Series are joined to their TTSDeployment by the labels dcgm-exporter and a Prometheus pod scrape
-really carry: `namespace` and `pod`. A Deployment's pods are named `<deployment>-<template hash>-<5
+really carry: `namespace` and `pod`. dcgm-exporter speaks for other pods, so how it is scraped
+matters: with `honorLabels: true` its `pod`/`namespace` survive; with a ServiceMonitor's default they
+arrive as `exported_pod`/`exported_namespace` (and `pod`/`namespace` name the exporter itself). The
+GPU query accepts both forms in one query. A Deployment's pods are named `<deployment>-<template hash>-<5
 chars>`, and a TTSDeployment's Deployment has its name, so `label_replace` recovers the owner from
 the pod name inside Prometheus and `by (namespace, ttsdeployment)` returns one sample per object.
 """
@@ -22,8 +25,10 @@ LATENCY_WINDOW = "1m"
 _GPU_SCALE = {
     mc.DCGM_GPU_UTIL.name: 1.0,
     mc.DCGM_ENGINE_ACTIVE.name: 100.0,
-    mc.GPU_UTILIZATION.name: 100.0,
 }
+GPU_METRICS = tuple(_GPU_SCALE)
+# dcgm-exporter's workload labels as a scrape without honorLabels renames them.
+EXPORTED_POD, EXPORTED_NAMESPACE = "exported_pod", "exported_namespace"
 
 
 def escape_label_value(value: str) -> str:
@@ -43,15 +48,29 @@ def _with_owner(expr: str) -> str:
     return f'label_replace({expr}, "{OWNER_LABEL}", "$1", "pod", "{_POD_NAME}")'
 
 
-def _selector(series: str, namespaces: Iterable[str]) -> str:
-    matchers = ", ".join(m for m in (_namespace_matcher(namespaces), 'pod!=""') if m)
+def _selector(series: str, namespaces: Iterable[str], *extra: str) -> str:
+    matchers = ", ".join(m for m in (_namespace_matcher(namespaces), 'pod!=""', *extra) if m)
     return f"{series}{{{matchers}}}"
 
 
+def _exported_selector(series: str, namespaces: Iterable[str]) -> str:
+    """The exported_* form, renamed back to pod/namespace (the exporter's own pod and namespace dropped)."""
+    ns = _namespace_matcher(namespaces).replace("namespace=~", f"{EXPORTED_NAMESPACE}=~", 1)
+    matchers = ", ".join(m for m in (ns, f'{EXPORTED_POD}!=""') if m)
+    moved = f'label_replace({series}{{{matchers}}}, "pod", "$1", "{EXPORTED_POD}", "(.+)")'
+    return f'label_replace({moved}, "namespace", "$1", "{EXPORTED_NAMESPACE}", "(.+)")'
+
+
+def _workload_series(series: str, namespaces: Iterable[str]) -> str:
+    """An exporter's per-pod series under either scrape config: its own labels kept, or renamed exported_*."""
+    own = _selector(series, namespaces, f'{EXPORTED_POD}=""')
+    return f"({own} or {_exported_selector(series, namespaces)})"
+
+
 def gpu_utilization(metric: str, namespaces: Iterable[str]) -> str:
-    """Average GPU busy percent over each TTSDeployment's pods."""
+    """Average GPU busy percent over each TTSDeployment's pods (dcgm-exporter, scraped either way)."""
     scale = _GPU_SCALE[metric]
-    inner = f"avg by (namespace, {OWNER_LABEL}) ({_with_owner(_selector(metric, namespaces))})"
+    inner = f"avg by (namespace, {OWNER_LABEL}) ({_with_owner(_workload_series(metric, namespaces))})"
     return inner if scale == 1.0 else f"{scale:g} * {inner}"
 
 

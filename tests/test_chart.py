@@ -75,6 +75,13 @@ def test_monitoring_extras_are_off_by_default_and_render_when_enabled() -> None:
     }
 
 
+def test_service_monitor_keeps_the_operators_namespace_label() -> None:
+    """Without honorLabels Prometheus renames the per-object `namespace` to exported_namespace, and the
+    chart's own alerts and dashboard (by namespace, ttsdeployment) would name the operator's namespace."""
+    monitor = next(d for d in render(*ALL_MONITORING) if d["kind"] == "ServiceMonitor")
+    assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True]
+
+
 def test_every_metric_the_chart_queries_exists() -> None:
     """The alerts and dashboard use names from the metrics contract and the operator's own registry."""
     text = "\n".join(yaml.safe_dump(d) for d in render(*ALL_MONITORING))

@@ -116,6 +116,17 @@ BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
         "a trigger needs target (proportional) or scaleUpAbove (threshold)",
     ),
     (
+        "a gpuMetric nothing publishes yet",
+        {
+            "scaling": {
+                "triggers": [
+                    {"name": "g", "type": "gpuUtilization", "target": 60, "gpuMetric": "voxscale_gpu_utilization_ratio"}
+                ]
+            }
+        },
+        "spec.scaling.triggers[0].gpuMetric",
+    ),
+    (
         "promql without query",
         {"scaling": {"triggers": [{"name": "p", "type": "promql", "target": 1}]}},
         "a promql trigger needs query",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
+import uuid
 from pathlib import Path
 
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
@@ -26,7 +28,7 @@ def ttsd(name: str) -> str:
 def test_standby_takes_over_when_the_active_operator_is_killed(
     cluster: LocalCluster, cluster_state: ClusterState, tmp_path: Path
 ) -> None:
-    ns = "ha-test"
+    ns = f"ha-{uuid.uuid4().hex[:6]}"  # a rerun must not find the last run's Deployment in a terminating namespace
     # A namespace-scoped install (Role + RoleBinding in `ha-test` only), release `voxscale-ha`.
     kubeconfig = install_operator_rbac(cluster, "voxscale-ha", watch_namespaces=[ns])
     replicas = [
@@ -51,7 +53,7 @@ def test_standby_takes_over_when_the_active_operator_is_killed(
         assert not second.is_leader()
 
         first.kill()  # SIGKILL: no chance to hand the lease over
-        killed = time.monotonic()
+        killed, killed_wall = time.monotonic(), dt.datetime.now()
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=ttsd("after"))
         wait_for(
             "the standby reconciles",
@@ -59,6 +61,7 @@ def test_standby_takes_over_when_the_active_operator_is_killed(
             timeout=LEASE_SECONDS + 30,
         )
         takeover = time.monotonic() - killed
+        print(f"takeover after SIGKILL: {takeover:.2f}s (lease {LEASE_SECONDS}s); {_phases(second.log(), killed_wall)}")
         assert second.is_leader()
         # Bounded: the lease duration, one poll, kopf's start-up and one reconcile.
         assert takeover <= LEASE_SECONDS + 15, takeover
@@ -68,3 +71,15 @@ def test_standby_takes_over_when_the_active_operator_is_killed(
         for op in replicas:
             op.stop()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _phases(log: str, since: dt.datetime) -> str:
+    """When the standby won the lease and when kopf had started, in seconds after the kill (for the report)."""
+    marks = {"lease": "now holds lease", "kopf started": "Activity '_startup' succeeded"}
+    out = []
+    for what, needle in marks.items():
+        line = next((ln for ln in log.splitlines() if needle in ln), None)
+        if line is not None:
+            at = dt.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+            out.append(f"{what} +{(at - since).total_seconds():.2f}s")
+    return ", ".join(out)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import re
+import uuid
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tests.engine_helpers import policy
+from voxscale import metrics_contract as mc
+from voxscale.localcluster.cluster import LocalCluster
+from voxscale.localcluster.harness import free_port, wait_for
 from voxscale.operator import queries, triggers
-from voxscale.operator.policy import TriggerType
+from voxscale.operator.policy import SpecError, TriggerType
+from voxscale.operator.prometheus import Endpoint, PrometheusSource, Target
+from voxscale.operator.triggers.gpu import GpuUtilization
 
 POD_RE = re.compile(queries._POD_NAME)
 
@@ -75,3 +85,80 @@ def test_a_trigger_without_settings_gets_the_defaults_from_the_crd() -> None:
     slo = policy({"triggers": [{"name": "s", "type": "slo"}]}).triggers[0]
     assert (slo.latency_seconds, slo.capacity_rps, slo.rate_window.total_seconds()) == (2.0, 16.0, 60.0)
     assert policy({}).triggers[0].type.value == "slo"  # no triggers: the slo trigger
+
+
+# --------------------------------------------------------------------------- dcgm-exporter scraped either way
+def test_a_gpu_metric_nothing_publishes_is_refused_naming_the_field() -> None:
+    """Objects stored before the CRD narrowed its enum must not reach the query builder (a KeyError)."""
+    with pytest.raises(SpecError) as err:
+        policy(
+            {"triggers": [{"name": "g", "type": "gpuUtilization", "target": 60, "gpuMetric": mc.GPU_UTILIZATION.name}]}
+        )
+    assert err.value.field == "spec.scaling.triggers[0].gpuMetric"
+    assert "DCGM_FI_DEV_GPU_UTIL" in err.value.message  # the fix: a series that is published
+    assert mc.GPU_UTILIZATION.name not in queries.GPU_METRICS
+
+
+@pytest.mark.parametrize(
+    ("seen", "says"),
+    [
+        (None, "could not be listed"),
+        ([], "no DCGM_FI_DEV_GPU_UTIL series at all"),
+        (["gpu", "Hostname", "instance"], "none carries pod or exported_pod; labels seen: Hostname, gpu, instance"),
+        (["pod", "namespace", "gpu"], "none carries pod/exported_pod of this TTSDeployment's pods (app-<hash>-<id>"),
+    ],
+)
+def test_an_empty_gpu_result_says_which_labels_were_seen(seen: list[str] | None, says: str) -> None:
+    msg = GpuUtilization().explain_missing("gpu:DCGM_FI_DEV_GPU_UTIL", "g", "team", "app", seen)
+    assert msg.startswith("has no DCGM_FI_DEV_GPU_UTIL sample for this TTSDeployment")
+    assert says in msg
+
+
+def _dcgm_exporter(pods: dict[str, str], value: float) -> tuple[Any, int]:
+    """A dcgm-exporter stand-in: one GPU series per (pod -> namespace) it maps, as its pod mapping labels them."""
+    registry = CollectorRegistry()
+    gauge = Gauge(mc.DCGM_GPU_UTIL.name, "GPU util", ["gpu", "pod", "namespace"], registry=registry)
+    for i, (pod, ns) in enumerate(pods.items()):
+        gauge.labels(gpu=str(i), pod=pod, namespace=ns).set(value)
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server, port
+
+
+def test_gpu_query_joins_dcgm_series_with_or_without_honor_labels(cluster: LocalCluster, prometheus_url: str) -> None:
+    """One batched query reads both forms; an object matching neither is told which labels were seen."""
+    ns = f"gpu-{uuid.uuid4().hex[:6]}"
+    honored, honored_port = _dcgm_exporter({"kept-7d9f8c6b5b-x2k4z": ns}, 70)
+    renamed, renamed_port = _dcgm_exporter({"renamed-5f6d7c8b9-bc2d4": ns}, 30)
+    job = f"dcgm-{ns}"
+    cluster.set_scrape_targets(f"{job}-honor", [f"127.0.0.1:{honored_port}"])
+    # As a ServiceMonitor without honorLabels scrapes it: the exporter pod's own pod/namespace are target labels.
+    exporter_pod = {"pod": "dcgm-exporter-k2x4z", "namespace": "gpu-operator"}
+    cluster.set_scrape_targets(f"{job}-default", [f"127.0.0.1:{renamed_port}"], exporter_pod, honor_labels=False)
+    gpu = policy({"triggers": [{"name": "g", "type": "gpuUtilization", "target": 60}]})
+    ep = Endpoint(prometheus_url)
+    targets = [Target(ns, name, gpu, ep) for name in ("kept", "renamed", "absent")]
+    try:
+        wait_for("both exporters scraped", lambda: _scraped(prometheus_url, ns) == {"kept", "renamed"}, timeout=30)
+        source = PrometheusSource()
+        got = source.fetch(targets)
+        assert got[(ns, "kept")].values == {"g": 70.0}
+        assert got[(ns, "renamed")].values == {"g": 30.0}
+        absent = got[(ns, "absent")]
+        # Not a query failure: the trigger's data is missing, and why is said with it.
+        assert absent.values == {} and absent.error is None
+        why = absent.invalid["g"]
+        assert "none carries pod/exported_pod of this TTSDeployment's pods (absent-<hash>-<id>" in why
+        assert "exported_namespace" in why and "exported_pod" in why  # the labels seen
+        assert source.stats.queries == 2  # one batched query for every object, one look-up of label names
+    finally:
+        for suffix in ("honor", "default"):
+            cluster.remove_scrape_targets(f"{job}-{suffix}")
+        honored.shutdown()
+        renamed.shutdown()
+
+
+def _scraped(prometheus_url: str, ns: str) -> set[str]:
+    source = PrometheusSource()
+    result = source._query(Endpoint(prometheus_url), queries.gpu_utilization(mc.DCGM_GPU_UTIL.name, [ns]))
+    return {r["metric"]["ttsdeployment"] for r in result}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from voxscale.operator.policy import Trigger, format_duration
 
@@ -61,6 +61,17 @@ class TriggerKind(Protocol):
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
         """One tick's replica recommendation and the words that explain it."""
+
+
+@runtime_checkable
+class ExplainsMissing(Protocol):
+    """A kind whose empty result can be explained by the labels its series do carry (a mismatched join)."""
+
+    def probe(self, key: str) -> str:
+        """A series selector whose label names explain an empty result for this batch key."""
+
+    def explain_missing(self, key: str, trigger: str, namespace: str, name: str, seen: Sequence[str] | None) -> str:
+        """The condition message naming what was seen and the fix (`seen` None: the names could not be read)."""
 
 
 def fmt(trigger: Trigger, value: float) -> str:

@@ -34,6 +34,7 @@ STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 # Labels that NVIDIA's GPU feature discovery puts on real GPU nodes; workloads select on them.
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+_NO_HONOR_DIR = "default-labels"  # file-sd targets scraped with honor_labels: false
 
 
 def state_root() -> Path:
@@ -196,18 +197,29 @@ class LocalCluster:
         cmd = [str(binaries.binary("kubectl")), "--kubeconfig", str(st.kubeconfig), *args]
         return subprocess.run(cmd, input=input, capture_output=True, text=True, check=check, timeout=120)
 
-    def set_scrape_targets(self, job: str, targets: list[str], labels: dict[str, str] | None = None) -> Path:
-        """Point Prometheus at host:port targets (file service discovery; picked up within ~1 s)."""
-        st = self._require_state()
-        path = st.scrape_targets_dir / f"{job}.json"
+    def set_scrape_targets(
+        self, job: str, targets: list[str], labels: dict[str, str] | None = None, honor_labels: bool = True
+    ) -> Path:
+        """Point Prometheus at host:port targets (file service discovery; picked up within ~1 s).
+
+        `honor_labels=False` scrapes them as a ServiceMonitor does by default: an exporter's own
+        `pod`/`namespace` labels that clash with the target's `labels` arrive as `exported_pod`/...
+        """
+        path = self._targets_file(job, honor_labels)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps([{"targets": targets, "labels": {"job": job, **(labels or {})}}]))
         tmp.rename(path)
         return path
 
     def remove_scrape_targets(self, job: str) -> None:
+        for honor in (True, False):
+            self._targets_file(job, honor).unlink(missing_ok=True)
+
+    def _targets_file(self, job: str, honor_labels: bool) -> Path:
         st = self._require_state()
-        (st.scrape_targets_dir / f"{job}.json").unlink(missing_ok=True)
+        folder = st.scrape_targets_dir if honor_labels else st.scrape_targets_dir / _NO_HONOR_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{job}.json"
 
     def stop_process(self, name: str) -> None:
         """Stop one component (e.g. to test how clients cope with Prometheus going away)."""
@@ -509,7 +521,15 @@ class LocalCluster:
                     # Exporters here speak for pods (dcgm-exporter style): keep their pod/namespace labels.
                     "honor_labels": True,
                     "file_sd_configs": [{"files": [str(st.scrape_targets_dir / "*.json")], "refresh_interval": "1s"}],
-                }
+                },
+                {
+                    "job_name": "voxscale-file-sd-default-labels",
+                    # A ServiceMonitor's default: clashing exporter labels become exported_<name>.
+                    "honor_labels": False,
+                    "file_sd_configs": [
+                        {"files": [str(st.scrape_targets_dir / _NO_HONOR_DIR / "*.json")], "refresh_interval": "1s"}
+                    ],
+                },
             ],
         }
         (st.dir / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
