@@ -7,17 +7,22 @@ the scale subresource under its own field manager, so re-applying the spec can n
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from voxscale.metrics_contract import POD_LABEL_TTSDEPLOYMENT
+from voxscale.operator import crd
 from voxscale.operator.crd import GROUP, KIND, VERSION
+from voxscale.operator.policy import parse_duration
 
 MANAGED_BY = "voxscale"
 CONTAINER = "tts"
 PORT_NAME = "http"
-# The pod's grace period covers the preStop pause plus the server's drain of accepted requests.
-TERMINATION_GRACE_SECONDS = 90
+# The pod's grace period covers the preStop pause, the server's drain of accepted requests
+# (drain_seconds) and a margin for the process to exit.
 PRESTOP_PAUSE_SECONDS = 5
+EXIT_MARGIN_SECONDS = 5
+DRAIN_FLOOR_SECONDS = 60
 # The inference image's user (Dockerfile.inference); as fsGroup it makes a claimed voice store writable.
 SERVER_UID = 10001
 VOICE_STORE_PATH = "/var/lib/voxscale/voices"
@@ -59,6 +64,33 @@ def _metadata(ttsd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def drain_seconds(spec: dict[str, Any]) -> int:
+    """How long a stopping pod may take to answer what it accepted: spec.model.drainTimeout, or a full
+    queue served twice over at the replica capacity the spec assumes (at least DRAIN_FLOOR_SECONDS).
+
+    From the spec, not from the capacity measured on the pods: the grace period is part of the pod
+    template, and a template that followed a measurement would roll every pod each time it moved.
+    """
+    full = crd.default_spec(spec)
+    model = full["model"]
+    if "drainTimeout" in model:
+        return math.ceil(parse_duration(model["drainTimeout"], "spec.model.drainTimeout").total_seconds())
+    return max(DRAIN_FLOOR_SECONDS, math.ceil(2 * int(model["maxQueueLength"]) / _assumed_capacity(full)))
+
+
+def _assumed_capacity(full_spec: dict[str, Any]) -> float:
+    """The slo trigger's replicaCapacity, or the CRD's default for it when the spec has no slo trigger."""
+    for source in (full_spec, crd.default_spec({"model": {}})):
+        for trigger in source.get("scaling", {}).get("triggers", []):
+            if trigger.get("type") == "slo":
+                return float(trigger["slo"]["replicaCapacity"])
+    raise AssertionError("the CRD's default triggers include a slo trigger")
+
+
+def termination_grace_seconds(spec: dict[str, Any]) -> int:
+    return PRESTOP_PAUSE_SECONDS + drain_seconds(spec) + EXIT_MARGIN_SECONDS
+
+
 def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The pipeline settings handed to the inference server, then the user's own variables."""
     model = spec["model"]
@@ -69,6 +101,9 @@ def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": "VOXSCALE_MAX_QUEUE", "value": str(model.get("maxQueueLength", 64))},
         {"name": "VOXSCALE_PORT", "value": str(spec.get("service", {}).get("port", 8000))},
         {"name": "VOXSCALE_VOICE_STORE", "value": VOICE_STORE_PATH},
+        # Inside the grace period: a request never outlives the drain, the drain never outlives the pod.
+        {"name": "VOXSCALE_REQUEST_TIMEOUT_S", "value": str(drain_seconds(spec))},
+        {"name": "VOXSCALE_DRAIN_TIMEOUT_S", "value": str(drain_seconds(spec))},
         {"name": "VOXSCALE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "VOXSCALE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
@@ -108,7 +143,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     port = int(spec.get("service", {}).get("port", 8000))
     probe_base = {"httpGet": {"path": "/readyz", "port": PORT_NAME}}
     pod_spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "securityContext": {
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},

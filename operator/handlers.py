@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -18,19 +19,18 @@ from voxscale.operator.kube import Kube
 from voxscale.operator.scaler import Scaler
 
 
+@dataclass
 class Runtime:
-    """What the handlers share; set up by runner.run() before kopf starts."""
+    """What the handlers share: built by runner before kopf starts and handed to kopf as its `memo`
+    (kopf gives each object a shallow copy, so all of them share this kube and scaler)."""
 
     kube: Kube
     scaler: Scaler
     task: asyncio.Task[None] | None = None
 
 
-RUNTIME = Runtime()
-
-
 @kopf.on.startup()
-async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def _startup(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> None:
     # Our status schema is strict: keep kopf's own bookkeeping in annotations, not in status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="voxscale.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -39,44 +39,44 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # the scaler posts its own, more useful, Events
     settings.watching.server_timeout = 120
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
-    RUNTIME.task = asyncio.create_task(RUNTIME.scaler.run_forever())
+    memo.task = asyncio.create_task(memo.scaler.run_forever())
 
 
 @kopf.on.cleanup()
-async def _cleanup(**_: Any) -> None:
-    if RUNTIME.task is not None:
-        RUNTIME.task.cancel()
+async def _cleanup(memo: Runtime, **_: Any) -> None:
+    if memo.task is not None:
+        memo.task.cancel()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def _track(type: str, body: kopf.Body, **_: Any) -> None:
+def _track(type: str, body: kopf.Body, memo: Runtime, **_: Any) -> None:
     obj = dict(body)
     if type == "DELETED":
-        RUNTIME.scaler.remove((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        memo.scaler.remove((obj["metadata"]["namespace"], obj["metadata"]["name"]))
     else:
-        RUNTIME.scaler.upsert(_plain(obj))
+        memo.scaler.upsert(_plain(obj))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def _reconcile(body: kopf.Body, reason: str, **_: Any) -> None:
+def _reconcile(body: kopf.Body, reason: str, memo: Runtime, **_: Any) -> None:
     """Make the children match the spec (never touching the replica count)."""
     obj = _plain(dict(body))
     try:
-        applied = RUNTIME.kube.apply_children(obj)
+        applied = memo.kube.apply_children(obj)
     except ApiException as exc:
         if exc.status in (400, 403, 422):
             msg = f"cannot apply children: HTTP {exc.status}: {_api_message(exc)}"
-            RUNTIME.kube.event(obj, "Warning", "ReconcileFailed", msg)
+            memo.kube.event(obj, "Warning", "ReconcileFailed", msg)
             raise kopf.PermanentError(msg) from exc
         raise kopf.TemporaryError(f"API error {exc.status}; retrying", delay=5) from exc
     if reason == "create":
-        RUNTIME.kube.event(obj, "Normal", "Created", f"created {', '.join(applied)}")
+        memo.kube.event(obj, "Normal", "Created", f"created {', '.join(applied)}")
     elif reason == "update":
-        RUNTIME.kube.event(obj, "Normal", "Updated", f"applied the new spec to {', '.join(applied)}")
-    RUNTIME.scaler.upsert(obj)
-    RUNTIME.scaler.mark_due((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        memo.kube.event(obj, "Normal", "Updated", f"applied the new spec to {', '.join(applied)}")
+    memo.scaler.upsert(obj)
+    memo.scaler.mark_due((obj["metadata"]["namespace"], obj["metadata"]["name"]))
 
 
 def _plain(obj: Any) -> Any:

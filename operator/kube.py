@@ -186,6 +186,11 @@ class Kube:
                     out.setdefault((pod.metadata.namespace, owner), []).append(started)
         return {k: tuple(v) for k, v in out.items()}
 
+    def secret_data(self, ns: str, name: str) -> dict[str, str]:
+        """A Secret's data, base64-encoded as the API holds it (raises ApiException)."""
+        secret = self.core.read_namespaced_secret(name, ns)
+        return {k: str(v) for k, v in (secret.data or {}).items()}
+
     def set_deletion_costs(self, ns: str, costs: dict[str, int]) -> None:
         """Annotate pods with `controller.kubernetes.io/pod-deletion-cost`: on a scale-down the
         ReplicaSet removes the Ready pods with the lowest cost first, so idle pods go before busy ones."""

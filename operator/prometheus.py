@@ -6,12 +6,14 @@ is reported as such (never as zero); the engine decides what missing data means.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from voxscale.operator import queries, triggers
+from voxscale.operator import queries, tenancy, triggers
 from voxscale.operator.engine import Metrics
 from voxscale.operator.forecast import RateHistory
 from voxscale.operator.policy import ScalingPolicy
@@ -54,15 +56,31 @@ class Target:
 
 @dataclass
 class QueryStats:
-    """PromQL queries sent so far; the scaler reports the per-round delta (it must not grow with objects)."""
+    """PromQL queries sent so far; the scaler reports the per-round delta (it must not grow with objects).
+    Endpoints are queried from worker threads, so counting goes through `count`."""
 
     queries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, n: int = 1) -> None:
+        with self._lock:
+            self.queries += n
+
+
+# An endpoint gets this many times its own query timeout to answer a round; objects on an endpoint
+# that is slower are held for the round (with the cause) while every other endpoint's are scaled.
+BUDGET_TIMEOUTS = 2.0
 
 
 class PrometheusSource:
-    def __init__(self) -> None:
+    def __init__(self, scope_custom_queries: bool = False, max_parallel_endpoints: int = 8) -> None:
+        """`scope_custom_queries`: run a custom PromQL trigger only if every selector in it is pinned
+        to its object's namespace (tenancy.py) - for clusters where TTSDeployment authors are tenants."""
         self.stats = QueryStats()
+        self.scope_custom_queries = scope_custom_queries
         self._clients: dict[Endpoint, PrometheusConnect] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_parallel_endpoints, thread_name_prefix="prometheus")
+        self._in_flight: dict[Endpoint, concurrent.futures.Future[dict[Key, Metrics]]] = {}
 
     def _client(self, ep: Endpoint) -> PrometheusConnect:
         if ep not in self._clients:
@@ -77,7 +95,7 @@ class PrometheusSource:
         return self._clients[ep]
 
     def _query(self, ep: Endpoint, promql: str) -> list[dict[str, Any]]:
-        self.stats.queries += 1
+        self.stats.count()
         try:
             result: list[dict[str, Any]] = self._client(ep).custom_query(promql)
             return result
@@ -85,39 +103,62 @@ class PrometheusSource:
             raise QueryError(_describe(ep, exc)) from exc
 
     def fetch(self, targets: Sequence[Target]) -> dict[Key, Metrics]:
-        """Metrics for each target, with one batched query per metric kind and endpoint."""
-        values: dict[Key, dict[str, float]] = defaultdict(dict)
-        invalid: dict[Key, dict[str, str]] = defaultdict(dict)
-        errors: dict[Key, str] = {}
+        """Metrics for each target: one batched query per metric kind and endpoint, the endpoints
+        side by side, each within its budget (BUDGET_TIMEOUTS x its timeout) - a slow or hung
+        Prometheus holds only the objects that use it."""
         by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
         for t in targets:
             by_endpoint[t.endpoint].append(t)
+        out: dict[Key, Metrics] = {}
+        waiting: dict[concurrent.futures.Future[dict[Key, Metrics]], tuple[Endpoint, list[Target]]] = {}
         for ep, group in by_endpoint.items():
-            namespaces = sorted({t.namespace for t in group})
-            needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
-            for t in group:
-                for trig in t.policy.triggers:
-                    for role, key in triggers.kind(trig).inputs(trig).items():
-                        slot = trig.name if role == "value" else f"{trig.name}.{role}"
-                        if key is not None:
-                            needed[key].append((t, slot))
-                        else:
-                            self._custom(ep, t, slot, trig.query or "", values, invalid, errors)
-            for batch, users in needed.items():
-                try:
-                    result = self._query(ep, triggers.batch_query(batch, namespaces))
-                    # The lowest capacity of any GPU product the pods run on: sized for the slowest.
-                    samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None, combine=min)
-                except QueryError as exc:
-                    for t, slot in users:
-                        if "." not in slot:  # a secondary input's failure leaves its trigger usable
-                            errors.setdefault(t.key, str(exc))
-                    continue
+            previous = self._in_flight.get(ep)
+            if previous is not None and not previous.done():
+                why = f"Prometheus at {ep.url} is still answering an earlier round's queries"
+                out.update({t.key: Metrics(error=why) for t in group})
+                continue
+            future = self._pool.submit(self._fetch_endpoint, ep, group)
+            self._in_flight[ep] = future
+            waiting[future] = (ep, group)
+        deadline = time.monotonic() + max((ep.timeout_seconds for ep in by_endpoint), default=0) * BUDGET_TIMEOUTS
+        for future, (ep, group) in waiting.items():
+            try:
+                out.update(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except concurrent.futures.TimeoutError:
+                why = f"Prometheus at {ep.url} did not answer within {ep.timeout_seconds * BUDGET_TIMEOUTS:g}s"
+                out.update({t.key: Metrics(error=why) for t in group})
+        return out
+
+    def _fetch_endpoint(self, ep: Endpoint, group: Sequence[Target]) -> dict[Key, Metrics]:
+        """One endpoint's objects (runs in a worker thread; touches nothing another endpoint uses)."""
+        values: dict[Key, dict[str, float]] = defaultdict(dict)
+        invalid: dict[Key, dict[str, str]] = defaultdict(dict)
+        errors: dict[Key, str] = {}
+        namespaces = sorted({t.namespace for t in group})
+        needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
+        for t in group:
+            for trig in t.policy.triggers:
+                for role, key in triggers.kind(trig).inputs(trig).items():
+                    slot = trig.name if role == "value" else f"{trig.name}.{role}"
+                    if key is not None:
+                        needed[key].append((t, slot))
+                    else:
+                        self._custom(ep, t, slot, trig.query or "", values, invalid, errors)
+        for batch, users in needed.items():
+            try:
+                result = self._query(ep, triggers.batch_query(batch, namespaces))
+                # The lowest capacity of any GPU product the pods run on: sized for the slowest.
+                samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None, combine=min)
+            except QueryError as exc:
                 for t, slot in users:
-                    if t.key in samples:
-                        values[t.key][slot] = samples[t.key]
-                self._explain_missing(ep, batch, [(t, s) for t, s in users if t.key not in samples], invalid)
-        return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in targets}
+                    if "." not in slot:  # a secondary input's failure leaves its trigger usable
+                        errors.setdefault(t.key, str(exc))
+                continue
+            for t, slot in users:
+                if t.key in samples:
+                    values[t.key][slot] = samples[t.key]
+            self._explain_missing(ep, batch, [(t, s) for t, s in users if t.key not in samples], invalid)
+        return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in group}
 
     def _explain_missing(
         self, ep: Endpoint, batch: str, missing: Sequence[tuple[Target, str]], invalid: dict[Key, dict[str, str]]
@@ -134,7 +175,7 @@ class PrometheusSource:
 
     def _label_names(self, ep: Endpoint, series: str) -> list[str] | None:
         """Label names of `series` over the last few minutes (None: they could not be read)."""
-        self.stats.queries += 1
+        self.stats.count()
         params = {"match[]": series, "start": f"{time.time() - LABELS_LOOKBACK_SECONDS:.0f}"}
         try:
             names: list[str] = self._client(ep).get_label_names(params=params)
@@ -144,7 +185,6 @@ class PrometheusSource:
 
     def pod_work(self, ep: Endpoint, namespace: str, name: str) -> dict[str, float]:
         """Requests held by each pod of one TTSDeployment (pods without a finite value are left out)."""
-        self.stats.queries += 1
         out: dict[str, float] = {}
         for series in self._query(ep, queries.pod_work(namespace, name)):
             pod, value = series.get("metric", {}).get("pod"), sample_value(_raw_value(series))
@@ -162,7 +202,7 @@ class PrometheusSource:
         step = max(HISTORY_STEP_SECONDS, math.ceil(lookback.total_seconds() / 10_000))
         start = now - lookback
         promql = queries.arrival_rate(namespaces, max(window_seconds, 2 * step))  # >= 2 samples per window
-        self.stats.queries += 1
+        self.stats.count()
         try:
             result: list[dict[str, Any]] = self._client(ep).custom_query_range(
                 promql, start_time=start, end_time=now, step=f"{step}s"
@@ -196,8 +236,14 @@ class PrometheusSource:
         errors: dict[Key, str],
     ) -> None:
         """A custom trigger's own query: one series, one number; anything else is that trigger's missing data."""
+        promql = queries.custom(promql, t.namespace, t.name)
+        if self.scope_custom_queries:
+            problem = tenancy.scope_problem(promql, t.namespace)
+            if problem is not None:
+                invalid[t.key][trigger] = f"not run: the query {problem}"
+                return
         try:
-            result = self._query(ep, queries.custom(promql, t.namespace, t.name))
+            result = self._query(ep, promql)
         except QueryError as exc:
             errors.setdefault(t.key, str(exc))
             return

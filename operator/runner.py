@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import start_http_server
 
 if TYPE_CHECKING:
+    from voxscale.operator.handlers import Runtime
     from voxscale.operator.leader import LeaseElector
 
 
@@ -35,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help="a URL prefix spec.scaling.prometheus.url may start with (repeatable); the default URL is always "
         "allowed; none given: any URL (a TTSDeployment author then chooses where its Secret's credentials go)",
+    )
+    p.add_argument(
+        "--scope-custom-queries",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='run a custom PromQL trigger only if every selector in it is pinned to its own namespace '
+        '(namespace="$namespace"): for clusters where TTSDeployment authors are separate tenants',
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="the operator's own /metrics (0: off)")
     p.add_argument("--health-port", type=int, default=8081, help="kopf liveness endpoint /healthz (0: off)")
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     load_config()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
-    _prepare(args)
+    runtime = _prepare(args)
     elector = _lead(args) if args.leader_election else None
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     try:
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 namespaces=list(args.namespace),
                 standalone=True,  # leader election above replaces kopf's peering
                 liveness_endpoint=liveness,
+                memo=runtime,
             )
         )
     finally:
@@ -97,22 +106,25 @@ def _configure_logging(kopf: Any, verbose: bool) -> None:
     logging.getLogger("voxscale").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _prepare(args: argparse.Namespace) -> None:
+def _prepare(args: argparse.Namespace) -> Runtime:
     """Build, while standing by, everything that neither reads the cluster's objects nor writes:
     the API clients (~0.8 s of first-use cost in the kubernetes client), the scaler, the CRD's
     defaults (~0.2 s of YAML). A standby that wins then only starts kopf and runs a round."""
     from voxscale.operator import crd, handlers
     from voxscale.operator.kube import Kube
+    from voxscale.operator.prometheus import PrometheusSource
     from voxscale.operator.scaler import Scaler
 
-    handlers.RUNTIME.kube = Kube()
-    handlers.RUNTIME.scaler = Scaler(
-        handlers.RUNTIME.kube,
+    kube = Kube()
+    scaler = Scaler(
+        kube,
+        PrometheusSource(scope_custom_queries=args.scope_custom_queries),
         default_prometheus_url=args.prometheus_url,
         namespaces=args.namespace or None,
         allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
     )
     crd.schema()  # cached for the process: the first object's defaults no longer parse the CRD file
+    return handlers.Runtime(kube, scaler)
 
 
 def _lead(args: argparse.Namespace) -> LeaseElector:

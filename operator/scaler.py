@@ -8,7 +8,6 @@ replica count through the scale subresource, and records the decision in status 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import logging
@@ -25,10 +24,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from voxscale.operator import children
 from voxscale.operator import status as st
+from voxscale.operator.endpoints import EndpointResolver
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.forecast import RateHistory
 from voxscale.operator.kube import Kube
-from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, parse_duration
+from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError
 from voxscale.operator.prometheus import HISTORY_STEP_SECONDS, Endpoint, Key, PrometheusSource, QueryError, Target
 
 log = logging.getLogger("voxscale.operator.scaler")
@@ -101,10 +101,11 @@ class Scaler:
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         allowed_prometheus_urls: tuple[str, ...] = (),
     ) -> None:
-        self.allowed_prometheus_urls = allowed_prometheus_urls
         self.kube = kube
         self.source = source or PrometheusSource()
-        self.default_prometheus_url = default_prometheus_url
+        self.endpoints = EndpointResolver(
+            kube.secret_data if kube is not None else None, default_prometheus_url, allowed_prometheus_urls
+        )
         self.namespaces = namespaces or None
         self.wall_clock = wall_clock
         # kopf runs sync handlers (upsert/remove) in its executor threads while the round runs in
@@ -145,6 +146,7 @@ class Scaler:
             self.tracked.pop(key, None)
             TRACKED.set(len(self.tracked))
             self.histories.pop(key, None)
+        self.endpoints.forget(key)
         for gauge in _PER_OBJECT_GAUGES:
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
@@ -183,7 +185,7 @@ class Scaler:
             if tr.policy is None or not tr.policy.triggers:
                 continue
             try:
-                targets.append(Target(tr.key[0], tr.key[1], tr.policy, self._endpoint(tr.body)))
+                targets.append(Target(tr.key[0], tr.key[1], tr.policy, self.endpoints.resolve(tr.body)))
             except SpecError as exc:
                 endpoint_errors[tr.key] = str(exc)
         queries_before = self.source.stats.queries
@@ -236,54 +238,6 @@ class Scaler:
                 # No series at all is an answer too: no history yet (the forecast says how much it needs).
                 empty = RateHistory(now, HISTORY_STEP_SECONDS, np.full(0, np.nan))
                 self.histories[t.key] = (mono, found.get(t.key, empty))
-
-    def _endpoint(self, body: dict[str, Any]) -> Endpoint:
-        prom = (body["spec"].get("scaling") or {}).get("prometheus") or {}
-        url = prom.get("url") or self.default_prometheus_url
-        if not url:
-            raise SpecError(
-                "spec.scaling.prometheus.url",
-                "no Prometheus URL: set it here or start the operator with --prometheus-url",
-            )
-        self._check_allowed(url)
-        timeout = parse_duration(prom.get("timeout", "5s"), "spec.scaling.prometheus.timeout").total_seconds()
-        auth = prom.get("auth") or {}
-        ns = body["metadata"]["namespace"]
-        if "bearerTokenSecretRef" in auth:
-            ref = auth["bearerTokenSecretRef"]
-            token = self._secret_value(ns, ref["name"], ref["key"], "spec.scaling.prometheus.auth.bearerTokenSecretRef")
-            return Endpoint(url, timeout, headers=(("Authorization", f"Bearer {token}"),))
-        if "basicAuthSecretRef" in auth:
-            ref = auth["basicAuthSecretRef"]
-            field_path = "spec.scaling.prometheus.auth.basicAuthSecretRef"
-            user = self._secret_value(ns, ref["name"], "username", field_path)
-            password = self._secret_value(ns, ref["name"], "password", field_path)
-            return Endpoint(url, timeout, basic_auth=(user, password))
-        return Endpoint(url, timeout)
-
-    def _check_allowed(self, url: str) -> None:
-        """Refuse a Prometheus URL outside the operator's allowlist, before any Secret is read for it."""
-        allowed = self.allowed_prometheus_urls
-        if not allowed or url == self.default_prometheus_url or any(url.startswith(p) for p in allowed):
-            return
-        raise SpecError(
-            "spec.scaling.prometheus.url",
-            f"{url} is not among the Prometheus URLs this operator may query ({', '.join(allowed)}); "
-            "leave the field empty for the default, or ask the operator's admin to add it "
-            "(chart value allowedPrometheusUrls)",
-        )
-
-    def _secret_value(self, ns: str, name: str, key: str, field_path: str) -> str:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self.kube.core.read_namespaced_secret(name, ns)
-        except ApiException as exc:
-            raise SpecError(field_path, f"cannot read Secret {ns}/{name}: HTTP {exc.status}") from exc
-        data = secret.data or {}
-        if key not in data:
-            raise SpecError(field_path, f"Secret {ns}/{name} has no key {key!r}")
-        return base64.b64decode(data[key]).decode().strip()
 
     def _restore_children(self, tr: Tracked, present: set[str]) -> None:
         """Re-apply the children when a Service or PDB the spec calls for is gone (the Deployment is
@@ -344,7 +298,7 @@ class Scaler:
         ones first. Best effort: without the figures the scale-down still happens, as it would have."""
         ns, name = tr.key
         try:
-            work = self.source.pod_work(self._endpoint(tr.body), ns, name)
+            work = self.source.pod_work(self.endpoints.resolve(tr.body), ns, name)
             self.kube.set_deletion_costs(ns, deletion_costs(work))
         except (QueryError, SpecError, ApiException) as exc:
             log.warning("%s/%s: could not rank pods for the scale-down (%s)", ns, name, exc)

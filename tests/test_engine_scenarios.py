@@ -241,3 +241,44 @@ def test_settings_the_schema_cannot_judge_are_refused_with_the_field_named(
         policy(scaling)
     assert err.value.field == field
     assert str(err.value).startswith(field)
+
+
+# Issue 12, item 11: the scale-up stabilisation window and both cooldowns, to the second.
+QUEUE_4_PER_REPLICA = {"name": "queue", "type": "queueLength", "target": 4}
+
+
+def test_a_scale_up_waits_for_the_recommendation_to_hold_for_the_whole_up_window() -> None:
+    """A spike shorter than scaleUp.stabilizationWindow adds nothing; one that lasts it does, at its end."""
+    pol = policy({"triggers": [QUEUE_4_PER_REPLICA], "scaleUp": {"stabilizationWindow": "30s"}})
+    run = Run(pol, replicas=2)
+    run.run(60, 1, const(queue=8))  # what 2 carry
+    run.run(20, 1, const(queue=24))  # 6 replicas' worth, for 20 s
+    run.run(60, 1, const(queue=8))
+    assert run.changes() == []
+    start = (run.now - T0).total_seconds()
+    run.run(40, 1, const(queue=24))
+    assert run.changes() == [(start + 30, 2, 6, "queue")]
+
+
+def test_scale_up_cooldown_blocks_a_second_step_until_it_has_passed() -> None:
+    pol = policy(
+        {"triggers": [QUEUE_4_PER_REPLICA], "scaleUp": {"cooldown": "1m", "maxStepPercent": 50}}, {"min": 1, "max": 30}
+    )
+    run = Run(pol, replicas=4)
+    run.run(150, 1, const(queue=80))  # wants 20; 4 pods (or 50 %) a step, then a minute's pause
+    assert [c[:3] for c in run.changes()] == [(0, 4, 8), (60, 8, 12), (120, 12, 18)]
+
+
+def test_scale_down_cooldown_keeps_the_count_after_any_scale_event() -> None:
+    """After a scale-up, a drop in load waits out scaleDown.cooldown as well as the window."""
+    pol = policy(
+        {
+            "triggers": [QUEUE_4_PER_REPLICA],
+            "scaleDown": {"stabilizationWindow": "0s", "cooldown": "2m"},
+        }
+    )
+    run = Run(pol, replicas=2)
+    run.tick(Metrics({"queue": 24}))  # t = 0: 2 -> 6
+    run.now += dt.timedelta(seconds=1)
+    run.run(200, 1, const(queue=4))  # one replica's worth from t = 1
+    assert [c[:3] for c in run.changes()] == [(0, 2, 6), (120, 6, 1)]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import socket
 import threading
+import time
 from typing import Any, cast
 
 import pytest
@@ -18,8 +20,10 @@ from kubernetes import config as k8s_config
 from tests.engine_helpers import T0, Run, policy
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
 from voxscale.localcluster.harness import REPO
+from voxscale.operator import children
 from voxscale.operator import status as st
 from voxscale.operator.crd import GROUP, PLURAL, VERSION
+from voxscale.operator.crd import apply_defaults as crd_apply_defaults
 from voxscale.operator.engine import History, Metrics, Observed, decide
 from voxscale.operator.kube import Kube
 from voxscale.operator.policy import SpecError
@@ -206,11 +210,59 @@ def test_a_prometheus_url_outside_the_allowlist_is_refused_before_any_secret_is_
     )
     evil = {"url": "https://attacker.example/", "auth": {"bearerTokenSecretRef": {"name": "s", "key": "token"}}}
     with pytest.raises(SpecError) as err:
-        scaler._endpoint(ttsd_body(evil))
+        scaler.endpoints.resolve(ttsd_body(evil))
     assert err.value.field == "spec.scaling.prometheus.url" and "allowedPrometheusUrls" in str(err.value)
-    assert scaler._endpoint(ttsd_body({})).url == "http://prom:9090"
-    assert scaler._endpoint(ttsd_body({"url": "http://prom-team-a:9090"})).url == "http://prom-team-a:9090"
-    assert Scaler(cast(Kube, None))._endpoint(ttsd_body({"url": "http://any:9090"})).url == "http://any:9090"
+    assert scaler.endpoints.resolve(ttsd_body({})).url == "http://prom:9090"
+    assert scaler.endpoints.resolve(ttsd_body({"url": "http://prom-team-a:9090"})).url == "http://prom-team-a:9090"
+    assert Scaler(cast(Kube, None)).endpoints.resolve(ttsd_body({"url": "http://any:9090"})).url == "http://any:9090"
+
+
+@pytest.mark.cluster
+def test_scoped_custom_queries_run_only_inside_their_namespace(prometheus_url: str) -> None:
+    """With scoping on, a query that could read another namespace is not sent at all (nothing of it
+    can reach the status); a pinned one runs as written."""
+    loose = {**CUSTOM, "name": "loose", "query": "count(up)"}
+    pinned = {**CUSTOM, "name": "pinned", "query": 'count(up{namespace="$namespace"}) or vector(3)'}
+    pol = policy({"triggers": [loose, pinned]}, {"min": 1, "max": 10})
+    target = Target("team-a", "app", pol, Endpoint(prometheus_url))
+    source = PrometheusSource(scope_custom_queries=True)
+    m = source.fetch([target])[target.key]
+    assert m.values == {"pinned": 3.0} and m.error is None
+    assert m.invalid["loose"].startswith("not run: the query reads series outside namespace team-a: up;")
+    assert source.stats.queries == 1
+    d = decide(pol, Observed(2, 2), m, T0)
+    assert d.desired == 2 and 'namespace="$namespace"' in d.metrics_message
+
+
+def hung_endpoint() -> tuple[socket.socket, str]:
+    """A TCP port that accepts connections and never answers: a Prometheus that hangs."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.cluster
+def test_a_hung_prometheus_holds_only_its_own_objects(prometheus_url: str) -> None:
+    """Endpoints are queried side by side, each within twice its timeout: the objects on a hung one
+    are held with the cause while the others get their data in the same round."""
+    server, hung_url = hung_endpoint()
+    slow = policy({"triggers": [{**CUSTOM, "name": f"c{i}", "query": "vector(1)"} for i in range(3)]})
+    fine = policy({"triggers": [{**CUSTOM, "query": "vector(5)"}]})
+    stuck = Target("team-b", "stuck", slow, Endpoint(hung_url, timeout_seconds=1.0))
+    served = Target("team-a", "served", fine, Endpoint(prometheus_url, timeout_seconds=1.0))
+    source = PrometheusSource()
+    try:
+        started = time.monotonic()
+        got = source.fetch([stuck, served])
+        took = time.monotonic() - started
+        assert got[served.key].values == {"c": 5.0}
+        assert got[stuck.key].error == f"Prometheus at {hung_url} did not answer within 2s"
+        assert took < 2.9, took  # three 1 s timeouts in a row would be 3 s
+        # The hung endpoint's worker is still busy: the next round does not pile another one on it.
+        again = source.fetch([stuck, served])
+        assert again[stuck.key].error == f"Prometheus at {hung_url} is still answering an earlier round's queries"
+        assert again[served.key].values == {"c": 5.0}
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------ 10. handler threads
@@ -242,3 +294,28 @@ def test_handlers_may_change_the_registry_while_a_round_reads_it() -> None:
         stop.set()
         worker.join()
     assert not errors
+
+
+# ------------------------------------------------------------------------------ 6. grace period
+@pytest.mark.parametrize(
+    ("model", "triggers", "drain"),
+    [
+        ({}, None, 60),  # 64 queued at the default 16 rps is 4 s: the floor
+        ({"maxQueueLength": 1000}, None, 125),  # 2 x 1000 / 16
+        ({"maxQueueLength": 1000}, [{"name": "s", "type": "slo", "slo": {"replicaCapacity": 2}}], 1000),
+        ({"maxQueueLength": 1000}, [{"name": "g", "type": "gpuUtilization", "target": 60}], 125),  # CRD default
+        ({"maxQueueLength": 1000, "drainTimeout": "3m"}, None, 180),  # said explicitly
+    ],
+)
+def test_the_grace_period_holds_the_servers_timeouts_and_a_full_queue(
+    model: dict[str, Any], triggers: list[dict[str, Any]] | None, drain: int
+) -> None:
+    spec: dict[str, Any] = {"model": {"image": "tts:1", **model}}
+    if triggers is not None:
+        spec["scaling"] = {"triggers": triggers}
+    ttsd = crd_apply_defaults({"metadata": {"name": "app", "namespace": "ns", "uid": "u"}, "spec": spec})
+    pod = children.deployment(ttsd)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["VOXSCALE_DRAIN_TIMEOUT_S"] == env["VOXSCALE_REQUEST_TIMEOUT_S"] == str(drain)
+    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] == pause + drain + children.EXIT_MARGIN_SECONDS
