@@ -114,7 +114,9 @@ def http_load(requests_per_level: int) -> list[dict[str, Any]]:
                 def call(i: int) -> float:
                     start = time.perf_counter()
                     r = requests.post(
-                        f"{server.url}/v1/audio/speech", json={"input": TEXTS[i % len(TEXTS)]}, timeout=300
+                        f"{server.url}/v1/audio/speech",
+                        json={"input": TEXTS[i % len(TEXTS)], "response_format": "wav"},
+                        timeout=300,
                     )
                     r.raise_for_status()
                     return time.perf_counter() - start

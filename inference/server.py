@@ -23,12 +23,22 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voxscale import metrics_contract as mc
 from voxscale.inference import audio
 from voxscale.inference.batcher import Batcher, Draining, QueueFull
-from voxscale.inference.pipeline import STYLES, TTSPipeline
+from voxscale.inference.openai_compat import (
+    OPENAI_MODELS,
+    OPENAI_VOICES,
+    InstructionReading,
+    audio_delta,
+    audio_done,
+    builtin_for_openai_voice,
+    read_instructions,
+    stream_error,
+)
+from voxscale.inference.pipeline import STYLES, Item, TTSPipeline
 from voxscale.inference.piper import VoiceLoadError
 from voxscale.inference.server_metrics import ServerMetrics, gpu_product
 from voxscale.inference.stages import ENV as STAGE_WEIGHTS_ENV
@@ -38,6 +48,8 @@ from voxscale.inference.voices import VoiceStore, VoiceStoreError, is_voice_id
 log = logging.getLogger("voxscale.inference")
 MAX_INPUT = 4096
 REFERENCE_FILE = File(..., description="A 3-30 s recording of the voice, wav or flac.")
+SSE_CHUNK = 32 * 1024  # bytes of audio per speech.audio.delta when a whole file is sent as events
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not hold events back
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,9 @@ class Settings:
     max_wait_ms: float = 10.0
     max_queue: int = 64
     request_timeout_s: float = 120.0
+    # How long a SIGTERM may take to answer what was accepted; the operator sets it inside the pod's
+    # grace period (operator/children.py drain_seconds), so the kubelet never kills a busy server.
+    drain_timeout_s: float = 120.0
     api_token: str | None = None
     device: str | None = None
     voice_store: str | None = None  # a directory shared by the replicas; None keeps voices in memory
@@ -67,6 +82,7 @@ class Settings:
             max_wait_ms=float(env.get("VOXSCALE_MAX_WAIT_MS", cls.max_wait_ms)),
             max_queue=int(env.get("VOXSCALE_MAX_QUEUE", cls.max_queue)),
             request_timeout_s=float(env.get("VOXSCALE_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
+            drain_timeout_s=float(env.get("VOXSCALE_DRAIN_TIMEOUT_S", cls.drain_timeout_s)),
             api_token=env.get("VOXSCALE_API_TOKEN") or None,
             device=env.get("VOXSCALE_DEVICE") or None,
             voice_store=env.get("VOXSCALE_VOICE_STORE") or None,
@@ -80,17 +96,43 @@ class SpeechRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        "tts-1", max_length=128, description="Accepted for compatibility; the pod's voice model is used."
+        "tts-1",
+        max_length=128,
+        description=f"Accepted for compatibility ({', '.join(OPENAI_MODELS)}, ...); the pod's voice model is used.",
     )
     input: str = Field(..., min_length=1, max_length=MAX_INPUT, description="Text to speak (<= 4096 characters).")
-    voice: str = Field("en_US-joe-medium", max_length=128, description="A built-in voice or a registered voice id.")
-    response_format: Literal["wav", "pcm", "flac", "mp3", "opus"] = "wav"
+    voice: str = Field(
+        "en_US-joe-medium",
+        min_length=1,
+        max_length=128,
+        description="A built-in voice, an OpenAI voice name (rendered with a built-in voice), or a registered "
+        'voice id, also in OpenAI\'s custom-voice form {"id": "vc_..."}.',
+    )
+    instructions: str | None = Field(
+        None, max_length=MAX_INPUT, description="Free text; its style and speed words are applied, see the header."
+    )
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = Field(
+        "audio", description="audio: the file's bytes; sse: speech.audio.delta events, sentence by sentence."
+    )
     stream: bool = False
     noise_scale: float | None = Field(None, ge=0.0, le=2.0, description="Prosody variation (VITS noise scale).")
     noise_w: float | None = Field(None, ge=0.0, le=2.0, description="Duration variation (VITS noise_w).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same audio.")
-    style: Literal["neutral", "calm", "cheerful", "excited", "serious"] = "neutral"
+    style: Literal["neutral", "calm", "cheerful", "excited", "serious"] | None = Field(
+        None, description="A prosody preset; when given it wins over a style read from `instructions`."
+    )
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice_object(cls, voice: object) -> object:
+        """OpenAI's custom-voice form {"id": ...} names a registered voice; it is read as that id."""
+        if not isinstance(voice, dict):
+            return voice
+        if set(voice) != {"id"} or not isinstance(voice["id"], str):
+            raise ValueError('a voice is a name or an object with one string field, {"id": "vc_..."}')
+        return voice["id"]
 
 
 class ApiError(Exception):
@@ -257,11 +299,14 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
         return JSONResponse(body, status_code=200 if cached else 201)
 
     async def _resolve_voice(name: str) -> tuple[int | None, dict[str, str]]:
+        """The speaker id to render `name` with, and headers saying which voice that is."""
         p = state.pipeline
         builtins = p.builtin_voices()
-        if name in ("alloy", "echo", "fable", "onyx", "nova", "shimmer", "default"):
-            name = builtins[0]  # OpenAI's voice names select the pod's default voice
         headers: dict[str, str] = {}
+        alias = builtin_for_openai_voice(name, builtins)
+        if alias is not None:  # OpenAI's voice names select one of the pod's voices
+            headers["X-Voxscale-Voice-Mapped"] = f"{name} -> {alias}"
+            name = alias
         if is_voice_id(name):
             entry = await asyncio.to_thread(p.registered_voice, name)
             if entry is None:
@@ -283,12 +328,88 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             raise ApiError(
                 404,
                 f"voice: unknown voice {name!r}; built-in voices: {', '.join(builtins)}, "
+                f"OpenAI's voice names ({', '.join(OPENAI_VOICES)}), "
                 "or a registered voice id (vc_..., see GET /v1/voices)",
                 "voice",
                 "voice_not_found",
             )
+        headers["X-Voxscale-Voice"] = name
         speaker = p.voice.piper.speaker_id_map.get(name.split(":", 1)[1]) if ":" in name else None
         return speaker, headers
+
+    def _check_format(req: SpeechRequest) -> None:
+        """Refuse what cannot be encoded before any synthesis is spent on it."""
+        if req.response_format not in audio.supported_formats():
+            raise ApiError(422, audio.unsupported_message(req.response_format), "response_format", "unsupported_format")
+        if req.stream and req.stream_format == "audio" and req.response_format not in audio.StreamEncoder.INCREMENTAL:
+            raise ApiError(
+                400,
+                f"response_format: streaming raw audio supports {', '.join(audio.StreamEncoder.INCREMENTAL)}; "
+                'for flac or opus drop `stream`, or use stream_format="sse"',
+                "response_format",
+            )
+
+    def _scales(req: SpeechRequest, reading: InstructionReading) -> tuple[float, float, float]:
+        """VITS' (noise_scale, length_scale, noise_w): the voice's own, then style, speed and overrides."""
+        base = state.pipeline.voice.piper.scales
+        ns_x, nw_x, len_x = STYLES[req.style or reading.style or "neutral"]
+        speed = min(4.0, max(0.25, req.speed * reading.speed))  # instructions nudge speed within the API's range
+        return (
+            (req.noise_scale if req.noise_scale is not None else float(base.noise_scale)) * ns_x,
+            float(base.length_scale) * len_x / speed,
+            (req.noise_w if req.noise_w is not None else float(base.noise_w)) * nw_x,
+        )
+
+    def _submit(items: list[Item]) -> list[asyncio.Future[np.ndarray]]:
+        try:
+            return state.batcher.submit(items)
+        except QueueFull as exc:
+            state.metrics.counter(mc.REQUESTS).labels("429").inc()
+            raise ApiError(
+                429, str(exc), None, "rate_limit_exceeded", {"Retry-After": f"{exc.retry_after:.0f}"}
+            ) from None
+        except Draining:
+            raise ApiError(
+                503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
+            ) from None
+
+    def _finished(wavs: list[np.ndarray], started: float) -> None:
+        seconds = sum(len(w) for w in wavs) / state.pipeline.sample_rate
+        state.metrics.counter(mc.AUDIO_SECONDS).inc(seconds)
+        state.metrics.histogram(mc.REQUEST_LATENCY).observe(time.monotonic() - started)
+        state.metrics.counter(mc.REQUESTS).labels("200").inc()
+
+    async def _raw_stream(
+        futures: list[asyncio.Future[np.ndarray]], encoder: audio.StreamEncoder, started: float
+    ) -> AsyncIterator[bytes]:
+        """`stream: true`: the file's bytes sentence by sentence; the first leaves before the rest is done."""
+        wavs = []
+        for fut in futures:
+            wavs.append(await asyncio.wait_for(fut, settings.request_timeout_s))
+            yield await asyncio.to_thread(encoder.piece, wavs[-1])
+        _finished(wavs, started)
+
+    async def _sse_stream(
+        futures: list[asyncio.Future[np.ndarray]], encoder: audio.StreamEncoder, items: list[Item], started: float
+    ) -> AsyncIterator[bytes]:
+        """`stream_format: "sse"`: speech.audio.delta events (one per sentence where the format allows
+        it; flac and opus once the file is complete), then speech.audio.done with the usage."""
+        p = state.pipeline
+        wavs: list[np.ndarray] = []
+        try:
+            for fut in futures:
+                wavs.append(await asyncio.wait_for(fut, settings.request_timeout_s))
+                if encoder.incremental:
+                    yield audio_delta(await asyncio.to_thread(encoder.piece, wavs[-1]))
+        except TimeoutError:
+            yield stream_error(f"synthesis took longer than {settings.request_timeout_s:g} s", "timeout")
+            return
+        if not encoder.incremental:
+            whole = await asyncio.to_thread(audio.encode, audio.join(wavs, p.sample_rate), p.sample_rate, encoder.fmt)
+            for at in range(0, len(whole), SSE_CHUNK):
+                yield audio_delta(whole[at : at + SSE_CHUNK])
+        _finished(wavs, started)
+        yield audio_done(sum(len(i.ids) for i in items), sum(len(w) for w in wavs) // p.voice.cfg.hop)
 
     @app.post("/v1/audio/speech")
     async def speech(req: SpeechRequest) -> Response:
@@ -299,72 +420,35 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
             raise ApiError(
                 503, "the server is not ready (loading or draining); retry", None, "unavailable", {"Retry-After": "2"}
             )
-        if req.response_format not in audio.supported_formats():
-            raise ApiError(
-                400,
-                f"response_format: {req.response_format} is not available here; use one of "
-                f"{', '.join(audio.supported_formats())}",
-                "response_format",
-                "unsupported_format",
-            )
-        if req.stream and req.response_format not in ("wav", "pcm"):
-            raise ApiError(400, "response_format: streaming supports wav and pcm", "response_format")
+        _check_format(req)
         speaker, headers = await _resolve_voice(req.voice)
+        reading = read_instructions(req.instructions)
+        if req.instructions is not None:  # say how they were read: never dropped silently
+            headers["X-Voxscale-Instructions"] = reading.header(req.style)
         p = state.pipeline
-        base = p.voice.piper.scales
-        ns_x, nw_x, len_x = STYLES[req.style]
-        scales = (
-            (req.noise_scale if req.noise_scale is not None else float(base.noise_scale)) * ns_x,
-            float(base.length_scale) * len_x / req.speed,
-            (req.noise_w if req.noise_w is not None else float(base.noise_w)) * nw_x,
-        )
-        items = await asyncio.to_thread(p.prepare, req.input, scales, req.seed, speaker)
+        items = await asyncio.to_thread(p.prepare, req.input, _scales(req, reading), req.seed, speaker)
         if not items:
             raise ApiError(400, "input: nothing speakable in the text", "input")
         started = time.monotonic()
-        try:
-            futures = state.batcher.submit(items)
-        except QueueFull as exc:
-            state.metrics.counter(mc.REQUESTS).labels("429").inc()
-            raise ApiError(
-                429, str(exc), None, "rate_limit_exceeded", {"Retry-After": f"{exc.retry_after:.0f}"}
-            ) from None
-        except Draining:
-            raise ApiError(
-                503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
-            ) from None
-        media = audio.CONTENT_TYPES[req.response_format]
-        headers["X-Voxscale-Sample-Rate"] = str(p.sample_rate)
-
-        def done(wavs: list[np.ndarray]) -> None:
-            seconds = sum(len(w) for w in wavs) / p.sample_rate
-            state.metrics.counter(mc.AUDIO_SECONDS).inc(seconds)
-            state.metrics.histogram(mc.REQUEST_LATENCY).observe(time.monotonic() - started)
-            state.metrics.counter(mc.REQUESTS).labels("200").inc()
-
+        futures = _submit(items)
+        fmt = req.response_format
+        headers["X-Voxscale-Sample-Rate"] = headers["X-Sample-Rate"] = str(audio.output_rate(fmt, p.sample_rate))
+        encoder = audio.StreamEncoder(fmt, p.sample_rate)
+        if req.stream_format == "sse":
+            events = _sse_stream(futures, encoder, items, started)
+            return StreamingResponse(events, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        media = audio.CONTENT_TYPES[fmt]
         if req.stream:
-
-            async def chunks() -> AsyncIterator[bytes]:
-                if req.response_format == "wav":
-                    yield audio.wav_header(p.sample_rate)
-                wavs = []
-                for fut in futures:  # sentence by sentence: the first leaves before the rest is done
-                    wav = await asyncio.wait_for(fut, settings.request_timeout_s)
-                    wavs.append(wav)
-                    yield audio.to_pcm16(wav)
-                done(wavs)
-
-            return StreamingResponse(chunks(), media_type=media, headers=headers)
+            return StreamingResponse(_raw_stream(futures, encoder, started), media_type=media, headers=headers)
         try:
-            wavs = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s)
+            wavs = list(await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s))
         except TimeoutError:
             raise ApiError(
                 504, f"synthesis took longer than {settings.request_timeout_s:g} s", None, "timeout"
             ) from None
-        done(list(wavs))
-        pause = np.zeros(int(0.15 * p.sample_rate), dtype=np.float32)
-        joined = np.concatenate([x for w in wavs for x in (w, pause)][:-1])
-        return Response(audio.encode(joined, p.sample_rate, req.response_format), media_type=media, headers=headers)
+        _finished(wavs, started)
+        body = await asyncio.to_thread(audio.encode, audio.join(wavs, p.sample_rate), p.sample_rate, fmt)
+        return Response(body, media_type=media, headers=headers)
 
     return app
 
@@ -373,9 +457,11 @@ def serve(host: str = "0.0.0.0", port: int = 8000, settings: Settings | None = N
     """Run under uvicorn; SIGTERM turns /readyz false, lets accepted requests finish, then exits."""
     import uvicorn
 
+    settings = settings or Settings.from_env()
     app = create_app(settings)
     state: State = app.state.voxscale
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=120)
+    drain_s = settings.drain_timeout_s
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=round(drain_s))
     server = uvicorn.Server(config)
 
     tasks: list[asyncio.Task[None]] = []
@@ -388,7 +474,10 @@ def serve(host: str = "0.0.0.0", port: int = 8000, settings: Settings | None = N
                 state.draining = True
                 if hasattr(state, "batcher"):
                     state.batcher.draining = True
-                    await state.batcher.idle()
+                    try:
+                        await asyncio.wait_for(state.batcher.idle(), drain_s)
+                    except TimeoutError:
+                        log.warning("drain: work still queued after %gs (VOXSCALE_DRAIN_TIMEOUT_S); exiting", drain_s)
                 server.should_exit = True
 
             tasks.append(loop.create_task(finish()))

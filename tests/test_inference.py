@@ -306,7 +306,9 @@ def test_overload_gets_429_with_retry_after_and_nothing_accepted_is_dropped(tmp_
 
         def call(i: int) -> requests.Response:
             return requests.post(
-                f"{server.url}/v1/audio/speech", json={"input": f"Request number {i} is here."}, timeout=120
+                f"{server.url}/v1/audio/speech",
+                json={"input": f"Request number {i} is here.", "response_format": "wav"},
+                timeout=120,
             )
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -364,7 +366,10 @@ def test_streaming_sends_the_first_sentence_before_the_whole_text_is_done(tmp_pa
     try:
         start = time.monotonic()
         with requests.post(
-            f"{server.url}/v1/audio/speech", json={"input": LONG * 2, "stream": True}, stream=True, timeout=120
+            f"{server.url}/v1/audio/speech",
+            json={"input": LONG * 2, "stream": True, "response_format": "wav"},
+            stream=True,
+            timeout=120,
         ) as r:
             assert r.status_code == 200
             chunks = r.iter_content(chunk_size=None)
