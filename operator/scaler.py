@@ -137,7 +137,8 @@ class Scaler:
                 tr.policy, tr.spec_error = ScalingPolicy.from_spec(body["spec"]), None
             except SpecError as exc:
                 tr.policy, tr.spec_error = None, str(exc)
-            except (KeyError, TypeError, ValueError) as exc:
+            # A shape the schema refuses can still be stored from before a CRD change: say it, never crash.
+            except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
                 tr.policy, tr.spec_error = None, f"spec: {exc}"
             tr.next_due = 0.0  # evaluate a changed spec at once
 

@@ -6,9 +6,11 @@ status through the real API server and query the real Prometheus.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
+import random
 import socket
 import threading
 import time
@@ -24,6 +26,7 @@ from voxscale.operator import children
 from voxscale.operator import status as st
 from voxscale.operator.crd import GROUP, PLURAL, VERSION
 from voxscale.operator.crd import apply_defaults as crd_apply_defaults
+from voxscale.operator.crd import validate as crd_validate
 from voxscale.operator.engine import History, Metrics, Observed, decide
 from voxscale.operator.kube import Kube
 from voxscale.operator.policy import SpecError
@@ -319,3 +322,58 @@ def test_the_grace_period_holds_the_servers_timeouts_and_a_full_queue(
     assert env["VOXSCALE_DRAIN_TIMEOUT_S"] == env["VOXSCALE_REQUEST_TIMEOUT_S"] == str(drain)
     pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] == pause + drain + children.EXIT_MARGIN_SECONDS
+
+
+# ------------------------------------------------------------------------------ held-out bad manifests
+GARBAGE: list[Any] = [None, "", "abc", -1, 0, 1e309, "1d", "0s", [], {}, "Mars/Phobos", True, 2**40, "* * *", "NaN"]
+
+
+def _mutations(seed: int, trials: int) -> list[dict[str, Any]]:
+    """Valid specs with one to three fields replaced by garbage (wrong types, odd values)."""
+    rng = random.Random(seed)
+    base = crd_apply_defaults(
+        {
+            "spec": {
+                "model": {"image": "tts:1"},
+                "scaling": {
+                    "triggers": [{"name": "slo", "type": "slo", "slo": {}}, {**GPU}, {**CUSTOM}],
+                    "schedules": [{"name": "am", "cron": "0 8 * * *", "duration": "1h", "minReplicas": 2}],
+                },
+            }
+        }
+    )["spec"]
+    paths: list[list[Any]] = []
+
+    def walk(node: Any, path: list[Any]) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for k, v in items:
+            paths.append([*path, k])
+            walk(v, [*path, k])
+
+    walk(base, [])
+    out = []
+    for _ in range(trials):
+        spec = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(paths)
+            node = spec
+            with contextlib.suppress(KeyError, IndexError, TypeError):
+                for k in parents:
+                    node = node[k]
+                node[last] = rng.choice(GARBAGE)
+        out.append(spec)
+    return out
+
+
+def test_no_manifest_crashes_the_registry_and_every_schema_valid_one_parses_or_names_a_field() -> None:
+    """Objects the schema refuses can still be stored from before a CRD change; none may raise out of
+    the registry. One the schema accepts either parses or is refused as a SpecError naming a field."""
+    scaler = Scaler(cast(Kube, None))
+    for i, spec in enumerate(_mutations(seed=12, trials=1500)):
+        body = {"metadata": {"namespace": "ns", "name": f"o{i}", "generation": 1}, "spec": spec}
+        scaler.upsert(body)  # never raises
+        tr = scaler.tracked[("ns", f"o{i}")]
+        assert (tr.policy is None) == (tr.spec_error is not None)
+        obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TTSDeployment", **body}
+        if not crd_validate(obj) and tr.spec_error is not None:
+            assert tr.spec_error.startswith("spec."), tr.spec_error
