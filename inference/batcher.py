@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch
 from voxscale import metrics_contract as mc
 from voxscale.inference.pipeline import Item
 from voxscale.inference.server_metrics import BusyClock, ServerMetrics
+
+Priority = Literal["realtime", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("realtime", "batch")
 
 
 class QueueFull(RuntimeError):
@@ -91,8 +95,13 @@ class Batcher:
         """Requests waiting for a batch slot (what the queue bound and voxscale_queue_depth count)."""
         return self.waiting
 
-    def submit(self, items: list[Item]) -> list[asyncio.Future[np.ndarray]]:
-        """Admit a request (all its sentences) or refuse it whole; one future per sentence."""
+    def submit(
+        self, items: list[Item], priority: Priority = "realtime", request_id: str = ""
+    ) -> list[asyncio.Future[np.ndarray]]:
+        """Admit a request (all its sentences) or refuse it whole; one future per sentence.
+
+        `priority`: realtime requests are served before batch ones (interactive speech ahead of
+        offline book/course generation); `request_id` follows the request into the batch logs."""
         if not items:
             raise ValueError("a request needs at least one sentence")
         if self.draining:
