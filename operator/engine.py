@@ -308,7 +308,7 @@ class _Tick:
 
 
 # ------------------------------------------------------------------------------------ phase 1: floors
-def _schedule_floor(policy: ScalingPolicy, now: dt.datetime) -> tuple[int, str | None]:
+def schedule_floor_at(policy: ScalingPolicy, now: dt.datetime) -> tuple[int, str | None]:
     """The highest floor among active schedule windows (pre-warm included), and its name."""
     floor, active = 0, None
     for sched in policy.schedules:
@@ -448,7 +448,7 @@ def decide(
     lo, hi = policy.min_replicas, policy.max_replicas
     slo = policy.slo
 
-    schedule_floor, active = _schedule_floor(policy, now)
+    schedule_floor, active = schedule_floor_at(policy, now)
     missing = [n for n in metrics.missing(policy) if not (current == 0 and _reads_pods(policy, n))]
     complete = metrics.error is None and not missing
     above_since, below_since = _threshold_clocks(policy, metrics, now, hist)

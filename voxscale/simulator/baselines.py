@@ -16,6 +16,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from voxscale.operator.engine import schedule_floor_at
 from voxscale.operator.policy import ScalingPolicy, Schedule, Trigger
 from voxscale.operator.queueing import replicas_for_slo
 from voxscale.simulator.model import CapacityModel
@@ -270,7 +271,9 @@ class OracleAutoscaler:
     """A clairvoyant lower bound for GPU-hours: it knows the trace's true rate ahead of time, pays the
     cold start, and sizes exactly to the SLO. At each evaluation (every 5 s) it asks for the largest
     M/M/c sizing over the rates until its next pods could be Ready (now to now + cold start + 5 s), and
-    it scales down at once. No real autoscaler can do better on cost at the same SLO."""
+    it scales down at once. It keeps to what the manifest's owner fixed - min, max and the schedules'
+    floors, which every contender honours - so the gap to it is the autoscaler's own. No real
+    autoscaler can do better on cost at the same SLO under the same floors."""
 
     plan: np.ndarray  # replicas wanted at each step of the trace
     start_ts: float
@@ -286,16 +289,34 @@ class OracleAutoscaler:
         slo_seconds: float,
         min_replicas: int,
         max_replicas: int,
+        floors: np.ndarray | None = None,
         interval_seconds: float = 5.0,
     ) -> OracleAutoscaler:
+        """`floors`: the manifest's schedule floor at each step of the trace (see `schedule_floors`)."""
         need = slo_sizing(trace.rps, capacity.rps_per_replica, capacity.slots, slo_seconds)
         ahead = math.ceil((capacity.cold_start_seconds + interval_seconds) / trace.step_seconds)
-        plan = np.clip(forward_max(need, ahead), min_replicas, max_replicas)
+        wanted = forward_max(need, ahead)
+        if floors is not None:
+            wanted = np.maximum(wanted, floors)
+        plan = np.clip(wanted, min_replicas, max_replicas)
         return cls(plan, trace.start.timestamp(), trace.step_seconds, interval_seconds=interval_seconds)
 
     def desired(self, now: dt.datetime, replicas: int, ready: int, signals: Signals) -> int:
         i = round((now.timestamp() - self.start_ts) / self.step_seconds)
         return int(self.plan[min(max(i, 0), len(self.plan) - 1)])
+
+
+def schedule_floors(trace: Trace, policy: ScalingPolicy, every_seconds: float = 5.0) -> np.ndarray:
+    """The engine's schedule floor (pre-warm included) at each step of the trace, read every
+    `every_seconds` of trace time - the cadence the engine and the oracle decide at."""
+    floors = np.zeros(len(trace.rps), dtype=np.int64)
+    if not policy.schedules:
+        return floors
+    stride = max(1, round(every_seconds / trace.step_seconds))
+    for i in range(0, len(floors), stride):
+        now = trace.start + dt.timedelta(seconds=i * trace.step_seconds)
+        floors[i : i + stride] = schedule_floor_at(policy, now)[0]
+    return floors
 
 
 def forward_max(values: np.ndarray, ahead: int) -> np.ndarray:
