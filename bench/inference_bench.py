@@ -8,9 +8,12 @@ Side by side in one run, on the same voice (en_US-joe-medium) and texts:
   3. the quality cost of a half-precision vocoder (fp16, bf16) against fp32 at zero noise: SNR, max
      sample difference, and speaker-embedding similarity; on the CPU's kernels here, on CUDA's too
      with --cuda;
-  4. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp32/fp16/bf16, VRAM.
+  4. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp32/fp16/bf16, VRAM;
+  5. the request hot path: phonemising a 10-sentence request one espeak-ng process per sentence vs
+     one for the request, and a repeated text's synthesis with the audio cache missed vs hit
+     (medians; `--hot-path` runs this part alone, in seconds rather than minutes).
 
-    .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda]
+    .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda] [--hot-path]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from tests.inference_helpers import ServerProcess
 from voxscale.inference.pipeline import DTYPES, TTSPipeline
 from voxscale.inference.piper import default_voice_paths
+from voxscale.inference.text import Phonemizer, split_sentences
 from voxscale.inference.vits import Scales
 
 TEXTS = [
@@ -93,6 +97,53 @@ def rtf_torch_vs_onnx(repeats: int = 5) -> dict[str, Any]:
         f"RTF torch {out['torch']['rtf']:.3f}, onnxruntime {out['onnxruntime']['rtf']:.3f} "
         f"({out['torch_vs_onnxruntime']:.2f}x) over {out['torch']['audio_seconds']:.0f} s of audio each"
     )
+    return out
+
+
+TEN_SENTENCES = " ".join(TEXTS) + (
+    " Chapter two begins at 9:30 a.m. sharp. Did you read all 42 pages? Good! The end is near; keep going."
+    " Thank you for listening, and see you next week."
+)
+
+
+def _median_s(fn: Any, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hot_path(repeats: int = 9) -> dict[str, Any]:
+    """Phonemes of a 10-sentence request, per sentence vs one call (no cache involved), and a
+    repeated deterministic sentence synthesised with the audio cache cleared (miss) vs warm (hit)."""
+    pipe = TTSPipeline.load(precision="fp32", device="cpu")
+    phonemizer = Phonemizer(pipe.voice.piper.espeak_voice)
+    sentences = split_sentences(TEN_SENTENCES)
+    per_sentence = _median_s(lambda: [phonemizer.phonemize(x) for x in sentences], repeats)
+    one_call = _median_s(lambda: phonemizer.phonemize_many(sentences), repeats)
+    items = pipe.prepare(TEXTS[1], (0.667, 1.0, 0.8), seed=7)  # a seed: deterministic, so cacheable
+
+    def miss() -> None:
+        pipe.audio_cache.clear()
+        pipe.synthesize(items)
+
+    cache_miss = _median_s(miss, repeats)
+    cache_hit = _median_s(lambda: pipe.synthesize(items), repeats)
+    out = {
+        "sentences": len(sentences),
+        "phonemize_per_sentence_s": per_sentence,
+        "phonemize_one_call_s": one_call,
+        "phonemize_speedup": per_sentence / one_call,
+        "audio_cache_miss_s": cache_miss,
+        "audio_cache_hit_s": cache_hit,
+        "audio_cache_speedup": cache_miss / cache_hit,
+        "repeats": repeats,
+    }
+    say(f"hot path: {json.dumps(out)}")
     return out
 
 
@@ -190,13 +241,18 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cuda", action="store_true", help="also measure batching, fp16 and VRAM on CUDA")
+    parser.add_argument("--hot-path", action="store_true", help="only the phonemiser and audio-cache figures")
     args = parser.parse_args()
+    if args.hot_path:
+        print(json.dumps(hot_path(), indent=2))
+        return 0
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     result: dict[str, Any] = {
         "cpu_rtf": rtf_torch_vs_onnx(),
         "cpu_precision_quality": precision_quality("cpu"),
         "http": http_load(args.requests),
+        "hot_path": hot_path(),
     }
     if args.cuda:
         result["cuda"] = cuda_figures()

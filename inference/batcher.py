@@ -3,17 +3,22 @@
 Admission counts requests, the unit a client sends and the autoscaler sizes the fleet in: at most
 `max_queue` requests wait for their first batch slot (beyond it: QueueFull, which the server answers
 with 429 and Retry-After, so memory never grows without bound). A request of any length is admitted
-on an empty queue. Synthesis itself works on sentences: one worker takes up to `max_batch` sentences
-of similar length, waiting at most `max_wait_ms` for company, and runs them through the pipeline in
-one padded batch. A CUDA out-of-memory error splits the batch and retries.
+on an empty queue. Synthesis itself works on sentences: one worker waits at most `max_wait_ms` for
+company, then takes up to `max_batch` sentences of similar length whose padded size (longest ids x
+count) fits `token_budget`, and runs them through the pipeline in one padded batch (`plan_batch`).
+Realtime sentences go before batch ones; a batch sentence that has waited `promote_after_s` counts
+as realtime (age-based promotion), so a stream of realtime traffic cannot starve it. A CUDA
+out-of-memory error splits the batch and retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +31,8 @@ from voxscale.inference.server_metrics import BusyClock, ServerMetrics
 
 Priority = Literal["realtime", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("realtime", "batch")
+
+log = logging.getLogger("voxscale.inference.batcher")
 
 
 class QueueFull(RuntimeError):
@@ -43,6 +50,8 @@ class _Request:
     """One admitted request: queued until a first sentence enters a batch, in flight until the last is done."""
 
     unfinished: int
+    priority: Priority = "realtime"
+    request_id: str = ""
     enqueued: float = field(default_factory=time.monotonic)
     started: bool = False
     failed: bool = False
@@ -55,6 +64,44 @@ class _Job:
     item: Item
     future: asyncio.Future[np.ndarray]
     request: _Request
+    seq: int = 0  # arrival order across all requests
+
+    def rank(self, promote_before: float) -> int:
+        """0: realtime, or a batch request enqueued before `promote_before` (promoted); 1: batch."""
+        request = self.request
+        return 0 if request.priority == "realtime" or request.enqueued <= promote_before else 1
+
+
+def plan_batch(pending: Sequence[_Job], max_batch: int, token_budget: int, promote_before: float) -> list[_Job]:
+    """The next batch out of `pending` (not empty), shortest first.
+
+    It starts from the oldest sentence of the highest rank (so every sentence of a rank is served
+    in arrival order at worst), then adds the others of that rank closest in length to it, then
+    those of lower rank, while the padded size stays within `token_budget` and the count within
+    `max_batch`. A sentence longer than the budget still goes, alone. A seeded sentence goes
+    alone: the pipeline honours a seed only for a batch of one."""
+    ranked = sorted(pending, key=lambda j: (j.rank(promote_before), j.seq))
+    head = ranked[0]
+    batch, width = [head], len(head.item.ids)
+    if head.item.seed is not None:
+        return batch
+    others = sorted(
+        (j for j in ranked[1:] if j.item.seed is None),
+        key=lambda j: (j.rank(promote_before), abs(len(j.item.ids) - width), j.seq),
+    )
+    for job in others:
+        if len(batch) >= max_batch:
+            break
+        wider = max(width, len(job.item.ids))
+        if wider * (len(batch) + 1) <= token_budget:
+            batch.append(job)
+            width = wider
+    return sorted(batch, key=lambda j: len(j.item.ids))
+
+
+def _request_ids(jobs: Sequence[_Job]) -> str:
+    """The distinct request ids of a batch, for its log lines."""
+    return ",".join(dict.fromkeys(j.request.request_id or "-" for j in jobs))
 
 
 class Batcher:
@@ -66,11 +113,16 @@ class Batcher:
         max_wait_ms: float = 10.0,
         max_queue: int = 64,
         gpu_product: str = "cpu",
+        token_budget: int = 4096,
+        promote_after_s: float = 5.0,
     ) -> None:
         self.synthesize = synthesize
         self.metrics = metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # sentences, in arrival order
+        self.token_budget, self.promote_after = token_budget, promote_after_s
+        self.pending: list[_Job] = []  # sentences not yet in a batch
+        self._arrived = asyncio.Event()
+        self._seq = itertools.count()
         self.waiting = 0  # requests admitted, none of whose sentences has reached a batch yet
         self.inflight = 0  # requests started, not finished
         self.draining = False
@@ -101,27 +153,30 @@ class Batcher:
         """Admit a request (all its sentences) or refuse it whole; one future per sentence.
 
         `priority`: realtime requests are served before batch ones (interactive speech ahead of
-        offline book/course generation); `request_id` follows the request into the batch logs."""
+        offline book/course generation); a batch request waiting longer than `promote_after_s` is
+        promoted to realtime rank, oldest first, so it is served eventually. `request_id` follows
+        the request into the batch logs."""
         if not items:
             raise ValueError("a request needs at least one sentence")
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
         if self.draining:
             raise Draining("the server is shutting down")
         if self.waiting >= self.max_queue:
             raise QueueFull(retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        request = _Request(unfinished=len(items))
-        futures = []
-        for item in items:
-            job = _Job(item, loop.create_future(), request)
-            self.queue.put_nowait(job)
-            futures.append(job.future)
+        request = _Request(unfinished=len(items), priority=priority, request_id=request_id)
+        jobs = [_Job(item, loop.create_future(), request, next(self._seq)) for item in items]
+        self.pending += jobs
+        self._arrived.set()
         self.waiting += 1
+        futures = [job.future for job in jobs]
         self._publish()
         return futures
 
     def _retry_after(self) -> float:
         """Seconds until the sentences queued now have gone through, at the measured batch time."""
-        return max(1.0, (self.queue.qsize() / max(self.max_batch, 1) + 1) * self.batch_seconds)
+        return max(1.0, (len(self.pending) / max(self.max_batch, 1) + 1) * self.batch_seconds)
 
     def _publish(self) -> None:
         self.metrics.gauge(mc.QUEUE_DEPTH).set(self.waiting)
@@ -133,17 +188,20 @@ class Batcher:
             await asyncio.sleep(0.05)
 
     async def _next_batch(self) -> list[_Job]:
-        first = await self.queue.get()
-        batch = [first]
+        """Wait for a sentence, then up to `max_wait_ms` for a full batch's worth, then plan one."""
+        while not self.pending:
+            self._arrived.clear()
+            await self._arrived.wait()
         deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0 and self.queue.empty():
-                break
+        while len(self.pending) < self.max_batch and (timeout := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0.0)))
+                await asyncio.wait_for(self._arrived.wait(), timeout)
             except TimeoutError:
                 break
+        batch = plan_batch(self.pending, self.max_batch, self.token_budget, time.monotonic() - self.promote_after)
+        taken = {id(j) for j in batch}
+        self.pending = [j for j in self.pending if id(j) not in taken]
         return batch
 
     def _start(self, batch: list[_Job]) -> None:
@@ -173,19 +231,22 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             self._start(batch)
-            # Similar lengths together waste less padding; requests with a seed run alone (reproducible).
-            seeded = [j for j in batch if j.item.seed is not None]
-            rest = sorted((j for j in batch if j.item.seed is None), key=lambda j: len(j.item.ids))
-            groups = [[j] for j in seeded] + ([rest] if rest else [])
-            for group in groups:
-                await self._run_group(group)
+            await self._run_group(batch)
 
     async def _run_group(self, group: list[_Job]) -> None:
         started = time.monotonic()
+        requests = _request_ids(group)
+        log.debug(
+            "batch of %d sentences, padded to %d ids, requests %s",
+            len(group),
+            max(len(j.item.ids) for j in group),
+            requests,
+        )
         try:
             with self.busy.running():
-                results = await asyncio.to_thread(self._synthesize_splitting, [j.item for j in group])
+                results = await asyncio.to_thread(self._synthesize_splitting, [j.item for j in group], requests)
         except Exception as exc:
+            log.error("synthesis of %d sentences failed for requests %s: %r", len(group), requests, exc)
             for job in group:
                 job.request.failed = True
                 if not job.future.done():
@@ -199,12 +260,17 @@ class Batcher:
                 job.future.set_result(wav)
             self._finish(job)
 
-    def _synthesize_splitting(self, items: list[Item]) -> list[np.ndarray]:
+    def _synthesize_splitting(self, items: list[Item], requests: str = "") -> list[np.ndarray]:
+        """Synthesise, halving the batch on CUDA out-of-memory until it fits (one item that does
+        not fit is an error for its request)."""
         try:
             return self.synthesize(items)
         except torch.cuda.OutOfMemoryError:
             if len(items) == 1:
                 raise
+            log.warning("CUDA out of memory on %d sentences (requests %s); splitting", len(items), requests)
             torch.cuda.empty_cache()
             half = len(items) // 2
-            return self._synthesize_splitting(items[:half]) + self._synthesize_splitting(items[half:])
+            return self._synthesize_splitting(items[:half], requests) + self._synthesize_splitting(
+                items[half:], requests
+            )

@@ -2,6 +2,7 @@
 
 `TTSPipeline.synthesize()` takes a batch of already-phonemised requests and runs stages 2-4 on the
 chosen device and precision in one padded batch; the server's batcher decides what goes together.
+Repeated text is cheap: phonemes are cached per sentence, and audio per deterministic synthesis.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxscale.inference.cache import LRUCache
 from voxscale.inference.piper import PiperVoice, default_voice_paths, load_piper_voice
 from voxscale.inference.speaker import SAMPLE_RATE as SPEAKER_SR
 from voxscale.inference.speaker import SpeakerEncoder, load_speaker_encoder, resample
@@ -28,6 +30,9 @@ from voxscale.inference.voices import StoredVoice, VoiceStore
 log = logging.getLogger("voxscale.inference")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Cache bounds: phonemes are tiny; audio is ~88 kB per second of speech at 22.05 kHz float32.
+PHONEME_CACHE_ENTRIES, PHONEME_CACHE_BYTES = 8192, 4 << 20
+AUDIO_CACHE_ENTRIES, AUDIO_CACHE_BYTES = 512, 128 << 20
 # Prosody presets a TTS user expects, mapped onto VITS' sampling controls.
 STYLES: dict[str, tuple[float, float, float]] = {  # name: (noise_scale x, noise_w x, length x)
     "neutral": (1.0, 1.0, 1.0),
@@ -46,6 +51,23 @@ class Item:
     scales: tuple[float, float, float]  # noise_scale, length_scale, noise_w
     seed: int | None = None
     speaker: int | None = None
+
+    def deterministic(self, alone: bool) -> bool:
+        """Whether synthesis gives the same audio every time: no noise at all, or a seed honoured
+        (a seed is only honoured for an item synthesised alone; the batcher runs those alone)."""
+        noise_scale, _, noise_w = self.scales
+        return (noise_scale == 0 and noise_w == 0) or (self.seed is not None and alone)
+
+
+AudioKey = tuple[object, ...]
+
+
+def _phoneme_bytes(ipa: str) -> int:
+    return len(ipa.encode()) + 64  # the key sentence is about as long; 64: per-entry overhead
+
+
+def _audio_bytes(wav: np.ndarray) -> int:
+    return int(wav.nbytes)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,12 @@ class TTSPipeline:
     _speaker_encoder: SpeakerEncoder | None = None
     _builtin_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    phoneme_cache: LRUCache[str, str] = field(
+        default_factory=lambda: LRUCache(PHONEME_CACHE_ENTRIES, PHONEME_CACHE_BYTES, _phoneme_bytes)
+    )
+    audio_cache: LRUCache[AudioKey, np.ndarray] = field(
+        default_factory=lambda: LRUCache(AUDIO_CACHE_ENTRIES, AUDIO_CACHE_BYTES, _audio_bytes)
+    )
 
     @classmethod
     def load(
@@ -142,15 +170,48 @@ class TTSPipeline:
         self, text: str, scales: tuple[float, float, float], seed: int | None = None, speaker: int | None = None
     ) -> list[Item]:
         items = []
-        for sentence in split_sentences(text):
-            ids = phoneme_ids(self.phonemizer.phonemize(sentence), self.voice.piper.phoneme_id_map)
+        for ipa in self.phonemes(split_sentences(text)):
+            ids = phoneme_ids(ipa, self.voice.piper.phoneme_id_map)
             if len(ids) > 3:
                 items.append(Item(ids, scales, seed, speaker))
         return items
 
+    def phonemes(self, sentences: list[str]) -> list[str]:
+        """IPA per sentence: cached ones from the LRU, all the others in one espeak-ng call."""
+        found = {s: self.phoneme_cache.get(s) for s in dict.fromkeys(sentences)}
+        missing = [s for s, ipa in found.items() if ipa is None]
+        for sentence, ipa in zip(missing, self.phonemizer.phonemize_many(missing), strict=True):
+            self.phoneme_cache.put(sentence, ipa)
+            found[sentence] = ipa
+        return [found[s] or "" for s in sentences]
+
     # ------------------------------------------------------------------ synthesis
     def synthesize(self, items: list[Item]) -> list[np.ndarray]:
-        """Stages 2-4 for a padded batch; float32 waveforms in [-1, 1], one per item."""
+        """Stages 2-4 for a padded batch; float32 waveforms in [-1, 1], one per item.
+
+        Deterministic items (see `Item.deterministic`) are served from the audio cache when the
+        same ids, scales, seed and speaker were synthesised before by the same stage modules."""
+        alone = len(items) == 1
+        keys = [self._audio_key(i) if i.deterministic(alone) else None for i in items]
+        cached = [self.audio_cache.get(k) if k is not None else None for k in keys]
+        todo = [row for row, wav in enumerate(cached) if wav is None]
+        fresh = dict(zip(todo, self._synthesize_batch([items[row] for row in todo]), strict=True))
+        for row, wav in fresh.items():
+            key = keys[row]
+            if key is not None:
+                self.audio_cache.put(key, wav.copy())  # the caller owns what it gets back
+        return [fresh[row] if wav is None else wav.copy() for row, wav in enumerate(cached)]
+
+    def _audio_key(self, item: Item) -> AudioKey:
+        """The item, and which modules in which precision render it: a stage swapped in (stages.py)
+        or a vocoder cast to half precision must not be answered with another's audio."""
+        v = self.voice
+        params = next(iter(v.vocoder.parameters()), None)
+        modules = (id(v.text_encoder), id(v.acoustic), id(v.vocoder), params.dtype if params is not None else None)
+        return (modules, tuple(item.ids), item.scales, item.seed, item.speaker)
+
+    def _synthesize_batch(self, items: list[Item]) -> list[np.ndarray]:
+        """One padded batch through stages 2-4, each item's audio trimmed to its own length."""
         if not items:
             return []
         with self._lock, torch.inference_mode():

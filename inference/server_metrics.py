@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from voxscale import metrics_contract as mc
 
+log = logging.getLogger("voxscale.inference")
 Collector = Gauge | Counter | Histogram
 
 
@@ -91,3 +96,52 @@ class BusyClock:
         finally:
             self._advance()
             self.active -= 1
+
+
+class NvmlGauges:
+    """The contract's GPU utilisation and memory gauges, read from NVML at each scrape, one series per GPU.
+
+    For clusters without dcgm-exporter. Published only where NVML answers (the maintained binding,
+    nvidia-ml-py, imported as `pynvml`); without the binding or a driver the series are absent, never
+    zero, so a dashboard cannot mistake "unknown" for "idle".
+    """
+
+    def __init__(self, nvml: Any, handles: list[tuple[str, Any]], metrics: ServerMetrics) -> None:
+        self.nvml, self.handles = nvml, handles
+        self.utilization = metrics.gauge(mc.GPU_UTILIZATION)
+        self.memory = metrics.gauge(mc.GPU_MEMORY_USED)
+
+    @classmethod
+    def start(cls, metrics: ServerMetrics, nvml: Any = None) -> NvmlGauges | None:
+        """NVML initialised with a handle per GPU it sees (a pod's own GPUs), or None where it cannot be."""
+        if nvml is None:
+            try:
+                nvml = importlib.import_module("pynvml")
+            except ImportError:
+                log.info("GPU gauges not published: install nvidia-ml-py for NVML")
+                return None
+        try:
+            nvml.nvmlInit()
+            handles = [(str(i), nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
+        except nvml.NVMLError as exc:
+            log.warning("GPU gauges not published: NVML unavailable (%s)", exc)
+            return None
+        return cls(nvml, handles, metrics)
+
+    def refresh(self) -> None:
+        """Read every GPU now; one NVML cannot read loses its series until it can again (no stale values)."""
+        for gpu, handle in self.handles:
+            try:
+                busy = self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+                used = self.nvml.nvmlDeviceGetMemoryInfo(handle).used
+            except self.nvml.NVMLError:
+                for gauge in (self.utilization, self.memory):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(gpu)
+                continue
+            self.utilization.labels(gpu).set(busy)
+            self.memory.labels(gpu).set(used)
+
+    def close(self) -> None:
+        with contextlib.suppress(self.nvml.NVMLError):
+            self.nvml.nvmlShutdown()

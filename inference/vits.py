@@ -465,16 +465,43 @@ class ResBlock(nn.Module):
         else:
             self.convs = nn.ModuleList(conv(d) for d in dilations)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, C, 1, T] channels-last in and out."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """[B, C, 1, T] channels-last in and out; zero where `mask` ([B, 1, 1, T]) is, as it came in."""
         # In-place where the tensor is our own: big fresh allocations cost page faults on every call.
         if self.kind == "1":
             for c1, c2 in zip(self.convs1, self.convs2, strict=True):
-                x = _conv(c2, F.leaky_relu_(_conv(c1, F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE)).add_(x)
+                inner = _masked(_conv(c1, F.leaky_relu(x, LRELU_SLOPE)), mask)
+                x = _masked(_conv(c2, F.leaky_relu_(inner, LRELU_SLOPE)).add_(x), mask)
             return x
         for c in self.convs:
-            x = _conv(c, F.leaky_relu(x, LRELU_SLOPE)).add_(x)
+            x = _masked(_conv(c, F.leaky_relu(x, LRELU_SLOPE)).add_(x), mask)
         return x
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padded frames in place, so the next convolution sees the zeros an unpadded item has."""
+    return x if mask is None else x.mul_(mask)
+
+
+def padding_mask(z: Tensor) -> Tensor | None:
+    """[B, 1, 1, F] frame mask of a padded batch of latents, or None when nothing is padded.
+
+    Read from the latents themselves: the acoustic decoder zeroes every frame past an item's end, and
+    a real frame is never exactly zero in all C channels. That keeps the vocoder's contract
+    (z, g) -> waveform, so a user's own vocoder still fits."""
+    if z.shape[0] == 1:
+        return None
+    voiced = z.detach().abs().amax(dim=1) > 0  # [B, F]
+    n = voiced.shape[1]
+    frames = n - voiced.flip(1).int().argmax(dim=1)  # one past the last voiced frame
+    frames = torch.where(voiced.any(dim=1), frames, n)
+    if bool((frames == n).all()):
+        return None
+    return sequence_mask(frames, n).to(z.dtype)[:, None, None, :]
+
+
+def _upsampled(mask: Tensor | None, rate: int) -> Tensor | None:
+    return None if mask is None else mask.repeat_interleave(rate, dim=-1)
 
 
 class Vocoder(nn.Module):
@@ -493,18 +520,23 @@ class Vocoder(nn.Module):
             for rk, rd in zip(cfg.rb_kernels, cfg.rb_dilations, strict=True):
                 self.resblocks.append(ResBlock(ch, rk, rd, cfg.resblock))
         self.n_kernels = len(cfg.rb_kernels)
+        self.rates = cfg.up_rates
         self.conv_post = nn.Conv1d(ch, 1, 7, padding=3, bias=False)
 
     def forward(self, z: Tensor, g: Tensor | None = None) -> Tensor:
+        """In a padded batch every stage's input is masked: each item's audio equals its unbatched audio
+        (a convolution's receptive field would otherwise carry the padding into an item's last samples)."""
+        mask = padding_mask(z)
         x = self.conv_pre(z)
         if g is not None and self.cond is not None:
             x = x + self.cond(g)
-        x = _as_2d(x)
+        x = _masked(_as_2d(x), mask)
         for i, up in enumerate(self.ups):
-            x = _conv_t(up, F.leaky_relu_(x, LRELU_SLOPE))
+            mask = _upsampled(mask, self.rates[i])
+            x = _masked(_conv_t(up, F.leaky_relu_(x, LRELU_SLOPE)), mask)
             blocks = self.resblocks[i * self.n_kernels : (i + 1) * self.n_kernels]
-            acc = blocks[0](x)
+            acc = blocks[0](x, mask)
             for rb in blocks[1:]:
-                acc.add_(rb(x))
+                acc.add_(rb(x, mask))
             x = acc.div_(self.n_kernels)
         return torch.tanh_(_conv(self.conv_post, F.leaky_relu_(x))).squeeze(2).contiguous()

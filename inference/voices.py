@@ -55,6 +55,20 @@ class StoredVoice:
         return cls(str(raw["id"]), np.asarray(raw["embedding"], dtype=np.float32), float(raw["seconds"]))
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file beside `path`, fsync, rename: a reader on any replica sees the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def is_voice_id(name: str) -> bool:
     return VOICE_ID.fullmatch(name) is not None
 
@@ -98,16 +112,21 @@ class VoiceStore:
                 self._cache.popitem(last=False)
 
     def get(self, voice_id: str) -> StoredVoice | None:
-        """The voice, from memory or the directory; None when unknown (or its file is unreadable)."""
+        """The voice, from memory or the directory; None when unknown (or its file is unreadable).
+
+        With a directory, a cached voice whose file is gone was deleted through another replica: it
+        is forgotten here too (one stat per lookup, the price of deletion meaning deletion)."""
         if not is_voice_id(voice_id):
             return None
+        path = self._path(voice_id) if self.directory is not None else None
         with self._lock:
             if voice_id in self._cache:
-                self._cache.move_to_end(voice_id)
-                return self._cache[voice_id]
-        if self.directory is None:
+                if path is None or path.exists():
+                    self._cache.move_to_end(voice_id)
+                    return self._cache[voice_id]
+                del self._cache[voice_id]
+        if path is None:
             return None
-        path = self._path(voice_id)
         try:
             voice = StoredVoice.from_json(path.read_text())
         except FileNotFoundError:
@@ -124,24 +143,35 @@ class VoiceStore:
             raise ValueError(f"not a voice id: {voice.voice_id!r}")
         if self.directory is not None:
             path = self._path(voice.voice_id)
-            tmp: str | None = None
             try:
-                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{voice.voice_id}-")
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(voice.to_json())
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
+                write_atomically(path, voice.to_json().encode())
             except OSError as exc:
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
                 raise VoiceStoreError(f"voice store {self.directory}: cannot write {path.name} ({exc})") from exc
         self._remember(voice)
 
-    def ids(self) -> list[str]:
-        """Every known voice id: this process's and, with a directory, every replica's."""
+    def delete(self, voice_id: str) -> bool:
+        """Forget the voice here and, with a directory, on every replica; False when it was unknown.
+
+        A voiceprint is biometric data: its owner must be able to have it removed. Other replicas drop
+        their cached copy at their next lookup, when they find the file gone.
+        """
+        if not is_voice_id(voice_id):
+            return False
         with self._lock:
-            known = set(self._cache)
+            known = self._cache.pop(voice_id, None) is not None
+        if self.directory is None:
+            return known
+        try:
+            self._path(voice_id).unlink()
+        except FileNotFoundError:
+            return known
+        except OSError as exc:
+            raise VoiceStoreError(f"voice store {self.directory}: cannot delete {voice_id}.json ({exc})") from exc
+        return True
+
+    def ids(self) -> list[str]:
+        """Every known voice id: this process's, or with a directory every replica's (the files are the truth)."""
         if self.directory is not None:
-            known.update(p.stem for p in self.directory.glob("vc_*.json") if is_voice_id(p.stem))
-        return sorted(known)
+            return sorted(p.stem for p in self.directory.glob("vc_*.json") if is_voice_id(p.stem))
+        with self._lock:
+            return sorted(self._cache)

@@ -92,22 +92,25 @@ def termination_grace_seconds(spec: dict[str, Any]) -> int:
 
 
 def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The pipeline settings handed to the inference server, then the user's own variables."""
-    model = spec["model"]
+    """The pipeline settings handed to the inference server, then the user's own variables.
+
+    Names come from the settings contract the server reads, values from the spec with the CRD's
+    defaults filled in, so no default is typed twice.
+    """
+    from voxscale import settings_contract as sc
+
+    full = crd.default_spec(spec)
+    drain = str(drain_seconds(spec))
     ours: list[dict[str, Any]] = [
-        {"name": "VOXSCALE_VOICE", "value": str(model.get("voice", ""))},
-        {"name": "VOXSCALE_PRECISION", "value": str(model.get("precision", "fp16"))},
-        {"name": "VOXSCALE_MAX_BATCH_SIZE", "value": str(model.get("maxBatchSize", 8))},
-        {"name": "VOXSCALE_MAX_QUEUE", "value": str(model.get("maxQueueLength", 64))},
-        {"name": "VOXSCALE_PORT", "value": str(spec.get("service", {}).get("port", 8000))},
-        {"name": "VOXSCALE_VOICE_STORE", "value": VOICE_STORE_PATH},
+        {"name": s.env, "value": str(s.spec_value(full))} for s in sc.SETTINGS if s.spec_path
+    ] + [
+        {"name": sc.VOICE_STORE.env, "value": VOICE_STORE_PATH},
         # Inside the grace period: a request never outlives the drain, the drain never outlives the pod.
-        {"name": "VOXSCALE_REQUEST_TIMEOUT_S", "value": str(drain_seconds(spec))},
-        {"name": "VOXSCALE_DRAIN_TIMEOUT_S", "value": str(drain_seconds(spec))},
-        {"name": "VOXSCALE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "VOXSCALE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": sc.REQUEST_TIMEOUT_S.env, "value": drain},
+        {"name": sc.DRAIN_TIMEOUT_S.env, "value": drain},
     ]
-    user = list(model.get("env", []))
+    ours += [{"name": s.env, "valueFrom": {"fieldRef": {"fieldPath": s.pod_field}}} for s in sc.SETTINGS if s.pod_field]
+    user = list(full["model"].get("env", []))
     user_names = {e["name"] for e in user}
     return [e for e in ours if e["name"] not in user_names] + user
 

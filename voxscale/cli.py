@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from voxscale import __version__
 
@@ -72,12 +72,15 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from voxscale.inference.server import Settings, serve
+    from dataclasses import replace
+
+    from voxscale.inference.server import serve
+    from voxscale.inference.settings import Settings
     from voxscale.inference.stages import StageWeightsError
     from voxscale.inference.voices import VoiceStoreError
+    from voxscale.settings_contract import SettingError
 
-    base = Settings.from_env()
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in (
             ("voice", args.voice),
@@ -85,12 +88,13 @@ def _serve(args: argparse.Namespace) -> int:
             ("device", args.device),
             ("voice_store", args.voice_store),
             ("stage_weights", ",".join(args.stage_weights) if args.stage_weights else None),
+            ("port", args.port),
         )
         if v is not None
     }
     try:
-        serve(args.host, args.port, Settings(**{**base.__dict__, **overrides}))
-    except (VoiceStoreError, StageWeightsError) as exc:
+        serve(args.host, settings=replace(Settings.from_env(), **overrides))
+    except (VoiceStoreError, StageWeightsError, SettingError) as exc:
         print(f"voxscale serve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -154,21 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(handler=_simulate)
 
     srv = sub.add_parser("serve", help="run the TTS inference server (FastAPI + uvicorn)")
+    from voxscale import settings_contract as sc
+
+    def env_help(setting: sc.Setting[Any], text: str) -> str:
+        """The flag's help with the variable it overrides and the contract's default."""
+        default = f"; default {setting.default}" if setting.default is not None else ""
+        return f"{text} (env {setting.env}{default})"
+
     srv.add_argument("--host", default="0.0.0.0", help="bind address (default %(default)s)")
-    srv.add_argument("--port", type=int, default=int(os.environ.get("VOXSCALE_PORT", "8000")))
-    srv.add_argument("--voice", help="built-in voice or a Piper .onnx path (env VOXSCALE_VOICE)")
-    srv.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="on CUDA (env VOXSCALE_PRECISION)")
-    srv.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    srv.add_argument("--port", type=int, help=env_help(sc.PORT, "HTTP port"))
+    srv.add_argument("--voice", help=env_help(sc.VOICE, "built-in voice or a Piper .onnx path"))
+    srv.add_argument("--precision", choices=sc.PRECISION.choices, help=env_help(sc.PRECISION, "on CUDA"))
+    srv.add_argument("--device", help=env_help(sc.DEVICE, "cuda, cuda:1 or cpu; unset: cuda when available"))
     srv.add_argument(
         "--voice-store",
-        help="directory keeping registered voices, shared by replicas (env VOXSCALE_VOICE_STORE; default: memory)",
+        help=env_help(
+            sc.VOICE_STORE, "directory keeping registered voices and job results, shared by replicas; unset: memory"
+        ),
     )
     srv.add_argument(
         "--stage-weights",
         action="append",
         metavar="STAGE=PATH",
-        help="your own state_dict for one stage (speaker_encoder, text_encoder, acoustic, vocoder); repeatable "
-        "(env VOXSCALE_STAGE_WEIGHTS, comma-separated)",
+        help=env_help(
+            sc.STAGE_WEIGHTS,
+            "your own state_dict for one stage (speaker_encoder, text_encoder, acoustic, vocoder); repeatable",
+        ),
     )
     srv.set_defaults(handler=_serve)
 

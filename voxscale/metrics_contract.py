@@ -78,8 +78,9 @@ COMPLETED_REQUESTS = Metric(
 )
 REQUESTS = Metric("voxscale_requests_total", Kind.COUNTER, "Finished requests by outcome.", labels=("code",))
 ERRORS = Metric("voxscale_errors_total", Kind.COUNTER, "Failed or refused requests by kind.", labels=("kind",))
-# To be published by the server from NVML when no dcgm-exporter runs beside it. Nothing publishes it
-# yet, so the CRD does not offer it as a gpuMetric and the operator does not read it.
+# Published by the server from NVML when it runs on CUDA (inference/server_metrics.py NvmlGauges; absent
+# elsewhere). Never seen on a real GPU yet (no GPU lent to the project), so the CRD does not offer it
+# as a gpuMetric and the operator does not read it; dcgm-exporter stays the GPU signal.
 GPU_UTILIZATION = Metric(
     "voxscale_gpu_utilization_ratio", Kind.GAUGE, "GPU busy ratio 0-1 seen by this server (NVML).", labels=("gpu",)
 )

@@ -1,0 +1,159 @@
+"""The speech service: from a validated request to admitted sentences, and from audio to accounting.
+
+HTTP-free so the synchronous endpoint and the jobs share it: every refusal is an ApiError naming the
+field, raised before any synthesis is spent, and demand is counted at the door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from voxscale import metrics_contract as mc
+from voxscale.inference import audio
+from voxscale.inference.batcher import Draining, Priority, QueueFull
+from voxscale.inference.errors import ApiError, not_ready
+from voxscale.inference.openai_compat import (
+    OPENAI_VOICES,
+    InstructionReading,
+    builtin_for_openai_voice,
+    read_instructions,
+)
+from voxscale.inference.pipeline import STYLES, Item
+from voxscale.inference.schemas import SpeechRequest
+from voxscale.inference.state import ServerState
+from voxscale.inference.voices import is_voice_id
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request turned into sentences, with the headers that say how it was read."""
+
+    items: list[Item]
+    headers: dict[str, str]
+
+
+async def prepare(state: ServerState, req: SpeechRequest) -> Prepared:
+    """Count the demand, then refuse what cannot be served (not ready, format, voice, nothing to say)."""
+    # Demand is counted at the door, before any refusal, so a full queue does not hide it.
+    state.metrics.counter(mc.REQUESTS_RECEIVED).inc()
+    state.metrics.counter(mc.INPUT_CHARACTERS).inc(len(req.input))
+    if not state.serving:
+        raise not_ready()
+    check_format(req)
+    speaker, headers = await resolve_voice(state, req.voice)
+    reading = read_instructions(req.instructions)
+    if req.instructions is not None:  # say how they were read: never dropped silently
+        headers["X-Voxscale-Instructions"] = reading.header(req.style)
+    p = state.pipeline
+    items = await asyncio.to_thread(p.prepare, req.input, scales(state, req, reading), req.seed, speaker)
+    if not items:
+        raise ApiError(400, "input: nothing speakable in the text", "input")
+    rate = str(audio.output_rate(req.response_format, p.sample_rate))
+    headers["X-Voxscale-Sample-Rate"] = headers["X-Sample-Rate"] = rate
+    return Prepared(items, headers)
+
+
+async def resolve_voice(state: ServerState, name: str) -> tuple[int | None, dict[str, str]]:
+    """The speaker id to render `name` with, and headers saying which voice that is."""
+    p = state.pipeline
+    builtins = p.builtin_voices()
+    headers: dict[str, str] = {}
+    alias = builtin_for_openai_voice(name, builtins)
+    if alias is not None:  # OpenAI's voice names select one of the pod's voices
+        headers["X-Voxscale-Voice-Mapped"] = f"{name} -> {alias}"
+        name = alias
+    if is_voice_id(name):
+        entry = await asyncio.to_thread(p.registered_voice, name)
+        if entry is None:
+            raise unknown_registered_voice(state, name, "voice")
+        headers["X-Voxscale-Voice-Mapped"] = f"{name} -> {entry.mapped_to} (similarity {entry.similarity:.2f})"
+        name = entry.mapped_to
+    if name not in builtins:
+        raise ApiError(
+            404,
+            f"voice: unknown voice {name!r}; built-in voices: {', '.join(builtins)}, "
+            f"OpenAI's voice names ({', '.join(OPENAI_VOICES)}), "
+            "or a registered voice id (vc_..., see GET /v1/voices)",
+            "voice",
+            "voice_not_found",
+        )
+    headers["X-Voxscale-Voice"] = name
+    speaker = p.voice.piper.speaker_id_map.get(name.split(":", 1)[1]) if ":" in name else None
+    return speaker, headers
+
+
+def voices_live(state: ServerState) -> str:
+    """Where a registered voice was looked for, for 404s that say so."""
+    if state.pipeline.voices.persistent:
+        return "in the shared voice store"
+    return "on this replica (voices live in memory: set VOXSCALE_VOICE_STORE to share and keep them)"
+
+
+def unknown_registered_voice(state: ServerState, name: str, param: str) -> ApiError:
+    """A 404 that says where the voice was looked for and how to get it back."""
+    return ApiError(
+        404,
+        f"{param}: no registered voice {name!r} {voices_live(state)}; register the recording again with "
+        "POST /v1/voices (the same recording gets the same id)",
+        param,
+        "voice_not_found",
+    )
+
+
+def check_format(req: SpeechRequest) -> None:
+    """Refuse what cannot be encoded before any synthesis is spent on it."""
+    if req.response_format not in audio.supported_formats():
+        raise ApiError(422, audio.unsupported_message(req.response_format), "response_format", "unsupported_format")
+    if req.stream and req.stream_format == "audio" and req.response_format not in audio.StreamEncoder.INCREMENTAL:
+        raise ApiError(
+            400,
+            f"response_format: streaming raw audio supports {', '.join(audio.StreamEncoder.INCREMENTAL)}; "
+            'for flac or opus drop `stream`, or use stream_format="sse"',
+            "response_format",
+        )
+
+
+def scales(state: ServerState, req: SpeechRequest, reading: InstructionReading) -> tuple[float, float, float]:
+    """VITS' (noise_scale, length_scale, noise_w): the voice's own, then style, speed and overrides."""
+    base = state.pipeline.voice.piper.scales
+    ns_x, nw_x, len_x = STYLES[req.style or reading.style or "neutral"]
+    speed = min(4.0, max(0.25, req.speed * reading.speed))  # instructions nudge speed within the API's range
+    return (
+        (req.noise_scale if req.noise_scale is not None else float(base.noise_scale)) * ns_x,
+        float(base.length_scale) * len_x / speed,
+        (req.noise_w if req.noise_w is not None else float(base.noise_w)) * nw_x,
+    )
+
+
+def submit(
+    state: ServerState, items: list[Item], priority: Priority, request_id: str
+) -> list[asyncio.Future[np.ndarray]]:
+    """Admit the sentences to the batcher, or answer 429 (queue full) / 503 (draining) with Retry-After."""
+    try:
+        return state.batcher.submit(items, priority=priority, request_id=request_id)
+    except QueueFull as exc:
+        state.metrics.counter(mc.REQUESTS).labels("429").inc()
+        raise ApiError(429, str(exc), None, "rate_limit_exceeded", {"Retry-After": f"{exc.retry_after:.0f}"}) from None
+    except Draining:
+        raise ApiError(
+            503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
+        ) from None
+
+
+def finished(state: ServerState, wavs: list[np.ndarray], started: float | None) -> None:
+    """Count a request's audio and outcome; its latency too when `started` (jobs wait on purpose: not theirs)."""
+    seconds = sum(len(w) for w in wavs) / state.pipeline.sample_rate
+    state.metrics.counter(mc.AUDIO_SECONDS).inc(seconds)
+    if started is not None:
+        state.metrics.histogram(mc.REQUEST_LATENCY).observe(time.monotonic() - started)
+    state.metrics.counter(mc.REQUESTS).labels("200").inc()
+
+
+async def encode(state: ServerState, wavs: list[np.ndarray], fmt: str) -> bytes:
+    """The sentences joined into one file."""
+    rate = state.pipeline.sample_rate
+    return await asyncio.to_thread(audio.encode, audio.join(wavs, rate), rate, fmt)
