@@ -106,3 +106,14 @@ def test_pods_fs_group_is_the_inference_images_user() -> None:
 
     dockerfile = (REPO / "Dockerfile.inference").read_text()
     assert f"--uid {SERVER_UID} " in dockerfile and f"USER {SERVER_UID}" in dockerfile
+
+
+def test_the_inference_image_listens_where_the_operator_says() -> None:
+    """The operator sets VOXSCALE_PORT from spec.service.port; a port pinned in the image's command
+    line would win over it and give pods that never turn Ready on any other port."""
+    from voxscale import settings_contract as sc
+
+    dockerfile = (REPO / "Dockerfile.inference").read_text()
+    entrypoint = next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))
+    assert "--port" not in entrypoint
+    assert f"ENV {sc.PORT.env}={sc.PORT.default}" in dockerfile
