@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -65,13 +66,19 @@ async def list_voices(state: State) -> dict[str, Any]:
     return {"object": "list", "data": voices}
 
 
+def _decode_checked(data: bytes) -> tuple[np.ndarray, int]:
+    """The upload decoded and through the quality gate (raises AudioError naming the problem)."""
+    wav, sr = audio.decode(data)
+    audio.quality_gate(wav, sr)
+    return wav, sr
+
+
 @router.post("/v1/voices", openapi_extra=UPLOAD_BODY)
 async def register_voice(request: Request, state: State) -> JSONResponse:
     p = _pipeline(state)
     data = await read_file_field(request, "file", state.settings.max_upload_bytes)
     try:
-        wav, sr = audio.decode(data)
-        audio.quality_gate(wav, sr)
+        wav, sr = await asyncio.to_thread(_decode_checked, data)  # decoding stalls /readyz if run inline
     except audio.AudioError as exc:
         raise ApiError(422, f"file: {exc}", "file", "invalid_audio") from None
     try:
