@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -10,8 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import requests
+import soundfile as sf
+import torch
 
+from voxscale.inference.pipeline import TTSPipeline
+from voxscale.inference.speaker import resample
 from voxscale.localcluster.harness import free_port
 
 
@@ -62,3 +68,16 @@ class ServerProcess:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def wav_bytes(wav: np.ndarray, sr: int) -> bytes:
+    """16-bit PCM wav, as a user's recording arrives."""
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def reference_recording(pipeline: TTSPipeline, text: str) -> bytes:
+    """Real speech (our own voice's, resampled to 16 kHz) as a user would upload it."""
+    wav = np.concatenate(pipeline.synthesize(pipeline.prepare(text, (0.667, 1.0, 0.8), seed=3)))
+    return wav_bytes(resample(torch.from_numpy(wav), 22050, 16000).numpy() * 0.8, 16000)

@@ -20,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.inference_helpers import ServerProcess
+from tests.inference_helpers import ServerProcess, reference_recording, wav_bytes
 from voxscale import metrics_contract as mc
 from voxscale.inference import audio
 from voxscale.inference.pipeline import TTSPipeline
@@ -148,18 +148,11 @@ def test_malformed_json_is_a_4xx(client: TestClient) -> None:
     assert 400 <= r.status_code < 500
 
 
-def _wav_bytes(wav: np.ndarray, sr: int) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def reference(pipeline: TTSPipeline) -> bytes:
     """Six seconds of real speech at 16 kHz (our own voice's, resampled), as a user would upload."""
     text = "This is a reference recording. It has a few sentences of clear speech. That should be plenty."
-    wav = np.concatenate(pipeline.synthesize(pipeline.prepare(text, (0.667, 1.0, 0.8), seed=3)))
-    return _wav_bytes(resample(torch.from_numpy(wav), 22050, 16000).numpy() * 0.8, 16000)
+    return reference_recording(pipeline, text)
 
 
 def test_register_a_voice_then_speak_with_it(client: TestClient, reference: bytes) -> None:
@@ -192,10 +185,10 @@ def _tone(seconds: float, level: float, sr: int = 16000) -> np.ndarray:
 
 
 BAD_UPLOADS = [
-    ("too short", _wav_bytes(_tone(1.0, 0.3), 16000), "too short"),
-    ("too long", _wav_bytes(_tone(40.0, 0.3), 16000), "too long"),
-    ("silent", _wav_bytes(np.zeros(16000 * 5, dtype=np.float32), 16000), "silent"),
-    ("clipped", _wav_bytes(np.clip(_tone(5.0, 3.0), -1, 1), 16000), "clipped"),
+    ("too short", wav_bytes(_tone(1.0, 0.3), 16000), "too short"),
+    ("too long", wav_bytes(_tone(40.0, 0.3), 16000), "too long"),
+    ("silent", wav_bytes(np.zeros(16000 * 5, dtype=np.float32), 16000), "silent"),
+    ("clipped", wav_bytes(np.clip(_tone(5.0, 3.0), -1, 1), 16000), "clipped"),
     ("not audio", b"this is not a wav file at all", "not a readable audio file"),
     ("empty", b"", "empty"),
 ]

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
-from tests.inference_helpers import ServerProcess
+from tests.inference_helpers import ServerProcess, reference_recording
 from voxscale import metrics_contract as mc
 from voxscale.inference.errors import ApiError
 from voxscale.inference.jobs import JobRecord, JobRunner, JobStore
@@ -32,7 +31,6 @@ from voxscale.inference.request_context import trace_id
 from voxscale.inference.server import create_app
 from voxscale.inference.server_metrics import NvmlGauges, ServerMetrics
 from voxscale.inference.settings import Settings
-from voxscale.inference.speaker import resample
 from voxscale.inference.uploads import MULTIPART_OVERHEAD, read_file_field
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -72,18 +70,11 @@ def spy(client: TestClient) -> Iterator[SubmitSpy]:
     recorder.batcher.submit = recorder.real
 
 
-def _wav_bytes(wav: np.ndarray, sr: int) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def reference(pipeline: TTSPipeline) -> bytes:
     """Five seconds of our own voice at 16 kHz (about 160 KB as wav), as a user would upload it."""
     text = "This is a reference recording. It has a few sentences of clear speech."
-    wav = np.concatenate(pipeline.synthesize(pipeline.prepare(text, (0.667, 1.0, 0.8), seed=3)))
-    return _wav_bytes(resample(torch.from_numpy(wav), 22050, 16000).numpy() * 0.8, 16000)
+    return reference_recording(pipeline, text)
 
 
 def _error(r: requests.Response | Any) -> dict[str, Any]:
