@@ -11,11 +11,12 @@ STAMP  := $(VENV)/.installed-$(PY_LIST_HASH)
 EXTRAS := operator,sim,inference,dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps system-deps binaries lint unit clean help
+.PHONY: test demo deps system-deps binaries lint unit clean help images
 
 help:
 	@echo "make demo   - bring up the local GPU cluster and show voxscale at work"
 	@echo "make test   - install whatever is missing, then lint, type-check and run the whole suite"
+	@echo "make images - build the operator and inference images with podman (no Docker engine needed)"
 
 test: deps lint
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
@@ -46,6 +47,10 @@ $(STAMP): pyproject.toml
 	   $(BIN)/pip install --disable-pip-version-check --no-deps "Resemblyzer==0.1.4"; \
 	 } > $(VENV)/pip.log 2>&1 || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }
 	@rm -f $(VENV)/.installed-*; touch $@
+
+# Both images from their Dockerfiles, daemonless (podman + runc); see hack/build-images.sh.
+images: system-deps
+	@hack/build-images.sh
 
 binaries: $(STAMP)
 	@$(BIN)/voxscale cluster build

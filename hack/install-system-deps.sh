@@ -6,6 +6,9 @@ set -euo pipefail
 declare -A wanted=(
   [prometheus]=prometheus
   [espeak-ng]=espeak-ng
+  [podman]=podman
+  [runc]=runc
+  [mmdebstrap]=mmdebstrap
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

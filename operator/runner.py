@@ -6,10 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
+
+from voxscale import __version__
 
 if TYPE_CHECKING:
     from voxscale.operator.handlers import Runtime
@@ -41,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scope-custom-queries",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help='run a custom PromQL trigger only if every selector in it is pinned to its own namespace '
+        help="run a custom PromQL trigger only if every selector in it is pinned to its own namespace "
         '(namespace="$namespace"): for clusters where TTSDeployment authors are separate tenants',
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="the operator's own /metrics (0: off)")
@@ -75,10 +79,16 @@ def run(args: argparse.Namespace) -> int:
     from voxscale.operator.kube import load_config
 
     _configure_logging(kopf, args.verbose)
+    logging.getLogger("voxscale.operator").info(
+        "voxscale operator %s starting (%s)", __version__, "leader election on" if args.leader_election else "alone"
+    )
     load_config()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     runtime = _prepare(args)
+    # In a container this is PID 1, which ignores SIGTERM without a handler: a standby waiting for
+    # the lease would hold a rollout for the whole grace period. kopf installs its own once it runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     elector = _lead(args) if args.leader_election else None
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     try:
@@ -95,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         if elector is not None:
             elector.release()  # a clean stop hands over at once instead of after the lease expires
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _configure_logging(kopf: Any, verbose: bool) -> None:

@@ -1,0 +1,111 @@
+"""The operator image, built from Dockerfile.operator by `make images`' script (podman, no Docker
+engine), run for real: non-root, its version, and the operator starting against the local cluster
+under the chart's RBAC and winning its Lease (issue 13, item 1 for the operator image)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from voxscale import __version__
+from voxscale.localcluster.cluster import LocalCluster
+from voxscale.localcluster.harness import REPO, install_operator_rbac, wait_for
+from voxscale.operator.children import SERVER_UID
+
+IMAGE = "localhost/voxscale/operator:test"
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> str:
+    env = {"VOXSCALE_IMAGE_TAG": "test", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    res = subprocess.run(
+        [str(REPO / "hack" / "build-images.sh"), "operator"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return IMAGE
+
+
+def podman_run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", "run", "--rm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_operator_image_runs_as_the_unprivileged_user_and_says_its_version(operator_image: str) -> None:
+    who = podman_run("--network", "none", "--entrypoint", "id", operator_image, "-u")
+    assert who.stdout.strip() == str(SERVER_UID), who.stderr
+    version = podman_run("--network", "none", "--entrypoint", "voxscale", operator_image, "--version")
+    assert version.stdout.strip() == f"voxscale {__version__}", version.stderr
+
+
+def self_contained(kubeconfig: Path, into: Path) -> Path:
+    """The kubeconfig with its CA inlined, readable by the image's user."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    for entry in config["clusters"]:
+        ca = Path(entry["cluster"].pop("certificate-authority"))
+        entry["cluster"]["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+    out = into / "kubeconfig"
+    out.write_text(yaml.safe_dump(config))
+    out.chmod(0o644)
+    return out
+
+
+@pytest.mark.cluster
+def test_the_operator_image_starts_and_takes_its_lease_under_the_charts_rbac(
+    cluster: LocalCluster, operator_image: str, tmp_path: Path
+) -> None:
+    release = f"img-{uuid.uuid4().hex[:6]}"
+    kubeconfig = self_contained(install_operator_rbac(cluster, release), tmp_path)
+    name = f"voxscale-{release}"
+    lease = f"{release}-voxscale"  # the chart's fullname: its Role grants that Lease only
+    proc = subprocess.Popen(
+        [
+            "podman",
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "-v",
+            f"{kubeconfig}:/kube/config:ro",
+            "-e",
+            "KUBECONFIG=/kube/config",
+            "-e",
+            "POD_NAMESPACE=voxscale-system",
+            operator_image,
+            "--lease-name",
+            lease,
+            "--metrics-port",
+            "0",
+            "--health-port",
+            "0",
+            "--identity",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def holder() -> str | None:
+            found = cluster.kubectl("get", "lease", lease, "-n", "voxscale-system", "-o", "json", check=False)
+            record = json.loads(found.stdout) if found.returncode == 0 else {}
+            return (record.get("spec") or {}).get("holderIdentity")
+
+        wait_for("the image's operator holds the lease", lambda: holder() == name, timeout=90)
+    finally:
+        started = time.monotonic()
+        subprocess.run(["podman", "stop", "-t", "20", name], capture_output=True, timeout=60)
+        stopped_in = time.monotonic() - started
+        out, _ = proc.communicate(timeout=60)
+    # As PID 1 a process ignores SIGTERM unless it handles it: the kubelet would wait out the grace period.
+    assert stopped_in < 15, f"SIGTERM took {stopped_in:.0f}s (killed?)"
+    assert f"voxscale operator {__version__} starting" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
