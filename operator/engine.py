@@ -149,6 +149,14 @@ class History:
             return self
         return replace(self, above_since={}, below_since={}, data_since=None)
 
+    def taken_over(self) -> History:
+        """This memory as read back from status by a process that did not keep it (a new leader, a
+        restart). The ticks between the last write and now went unobserved - a spike there left no
+        trace - so nothing may be removed until a full window has been seen again: the scale-down
+        clocks and the data streak start now. Scale-up clocks are kept: a missed dip can only make
+        them late, and a needed scale-up should not wait a sustain period per fail-over."""
+        return replace(self, below_since={}, data_since=None)
+
     def last_event(self) -> ScaleEvent | None:
         return self.events[-1] if self.events else None
 

@@ -81,6 +81,10 @@ def next_renew_time(previous: dt.datetime | None, now: dt.datetime) -> dt.dateti
     return now
 
 
+class LeaseConflict(RuntimeError):
+    """A write of the Lease met a newer version (HTTP 409)."""
+
+
 class LeaseElector:
     def __init__(
         self,
@@ -124,8 +128,10 @@ class LeaseElector:
         try:
             written = self.api.replace_namespaced_lease(self.name, self.namespace, lease)  # carries resourceVersion
         except ApiException as exc:
-            if exc.status == 409:  # another candidate wrote first: its record is what the next read sees
-                return False
+            if exc.status == 409:
+                # Someone wrote the Lease since our read: another candidate, or any client touching its
+                # metadata. Not a verdict on who holds it - the next read says that.
+                raise LeaseConflict(f"lease {self.namespace}/{self.name} changed while we wrote it") from exc
             raise
         self._remember(written)
         return True
@@ -164,6 +170,8 @@ class LeaseElector:
                     self.is_leader = True
                     log.info("leader election: %s now holds lease %s/%s", self.identity, self.namespace, self.name)
                     return
+            except LeaseConflict as exc:
+                log.debug("leader election: %s; reading it again", exc)
             except Exception as exc:  # the API server may be restarting; keep trying
                 log.warning("leader election: %s", exc)
             if not announced:
@@ -183,6 +191,15 @@ class LeaseElector:
                         continue
                     log.error("leader election: lease %s/%s was taken over; exiting", self.namespace, self.name)
                     os._exit(3)
+                except LeaseConflict as exc:
+                    log.warning("leader election: %s; renewing again", exc)
+                    held = self._retry_once()
+                    if held:
+                        last_ok = time.monotonic()
+                        continue
+                    if held is False:
+                        log.error("leader election: lease %s/%s was taken over; exiting", self.namespace, self.name)
+                        os._exit(3)
                 except Exception as exc:
                     log.warning("leader election: renewal failed: %s", exc)
                 if time.monotonic() - last_ok > self.lease_seconds - self.renew_seconds / 2:
@@ -192,6 +209,14 @@ class LeaseElector:
         thread = threading.Thread(target=loop, name="lease-renewal", daemon=True)
         thread.start()
         return thread
+
+    def _retry_once(self) -> bool | None:
+        """Renew again at once after a conflict: True held, False taken over, None still unknown
+        (another conflict or an API error; the lease-duration deadline decides)."""
+        try:
+            return self._try()
+        except (LeaseConflict, ApiException):
+            return None
 
     def stop(self) -> None:
         self._stop.set()

@@ -120,7 +120,8 @@ class Scaler:
         with self._lock:
             tr = self.tracked.get(key)
             if tr is None:
-                tr = Tracked(body=body, history=History.from_dict((body.get("status") or {}).get("engine")))
+                stored = History.from_dict((body.get("status") or {}).get("engine"))
+                tr = Tracked(body=body, history=stored.taken_over())
                 self.tracked[key] = tr
             tr.body = body
             self._parse_spec(tr)

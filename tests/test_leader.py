@@ -18,6 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from voxscale.operator.leader import (
+    LeaseConflict,
     LeaseElector,
     LeaseRecord,
     Observation,
@@ -176,3 +177,32 @@ def test_the_elector_waits_the_lease_on_its_own_clock_whatever_renewtime_says() 
     mono[0] += 0.5
     assert standby._try() and api.writes[-1] == "standby"
     assert api.lease.spec.lease_transitions == 1
+
+
+@dataclass
+class TouchedOnce(FakeLeases):
+    """Another client writes the Lease (its labels, say) between our read and our write, once."""
+
+    touched: bool = False
+
+    def replace_namespaced_lease(self, name: str, namespace: str, body: client.V1Lease) -> client.V1Lease:
+        if not self.touched and self.lease is not None:
+            self.touched = True
+            self.version += 1  # the other client's write
+            self.lease.metadata.resource_version = str(self.version)
+            raise ApiException(status=409)
+        return super().replace_namespaced_lease(name, namespace, body)
+
+
+def test_a_conflict_on_renewal_is_not_a_takeover() -> None:
+    """The fault bench found a leader exiting on any 409 of its renewal, leaving no leader for a
+    lease duration. A conflict only says the record changed; reading it again says who holds it."""
+    api = TouchedOnce()
+    holder = LeaseElector("ns", "l", "holder", lease_seconds=D, api=api, monotonic=lambda: 0.0)
+    assert holder._try()  # created
+    with pytest.raises(LeaseConflict):
+        holder._try()  # the renewal meets the other client's write
+    assert holder._retry_once() is True and api.writes[-1] == "holder"
+    api.lease.spec.holder_identity = "other"  # now someone else really holds it (and renews)
+    api.lease.spec.renew_time = T
+    assert holder._retry_once() is False

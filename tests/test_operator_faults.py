@@ -377,3 +377,24 @@ def test_no_manifest_crashes_the_registry_and_every_schema_valid_one_parses_or_n
         obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TTSDeployment", **body}
         if not crd_validate(obj) and tr.spec_error is not None:
             assert tr.spec_error.startswith("spec."), tr.spec_error
+
+
+def test_a_new_leader_waits_a_window_it_saw_itself_before_removing_pods() -> None:
+    """The fault bench's SIGKILLs found new leaders scaling down 1-5 s after the load fell: the load
+    had risen and fallen while nobody led, and the stored clock said "below 40 % for 10 minutes"."""
+    run = Run(gpu_policy(), replicas=6)
+    for _ in range(60):  # 9 min 50 s below 40 %, observed; the leader dies
+        d = run.tick(Metrics({"gpu": 30.0}))
+        run.now += dt.timedelta(seconds=10)
+    assert d.desired == 6
+    stored = st.build({}, seen(6), d, d.history, run.now)
+    run.now += dt.timedelta(seconds=20)  # nobody led for 20 s
+    kept = decide(gpu_policy(), Observed(6, 6), Metrics({"gpu": 30.0}), run.now, d.history)
+    assert kept.desired < 6  # what the stored clock alone would do: "below 40 % for 10m10s"
+    scaler = Scaler(cast(Kube, None))
+    body = {"metadata": {"namespace": "ns", "name": "app", "generation": 1}, "status": stored}
+    scaler.upsert({**body, "spec": {"model": {"image": "tts:1"}}})
+    taken = scaler.tracked[("ns", "app")].history
+    assert not taken.below_since and taken.data_since is None
+    after = decide(gpu_policy(), Observed(6, 6), Metrics({"gpu": 30.0}), run.now, taken)
+    assert after.desired == 6, after.message
