@@ -112,6 +112,17 @@ def _operator(args: argparse.Namespace) -> int:
     return runner.run(args)
 
 
+def _needs_extra(command: str, extra: str, exc: ModuleNotFoundError) -> Handler:
+    """A sub-command whose extra is not installed in this image: say which, instead of breaking
+    every other sub-command at start (each image installs only the extra it runs)."""
+
+    def refuse(args: argparse.Namespace) -> int:
+        print(f"voxscale {command} needs {exc.name}: pip install 'voxscale[{extra}]'", file=sys.stderr)
+        return 2
+
+    return refuse
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from voxscale.simulator import cli
 
@@ -144,18 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_cluster_build)
 
     op = sub.add_parser("operator", help="run the TTSDeployment operator (kopf) against the current cluster")
-    from voxscale.operator.runner import add_arguments
-
-    add_arguments(op)
-    op.set_defaults(handler=_operator)
+    try:
+        from voxscale.operator.runner import add_arguments
+    except ModuleNotFoundError as exc:  # an image with voxscale[inference] only
+        op.set_defaults(handler=_needs_extra("operator", "operator", exc))
+    else:
+        add_arguments(op)
+        op.set_defaults(handler=_operator)
 
     sim = sub.add_parser(
         "simulate", help="replay a traffic trace through the scaling engine and price it against baselines"
     )
-    from voxscale.simulator.cli import add_arguments as add_sim_arguments
-
-    add_sim_arguments(sim)
-    sim.set_defaults(handler=_simulate)
+    try:
+        from voxscale.simulator.cli import add_arguments as add_sim_arguments
+    except ModuleNotFoundError as exc:  # the inference image carries voxscale[inference] only
+        sim.set_defaults(handler=_needs_extra("simulate", "sim", exc))
+    else:
+        add_sim_arguments(sim)
+        sim.set_defaults(handler=_simulate)
 
     srv = sub.add_parser("serve", help="run the TTS inference server (FastAPI + uvicorn)")
     from voxscale import settings_contract as sc
