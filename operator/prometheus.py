@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,10 +154,14 @@ class PrometheusSource:
                     if "." not in slot:  # a secondary input's failure leaves its trigger usable
                         errors.setdefault(t.key, str(exc))
                 continue
+            garbage = _not_numbers(result)
             for t, slot in users:
                 if t.key in samples:
                     values[t.key][slot] = samples[t.key]
-            self._explain_missing(ep, batch, [(t, s) for t, s in users if t.key not in samples], invalid)
+                elif t.key in garbage and "." not in slot:
+                    invalid[t.key][slot] = f"returned {garbage[t.key]!r}, which is not a number (no data)"
+            missing = [(t, s) for t, s in users if t.key not in samples and t.key not in garbage]
+            self._explain_missing(ep, batch, missing, invalid)
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in group}
 
     def _explain_missing(
@@ -247,7 +251,14 @@ class PrometheusSource:
         except QueryError as exc:
             errors.setdefault(t.key, str(exc))
             return
-        if len(result) > 1:
+        if result and not isinstance(result[0], dict):  # a scalar or string result: [time, "value"]
+            raw = str(result[1]) if len(result) == 2 else ""
+            value = sample_value(raw)
+            if value is None:
+                invalid[t.key][trigger] = f"returned {raw!r} (a scalar or string), which is not a number (no data)"
+            else:
+                values[t.key][trigger] = value
+        elif len(result) > 1:
             invalid[t.key][trigger] = f"returned {len(result)} series; the query must return one (aggregate it)"
         elif result:
             raw = _raw_value(result[0])
@@ -281,20 +292,28 @@ def _by_owner(
     latency that means "no latency pressure" (`nan_means=0`); elsewhere it counts as no data.
     """
     out: dict[Key, float] = {}
-    for series in result:
-        labels = series.get("metric", {})
-        owner = labels.get(queries.OWNER_LABEL)
-        if not owner or "namespace" not in labels:
-            continue
-        raw = _raw_value(series)
+    for key, raw in _owned_samples(result):
         value = sample_value(raw)
         if value is None:
             if nan_means is None or raw.lower() != "nan":
                 continue
             value = nan_means
-        key = (labels["namespace"], owner)
         out[key] = combine(out[key], value) if key in out else value
     return out
+
+
+def _not_numbers(result: Iterable[dict[str, Any]]) -> dict[Key, str]:
+    """{(namespace, ttsdeployment): raw} for objects whose series came back as NaN, Inf or garbage -
+    so the condition says "returned 'NaN'" rather than that no series matched."""
+    return {key: raw for key, raw in _owned_samples(result) if sample_value(raw) is None}
+
+
+def _owned_samples(result: Iterable[dict[str, Any]]) -> Iterator[tuple[Key, str]]:
+    for series in result:
+        labels = series.get("metric", {})
+        owner = labels.get(queries.OWNER_LABEL)
+        if owner and "namespace" in labels:
+            yield (labels["namespace"], owner), _raw_value(series)
 
 
 def _raw_value(series: dict[str, Any]) -> str:

@@ -141,6 +141,8 @@ def test_sample_values_are_finite_numbers_or_none(raw: str, expected: float | No
         ("vector(0) / 0", "not a number"),  # PromQL's 0/0 at idle
         ("vector(1) / 0", "not a number"),  # +Inf
         ('label_replace(vector(1), "x", "a", "", "") or label_replace(vector(2), "x", "b", "", "")', "2 series"),
+        ('"abc"', "returned 'abc' (a scalar or string)"),  # a string result is not "2 series"
+        ("scalar(vector(0) / 0)", "returned 'NaN' (a scalar or string)"),
     ],
 )
 def test_nan_inf_and_many_series_from_the_real_prometheus_name_the_cause(
@@ -153,6 +155,13 @@ def test_nan_inf_and_many_series_from_the_real_prometheus_name_the_cause(
     assert why in m.invalid["c"]
     d = decide(pol, Observed(2, 2), m, T0)
     assert d.desired == 2 and why in d.metrics_message
+
+
+@pytest.mark.cluster
+def test_a_scalar_result_is_one_number(prometheus_url: str) -> None:
+    pol = policy({"triggers": [{**CUSTOM, "query": "scalar(vector(25))"}]}, {"min": 1, "max": 10})
+    target = Target("ns", "app", pol, Endpoint(prometheus_url))
+    assert PrometheusSource().fetch([target])[target.key].values == {"c": 25.0}
 
 
 @pytest.mark.cluster

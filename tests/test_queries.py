@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from typing import Any
@@ -162,3 +163,23 @@ def _scraped(prometheus_url: str, ns: str) -> set[str]:
     source = PrometheusSource()
     result = source._query(Endpoint(prometheus_url), queries.gpu_utilization(mc.DCGM_GPU_UTIL.name, [ns]))
     return {r["metric"]["ttsdeployment"] for r in result}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_gpu_exporter_sending_nan_or_inf_is_named_not_taken_for_a_label_mismatch(
+    cluster: LocalCluster, prometheus_url: str, value: float
+) -> None:
+    ns = f"gpu-{uuid.uuid4().hex[:6]}"
+    server, port = _dcgm_exporter({"broken-5f6d7c8b9-bc2d4": ns}, value)
+    job = f"dcgm-{ns}"
+    cluster.set_scrape_targets(job, [f"127.0.0.1:{port}"])
+    gpu = policy({"triggers": [{"name": "g", "type": "gpuUtilization", "target": 60}]})
+    target = Target(ns, "broken", gpu, Endpoint(prometheus_url))
+    try:
+        wait_for("the exporter scraped", lambda: _scraped(prometheus_url, ns) == {"broken"}, timeout=30)
+        got = PrometheusSource().fetch([target])[target.key]
+        assert got.values == {} and got.error is None
+        assert got.invalid["g"].startswith(f"returned '{'NaN' if math.isnan(value) else '+Inf'}'"), got.invalid
+    finally:
+        cluster.remove_scrape_targets(job)
+        server.shutdown()
