@@ -6,8 +6,10 @@ It brings up a dedicated local cluster named `fault-bench` (etcd, kube-apiserver
 scheduler, kwok GPU nodes and Prometheus, all started by voxscale.localcluster), installs the chart's
 RBAC, runs real `voxscale operator` processes and the pod exporter (per-pod GPU series scraped by the
 real Prometheus), injects every fault for real, and tears it all down at the end, also on Ctrl-C or an
-exception (`--keep-cluster` leaves the cluster up). Progress goes to stderr, a markdown table to
-stdout, every figure to bench/results/fault-bench.json and fault-bench.md (`--results DIR` elsewhere).
+exception. It will not share a `fault-bench` cluster that is already up (another run's faults would land
+in its figures, and its teardown would stop this run): `--keep-cluster` reuses one and leaves it up.
+Progress goes to stderr, a markdown table to stdout, every figure to bench/results/fault-bench.json and
+fault-bench.md (`--results DIR` elsewhere).
 Operator logs stay in a temporary folder named in the output, as evidence. The exit status is 1 when a
 goal was missed (a finding), 0 otherwise.
 
@@ -1584,7 +1586,7 @@ def run_scenario(b: Bench, name: str) -> Outcome:
     say(f"{name}: start")
     try:
         RUNNERS[name](b, out)
-    except (BenchError, AssertionError, ApiException) as exc:
+    except Exception as exc:  # recorded; the other scenarios still run (Ctrl-C is not an Exception)
         out.error = f"{type(exc).__name__}: {exc}"[:2000]
         out.row("scenario error", out.error[:200], "none", False)
         say(f"{name}: ERROR {out.error[:500]}")
@@ -1612,7 +1614,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hpa-trials", type=int, default=5, help="competing HPAs created (default %(default)s)")
     p.add_argument("--lease-hammer-seconds", type=float, default=30, help="Lease rewritten for (default %(default)s)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where fault-bench.json/.md go")
-    p.add_argument("--keep-cluster", action="store_true", help="leave the fault-bench cluster up afterwards")
+    p.add_argument(
+        "--keep-cluster",
+        action="store_true",
+        help="use the fault-bench cluster if it is up already, and leave it up afterwards (for development)",
+    )
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SCENARIOS))
@@ -1644,6 +1650,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def bench_cluster(args: argparse.Namespace, log_dir: Path) -> Iterator[Bench]:
     """The dedicated cluster and the pod exporter; everything stopped afterwards."""
     cluster = LocalCluster(CLUSTER)
+    if cluster.is_up() and not args.keep_cluster:
+        # Another run owns it: sharing would let its faults hit this run's figures and its teardown
+        # stop this run's cluster (it did once). A leftover from a killed run is not "up": up() cleans it.
+        raise SystemExit(
+            f"cluster {CLUSTER!r} is already up (another fault bench running?): wait for it, or "
+            f"`voxscale cluster down --name {CLUSTER}`, or reuse it with --keep-cluster"
+        )
     exporter: PodMetricsExporter | None = None
     bench: Bench | None = None
     try:
