@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import urllib.parse
 import urllib.request
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,16 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from voxscale.localcluster.cluster import GPU_PRODUCT, ClusterState, LocalCluster
+from voxscale.localcluster import cluster as cluster_module
+from voxscale.localcluster.cluster import (
+    COMPONENTS,
+    GPU_PRODUCT,
+    ClusterState,
+    Component,
+    LocalCluster,
+    always,
+    enabled_components,
+)
 from voxscale.localcluster.harness import free_port, wait_for
 
 COLD_START_SECONDS = 6
@@ -21,6 +32,50 @@ COLD_START_SECONDS = 6
 
 def api_client(st: ClusterState) -> k8s.ApiClient:
     return k8s_config.new_client_from_config(config_file=str(st.kubeconfig))
+
+
+def _state(directory: Path, **changes: Any) -> ClusterState:
+    st = ClusterState(
+        "unit", str(directory), etcd_port=1, apiserver_port=2, kwok_port=3, prometheus_port=4, gpu_nodes=0
+    )
+    return replace(st, **changes)
+
+
+def _real_node_only(st: ClusterState) -> bool:
+    return st.real_node
+
+
+def test_component_table_starts_the_control_plane_in_order_and_skips_disabled_entries(tmp_path: Path) -> None:
+    names = [c.name for c in COMPONENTS]
+    assert len(set(names)) == len(names)
+    assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus"]
+    assert enabled_components(_state(tmp_path)) == list(COMPONENTS)
+    optional = Component("kubelet", lambda ctx: ["kubelet"], enabled=_real_node_only)
+    table = (*COMPONENTS, optional)
+    assert enabled_components(_state(tmp_path), table) == list(COMPONENTS)
+    assert enabled_components(_state(tmp_path, real_node=True), table) == [*COMPONENTS, optional]
+
+
+def test_down_cleans_up_enabled_components_newest_first_even_when_their_process_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOXSCALE_STATE_DIR", str(tmp_path))
+    cleaned: list[str] = []
+
+    def entry(name: str, enabled: Any = always) -> Component:
+        return Component(name, lambda ctx: [name], cleanup=lambda st: cleaned.append(name), enabled=enabled)
+
+    table = (entry("first"), entry("optional", _real_node_only), entry("last"))
+    monkeypatch.setattr(cluster_module, "COMPONENTS", table)
+    local = LocalCluster("unit")
+    local.directory.mkdir()
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # "first" died long ago
+    saved = asdict(_state(local.directory, pids={"first": no_such_pid}))
+    del saved["real_node"]  # a state.json written before the field existed still loads
+    (local.directory / "state.json").write_text(json.dumps(saved))
+    assert local.down(quiet=True) == []
+    assert cleaned == ["last", "first"]
+    assert not local.directory.exists()
 
 
 def test_fake_gpu_nodes_carry_gpu_capacity_and_labels(cluster: LocalCluster, cluster_state: ClusterState) -> None:

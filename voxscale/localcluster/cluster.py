@@ -2,8 +2,9 @@
 
 etcd, kube-apiserver (TLS, client-cert auth, RBAC), kube-controller-manager, kube-scheduler and
 kwok (fake GPU nodes, pods with a model-loading cold start) run as plain processes from the binaries
-built by `binaries.py`; Prometheus is Debian's. Everything a cluster writes lives in one state
-folder, and `down` stops exactly the pids that `up` recorded there, then removes the folder.
+built by `binaries.py`; Prometheus is Debian's. Each process is one `Component` in `COMPONENTS`, so
+adding a process is adding an entry. Everything a cluster writes lives in one state folder, and
+`down` stops exactly the pids that `up` recorded there, then removes the folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -64,6 +66,7 @@ class ClusterState:
     kwok_port: int
     prometheus_port: int
     gpu_nodes: int
+    real_node: bool = False  # a real kubelet node besides kwok's fake ones (components enabled on it)
     pids: dict[str, int] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
 
@@ -95,7 +98,9 @@ class ClusterState:
         path = state_root() / name / "state.json"
         if not path.exists():
             return None
-        return cls(**json.loads(path.read_text()))
+        known = {f.name for f in fields(cls)}
+        # A state.json from another version may lack newer fields (defaults apply) or carry unknown ones.
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -118,6 +123,23 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _apiserver_ready(st: ClusterState) -> bool:
+    pki_dir = st.dir / "pki"
+    if not (pki_dir / "admin.crt").exists():
+        return False
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+    ctx.load_cert_chain(str(pki_dir / "admin.crt"), str(pki_dir / "admin.key"))
+    return _http_ok(f"{st.apiserver_url}/readyz", ctx)
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, client: pki.KeyPair, user: str) -> None:
@@ -157,6 +179,237 @@ def gpu_node_manifest(index: int, gpus: int = 8) -> dict[str, object]:
     }
 
 
+# ===================================================================== the component table
+@dataclass(frozen=True)
+class ClusterContext:
+    """What a component's start-up hooks need: the cluster, its state, and the PKI `up` made for it."""
+
+    cluster: LocalCluster
+    state: ClusterState
+    ca: pki.LocalCA
+    serving: pki.KeyPair  # the API server's TLS certificate
+    service_account: pki.KeyPair  # signs and verifies ServiceAccount tokens
+    prometheus: str  # the Prometheus binary `up` found on PATH
+    timeout: float  # for each readiness wait
+
+    def kubeconfig(self, stem: str) -> Path:
+        return self.state.dir / f"{stem}.kubeconfig"
+
+    def issue_kubeconfig(self, stem: str, user: str, organization: str | None = None, path: Path | None = None) -> Path:
+        """Issue a client cert for `user` (RBAC subject) and write the kubeconfig that presents it."""
+        pair = self.ca.issue(stem, user, organization=organization)
+        path = path or self.kubeconfig(stem)
+        write_kubeconfig(path, self.state.apiserver_url, self.ca.pair.cert, pair, user)
+        return path
+
+    def wait(self, what: str, ready: Callable[[], bool]) -> None:
+        self.cluster._wait(self.state, what, ready, self.timeout)
+
+
+def always(st: ClusterState) -> bool:
+    """The default `Component.enabled`: part of every cluster."""
+    return True
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the local cluster: how `up` starts it and what `down` undoes after stopping it.
+
+    `up` takes the enabled components in table order and, for each: logs `describe`, runs `prepare`
+    (config files the command reads), spawns `command` (recorded in the state, so `start_process`
+    can rerun it), polls `ready`, then runs `after_ready` (one-off work that needs it running).
+    `down` goes through them in reverse order: it stops the process, then calls `cleanup`, even when
+    the process had already died or was never started, so `cleanup` must be idempotent; it is for
+    what outlives a process (mounts, network interfaces, iptables rules).
+    """
+
+    name: str  # key in ClusterState.pids/commands and the log file's name
+    command: Callable[[ClusterContext], list[str]]
+    describe: Callable[[ClusterContext], str] | None = None  # the "starting ..." line; default names it
+    # Hooks; what prepare, after_ready and cleanup return is ignored.
+    prepare: Callable[[ClusterContext], object] | None = None
+    ready: Callable[[ClusterContext], bool] | None = None  # None: nothing to wait for
+    after_ready: Callable[[ClusterContext], object] | None = None
+    cleanup: Callable[[ClusterState], object] | None = None
+    enabled: Callable[[ClusterState], bool] = always
+
+
+def _etcd_command(ctx: ClusterContext) -> list[str]:
+    client = f"http://127.0.0.1:{ctx.state.etcd_port}"
+    peer = f"http://127.0.0.1:{_free_port()}"
+    return [
+        str(binaries.binary("etcd")),
+        "--name=voxscale",
+        f"--data-dir={ctx.state.dir / 'etcd'}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=voxscale={peer}",
+        "--unsafe-no-fsync",  # throw-away test data; fsync makes a 2-core VM crawl
+        "--log-level=warn",
+    ]
+
+
+def _apiserver_command(ctx: ClusterContext) -> list[str]:
+    return [
+        str(binaries.binary("kube-apiserver")),
+        f"--etcd-servers=http://127.0.0.1:{ctx.state.etcd_port}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={ctx.state.apiserver_port}",
+        f"--tls-cert-file={ctx.serving.cert}",
+        f"--tls-private-key-file={ctx.serving.key}",
+        f"--client-ca-file={ctx.ca.pair.cert}",
+        f"--service-account-key-file={ctx.service_account.cert}",
+        f"--service-account-signing-key-file={ctx.service_account.key}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        "--authorization-mode=RBAC",
+        "--allow-privileged=true",
+        # No kubelet or kube-proxy exists to route the `kubernetes` Service; don't maintain it.
+        "--endpoint-reconciler-type=none",
+        "--profiling=false",
+    ]
+
+
+def _kubeconfig_flags(kubeconfig: Path) -> list[str]:
+    """A controller's API client and its delegated authn/authz all use its own identity."""
+    return [
+        f"--{flag}={kubeconfig}" for flag in ("kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig")
+    ]
+
+
+def _controller_manager_command(ctx: ClusterContext) -> list[str]:
+    return [
+        str(binaries.binary("kube-controller-manager")),
+        *_kubeconfig_flags(ctx.kubeconfig("controller-manager")),
+        "--bind-address=127.0.0.1",
+        "--secure-port=0",
+        "--leader-elect=false",
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={ctx.service_account.key}",
+        f"--root-ca-file={ctx.ca.pair.cert}",
+        "--profiling=false",
+    ]
+
+
+def _scheduler_command(ctx: ClusterContext) -> list[str]:
+    return [
+        str(binaries.binary("kube-scheduler")),
+        *_kubeconfig_flags(ctx.kubeconfig("scheduler")),
+        "--bind-address=127.0.0.1",
+        "--secure-port=0",
+        "--leader-elect=false",
+        "--profiling=false",
+    ]
+
+
+def _kwok_command(ctx: ClusterContext) -> list[str]:
+    return [
+        str(binaries.binary("kwok")),
+        f"--kubeconfig={ctx.kubeconfig('kwok')}",
+        f"--config={STAGES_FILE}",
+        "--manage-all-nodes=false",
+        f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
+        f"--server-address=127.0.0.1:{ctx.state.kwok_port}",
+        "--cidr=10.244.0.0/16",
+        "--node-ip=10.0.0.1",
+        "--node-lease-duration-seconds=0",
+    ]
+
+
+def _register_gpu_nodes(ctx: ClusterContext) -> None:
+    manifest = yaml.safe_dump_all([gpu_node_manifest(i) for i in range(ctx.state.gpu_nodes)])
+    ctx.wait(
+        "RBAC bootstrap",
+        lambda: ctx.cluster.kubectl("apply", "-f", "-", input=manifest, check=False).returncode == 0,
+    )
+    _say(f"registered {ctx.state.gpu_nodes} fake GPU nodes ({GPU_PRODUCT}); waiting for them to be Ready")
+
+
+def _prometheus_command(ctx: ClusterContext) -> list[str]:
+    d = ctx.state.dir / "prometheus"
+    return [
+        ctx.prometheus,
+        f"--config.file={d / 'prometheus.yml'}",
+        f"--storage.tsdb.path={d / 'data'}",
+        f"--web.listen-address=127.0.0.1:{ctx.state.prometheus_port}",
+        "--web.enable-lifecycle",
+        "--storage.tsdb.retention.time=8d",  # a week of arrival history for the forecast floor
+        "--log.level=warn",
+    ]
+
+
+def _write_prometheus_config(ctx: ClusterContext) -> None:
+    targets = ctx.state.scrape_targets_dir
+    targets.mkdir(parents=True)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "voxscale-file-sd",
+                # Exporters here speak for pods (dcgm-exporter style): keep their pod/namespace labels.
+                "honor_labels": True,
+                "file_sd_configs": [{"files": [str(targets / "*.json")], "refresh_interval": "1s"}],
+            },
+            {
+                "job_name": "voxscale-file-sd-default-labels",
+                # A ServiceMonitor's default: clashing exporter labels become exported_<name>.
+                "honor_labels": False,
+                "file_sd_configs": [{"files": [str(targets / _NO_HONOR_DIR / "*.json")], "refresh_interval": "1s"}],
+            },
+        ],
+    }
+    (ctx.state.dir / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component(
+        "etcd",
+        _etcd_command,
+        describe=lambda ctx: f"starting etcd on 127.0.0.1:{ctx.state.etcd_port}",
+        ready=lambda ctx: _http_ok(f"http://127.0.0.1:{ctx.state.etcd_port}/health"),
+    ),
+    Component(
+        "kube-apiserver",
+        _apiserver_command,
+        describe=lambda ctx: f"starting kube-apiserver on {ctx.state.apiserver_url} (RBAC on)",
+        ready=lambda ctx: _apiserver_ready(ctx.state),
+    ),
+    Component(
+        "kube-controller-manager",
+        _controller_manager_command,
+        prepare=lambda ctx: ctx.issue_kubeconfig("controller-manager", "system:kube-controller-manager"),
+    ),
+    Component(
+        "kube-scheduler",
+        _scheduler_command,
+        prepare=lambda ctx: ctx.issue_kubeconfig("scheduler", "system:kube-scheduler"),
+    ),
+    Component(
+        "kwok",
+        _kwok_command,
+        describe=lambda ctx: f"starting kwok on 127.0.0.1:{ctx.state.kwok_port} (it plays every fake node's kubelet)",
+        # kwok writes node and pod status for every fake node, so it gets cluster-admin.
+        prepare=lambda ctx: ctx.issue_kubeconfig("kwok", "system:kwok", "system:masters"),
+        after_ready=_register_gpu_nodes,
+    ),
+    Component(
+        "prometheus",
+        _prometheus_command,
+        describe=lambda ctx: f"starting Prometheus on {ctx.state.prometheus_url} (1 s scrape interval)",
+        prepare=_write_prometheus_config,
+        ready=lambda ctx: _http_ok(f"{ctx.state.prometheus_url}/-/ready"),
+    ),
+)
+
+
+def enabled_components(st: ClusterState, table: tuple[Component, ...] | None = None) -> list[Component]:
+    """The entries of `table` (default: COMPONENTS) that this cluster runs, in start order."""
+    return [c for c in (COMPONENTS if table is None else table) if c.enabled(st)]
+
+
 class LocalCluster:
     """Handle on one named local cluster (`default` unless told otherwise)."""
 
@@ -177,7 +430,7 @@ class LocalCluster:
 
     def is_up(self) -> bool:
         st = self.state
-        return st is not None and bool(st.pids) and all(self.running().values()) and self._apiserver_ready(st)
+        return st is not None and bool(st.pids) and all(self.running().values()) and _apiserver_ready(st)
 
     def env_lines(self) -> list[str]:
         st = self.state
@@ -268,169 +521,53 @@ class LocalCluster:
         return st
 
     def _start(self, st: ClusterState, prometheus: str, timeout: float) -> None:
-        d = st.dir
-        (d / "logs").mkdir()
-        ca = pki.LocalCA(d / "pki")
-        serving = ca.issue(
-            "apiserver",
-            "kube-apiserver",
-            server_names=("127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-        )
-        sa = pki.service_account_keys(d / "pki")
-        admin = ca.issue("admin", "voxscale-admin", organization="system:masters")
-        write_kubeconfig(st.kubeconfig, st.apiserver_url, ca.pair.cert, admin, "voxscale-admin")
-        for component, cn in (
-            ("controller-manager", "system:kube-controller-manager"),
-            ("scheduler", "system:kube-scheduler"),
-            # kwok plays every kubelet; it writes node and pod status for all fake nodes.
-            ("kwok", "system:kwok"),
-        ):
-            org = "system:masters" if component == "kwok" else None
-            pair = ca.issue(component, cn, organization=org)
-            write_kubeconfig(d / f"{component}.kubeconfig", st.apiserver_url, ca.pair.cert, pair, cn)
-
+        (st.dir / "logs").mkdir()
+        ctx = self._setup_pki(st, prometheus, timeout)
         t0 = time.monotonic()
-        _say(f"starting etcd on 127.0.0.1:{st.etcd_port}")
-        peer = _free_port()
-        self._spawn(
-            st,
-            "etcd",
-            [
-                str(binaries.binary("etcd")),
-                "--name=voxscale",
-                f"--data-dir={d / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{st.etcd_port}",
-                f"--advertise-client-urls=http://127.0.0.1:{st.etcd_port}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-                f"--initial-cluster=voxscale=http://127.0.0.1:{peer}",
-                "--unsafe-no-fsync",  # throw-away test data; fsync makes a 2-core VM crawl
-                "--log-level=warn",
-            ],
-        )
-        self._wait(st, "etcd", lambda: self._http_ok(f"http://127.0.0.1:{st.etcd_port}/health"), timeout)
-
-        _say(f"starting kube-apiserver on {st.apiserver_url} (RBAC on)")
-        self._spawn(
-            st,
-            "kube-apiserver",
-            [
-                str(binaries.binary("kube-apiserver")),
-                f"--etcd-servers=http://127.0.0.1:{st.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={st.apiserver_port}",
-                f"--tls-cert-file={serving.cert}",
-                f"--tls-private-key-file={serving.key}",
-                f"--client-ca-file={ca.pair.cert}",
-                f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--authorization-mode=RBAC",
-                "--allow-privileged=true",
-                # No kubelet or kube-proxy exists to route the `kubernetes` Service; don't maintain it.
-                "--endpoint-reconciler-type=none",
-                "--profiling=false",
-            ],
-        )
-        self._wait(st, "kube-apiserver", lambda: self._apiserver_ready(st), timeout)
-
-        _say("starting kube-controller-manager, kube-scheduler and kwok")
-        self._spawn(
-            st,
-            "kube-controller-manager",
-            [
-                str(binaries.binary("kube-controller-manager")),
-                f"--kubeconfig={d / 'controller-manager.kubeconfig'}",
-                f"--authentication-kubeconfig={d / 'controller-manager.kubeconfig'}",
-                f"--authorization-kubeconfig={d / 'controller-manager.kubeconfig'}",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-                "--leader-elect=false",
-                "--use-service-account-credentials=true",
-                f"--service-account-private-key-file={sa.key}",
-                f"--root-ca-file={ca.pair.cert}",
-                "--profiling=false",
-            ],
-        )
-        self._spawn(
-            st,
-            "kube-scheduler",
-            [
-                str(binaries.binary("kube-scheduler")),
-                f"--kubeconfig={d / 'scheduler.kubeconfig'}",
-                f"--authentication-kubeconfig={d / 'scheduler.kubeconfig'}",
-                f"--authorization-kubeconfig={d / 'scheduler.kubeconfig'}",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-                "--leader-elect=false",
-                "--profiling=false",
-            ],
-        )
-        self._spawn(
-            st,
-            "kwok",
-            [
-                str(binaries.binary("kwok")),
-                f"--kubeconfig={d / 'kwok.kubeconfig'}",
-                f"--config={STAGES_FILE}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
-                f"--server-address=127.0.0.1:{st.kwok_port}",
-                "--cidr=10.244.0.0/16",
-                "--node-ip=10.0.0.1",
-                "--node-lease-duration-seconds=0",
-            ],
-        )
-
-        _say(f"starting Prometheus on {st.prometheus_url} (1 s scrape interval)")
-        self._write_prometheus_config(st)
-        self._spawn(
-            st,
-            "prometheus",
-            [
-                prometheus,
-                f"--config.file={d / 'prometheus' / 'prometheus.yml'}",
-                f"--storage.tsdb.path={d / 'prometheus' / 'data'}",
-                f"--web.listen-address=127.0.0.1:{st.prometheus_port}",
-                "--web.enable-lifecycle",
-                "--storage.tsdb.retention.time=8d",  # a week of arrival history for the forecast floor
-                "--log.level=warn",
-            ],
-        )
-
-        nodes = [gpu_node_manifest(i) for i in range(st.gpu_nodes)]
-        manifest = yaml.safe_dump_all(nodes)
-        self._wait(
-            st,
-            "RBAC bootstrap",
-            lambda: self.kubectl("apply", "-f", "-", input=manifest, check=False).returncode == 0,
-            timeout,
-        )
-        _say(f"registered {st.gpu_nodes} fake GPU nodes ({GPU_PRODUCT}); waiting for them to be Ready")
-        self._wait(st, "GPU nodes Ready", lambda: self._nodes_ready(st.gpu_nodes), timeout)
-        self._wait(st, "Prometheus", lambda: self._http_ok(f"{st.prometheus_url}/-/ready"), timeout)
-        self._wait(
-            st,
+        for component in enabled_components(st):
+            self._launch(ctx, component)
+        ctx.wait("GPU nodes Ready", lambda: self._nodes_ready(st.gpu_nodes))
+        ctx.wait(
             "default ServiceAccount",
             lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
-            timeout,
         )
         _say(f"cluster {self.name!r} is up in {time.monotonic() - t0:.0f}s; `voxscale cluster env` prints its settings")
 
+    def _setup_pki(self, st: ClusterState, prometheus: str, timeout: float) -> ClusterContext:
+        """The CA, the API server's serving cert, the ServiceAccount keys and the admin kubeconfig."""
+        ca = pki.LocalCA(st.dir / "pki")
+        ctx = ClusterContext(
+            cluster=self,
+            state=st,
+            ca=ca,
+            serving=ca.issue(
+                "apiserver",
+                "kube-apiserver",
+                server_names=("127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            ),
+            service_account=pki.service_account_keys(st.dir / "pki"),
+            prometheus=prometheus,
+            timeout=timeout,
+        )
+        ctx.issue_kubeconfig("admin", "voxscale-admin", "system:masters", path=st.kubeconfig)
+        return ctx
+
+    def _launch(self, ctx: ClusterContext, component: Component) -> None:
+        """prepare -> spawn -> wait until ready -> after_ready, for one component."""
+        _say(component.describe(ctx) if component.describe else f"starting {component.name}")
+        if component.prepare:
+            component.prepare(ctx)
+        self._spawn(ctx.state, component.name, component.command(ctx))
+        if component.ready:
+            ctx.wait(component.name, partial(component.ready, ctx))
+        if component.after_ready:
+            component.after_ready(ctx)
+
     def down(self, quiet: bool = False, keep_logs: bool = False) -> list[str]:
-        """Stop exactly the processes `up` recorded, newest first, then remove the state folder."""
+        """Stop exactly the processes `up` recorded and clean up after them, newest first, then remove
+        the state folder."""
         st = self.state
-        stopped: list[str] = []
-        if st is not None:
-            for proc, pid in reversed(list(st.pids.items())):
-                if not _pid_alive(pid):
-                    continue
-                if proc.split("-")[0] not in _cmdline(pid) and proc not in _cmdline(pid):
-                    continue  # the pid was reused by something that is not ours
-                self._terminate(pid)
-                stopped.append(proc)
+        stopped = self._stop_components(st) if st is not None else []
         if self.directory.exists():
             if keep_logs and (self.directory / "logs").exists():
                 dest = Path(tempfile.mkdtemp(prefix=f"voxscale-{self.name}-logs-"))
@@ -440,6 +577,33 @@ class LocalCluster:
         if not quiet:
             _say(f"stopped {', '.join(stopped) if stopped else 'nothing (no cluster was running)'}")
         return stopped
+
+    def _stop_components(self, st: ClusterState) -> list[str]:
+        """Each enabled component in reverse start order: stop its process, then run its cleanup,
+        whether or not the process was still running. Returns the names of the processes stopped."""
+        components = enabled_components(st)
+        known = {c.name for c in components}
+        # Processes no enabled entry names (a state.json written by another version) go first.
+        stopped = [name for name in reversed(list(st.pids)) if name not in known and self._stop_ours(st, name)]
+        for component in reversed(components):
+            if component.name in st.pids and self._stop_ours(st, component.name):
+                stopped.append(component.name)
+            if component.cleanup:
+                try:
+                    component.cleanup(st)
+                except Exception as exc:  # one failed cleanup must not leave the others' processes running
+                    _say(f"cleanup of {component.name} failed: {exc}")
+        return stopped
+
+    def _stop_ours(self, st: ClusterState, name: str) -> bool:
+        """Stop the process recorded as `name` if it still runs and is still ours; True if it was stopped."""
+        pid = st.pids[name]
+        if not _pid_alive(pid):
+            return False
+        if name.split("-")[0] not in _cmdline(pid) and name not in _cmdline(pid):
+            return False  # the pid was reused by something that is not ours
+        self._terminate(pid)
+        return True
 
     # ----------------------------------------------------------------- internals
     def _require_state(self) -> ClusterState:
@@ -486,22 +650,6 @@ class LocalCluster:
             time.sleep(0.25)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; see {st.dir / 'logs'}")
 
-    @staticmethod
-    def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def _apiserver_ready(self, st: ClusterState) -> bool:
-        pki_dir = st.dir / "pki"
-        if not (pki_dir / "admin.crt").exists():
-            return False
-        ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
-        ctx.load_cert_chain(str(pki_dir / "admin.crt"), str(pki_dir / "admin.key"))
-        return self._http_ok(f"{st.apiserver_url}/readyz", ctx)
-
     def _nodes_ready(self, count: int) -> bool:
         out = self.kubectl("get", "nodes", "-o", "json").stdout
         ready = 0
@@ -509,30 +657,6 @@ class LocalCluster:
             conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
             ready += conds.get("Ready") == "True"
         return ready >= count
-
-    @staticmethod
-    def _write_prometheus_config(st: ClusterState) -> None:
-        st.scrape_targets_dir.mkdir(parents=True)
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-            "scrape_configs": [
-                {
-                    "job_name": "voxscale-file-sd",
-                    # Exporters here speak for pods (dcgm-exporter style): keep their pod/namespace labels.
-                    "honor_labels": True,
-                    "file_sd_configs": [{"files": [str(st.scrape_targets_dir / "*.json")], "refresh_interval": "1s"}],
-                },
-                {
-                    "job_name": "voxscale-file-sd-default-labels",
-                    # A ServiceMonitor's default: clashing exporter labels become exported_<name>.
-                    "honor_labels": False,
-                    "file_sd_configs": [
-                        {"files": [str(st.scrape_targets_dir / _NO_HONOR_DIR / "*.json")], "refresh_interval": "1s"}
-                    ],
-                },
-            ],
-        }
-        (st.dir / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     @staticmethod
     def _print_log_tails(st: ClusterState, lines: int = 15) -> None:
