@@ -11,12 +11,13 @@ STAMP  := $(VENV)/.installed-$(PY_LIST_HASH)
 EXTRAS := operator,sim,inference,dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps system-deps binaries lint unit clean help images
+.PHONY: test demo demo-real-pods deps system-deps binaries lint unit clean help images
 
 help:
 	@echo "make demo   - bring up the local GPU cluster and show voxscale at work"
 	@echo "make test   - install whatever is missing, then lint, type-check and run the whole suite"
 	@echo "make images - build the operator and inference images with podman (no Docker engine needed)"
+	@echo "make demo-real-pods - the demo's loop with real containers (a real node, the operator pod, CPU servers)"
 
 test: deps lint
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
@@ -25,6 +26,10 @@ test: deps lint
 
 demo: deps
 	@$(BIN)/voxscale demo
+
+# The same loop with real pods: the images, a real worker node, the chart's operator pod.
+demo-real-pods: deps images
+	@VOXSCALE_IMAGE_TAG=dev $(BIN)/voxscale demo --real-pods
 
 lint: deps
 	@$(BIN)/ruff check --quiet .

@@ -9,11 +9,19 @@ declare -A wanted=(
   [podman]=podman
   [runc]=runc
   [mmdebstrap]=mmdebstrap
+  # The local cluster's real worker node (`voxscale cluster up --real-node`).
+  [containerd]=containerd
+  [iptables]=iptables
+  [ip]=iproute2
+  [conntrack]=conntrack
 )
 missing=()
 for cmd in "${!wanted[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
+    || missing+=("${wanted[$cmd]}")
 done
+# CNI plugins are not commands on PATH.
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if ! command -v go >/dev/null 2>&1; then
   echo "the Go toolchain (go) is required to build the local control plane; install Go >= 1.24" >&2
   exit 1

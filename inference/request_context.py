@@ -25,6 +25,7 @@ log = logging.getLogger("voxscale.inference")
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("voxscale_request_id", default=None)
 REQUEST_ID_HEADER = "X-Request-Id"
+POD_HEADER = "X-Voxscale-Pod"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # version-traceid-parentid-flags (W3C Trace Context); versions after 00 may append fields.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -77,6 +78,8 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         started = time.monotonic()
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = rid
+        if settings.pod_name:  # which replica answered: a client behind a Service can tell them apart
+            response.headers[POD_HEADER] = settings.pod_name
         elapsed_ms = 1000 * (time.monotonic() - started)
         log.info("%s %s %s %.0fms", request.method, request.url.path, response.status_code, elapsed_ms)
         return response

@@ -69,7 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=15,
         help="a dead leader is replaced after at most this long (default %(default)s)",
     )
-    p.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}", help="this replica's name")
+    # The pod's name (the chart sets POD_NAME): with hostNetwork the hostname is the node's and every
+    # container's pid is 1, so two replicas on one node would otherwise share one identity.
+    default_identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    p.add_argument("--identity", default=default_identity, help="this replica's Lease identity (default: $POD_NAME)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

@@ -4,16 +4,36 @@ kwok) and one real Prometheus for the whole run, started by the project's own to
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from voxscale.localcluster.cluster import ClusterState, LocalCluster, running_cluster
-from voxscale.localcluster.harness import OperatorProcess, install_operator_rbac
+from voxscale.localcluster.harness import REPO, OperatorProcess, install_operator_rbac
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 TEST_CLUSTER = os.environ.get("VOXSCALE_TEST_CLUSTER", "pytest")
+
+
+def build_image(target: str) -> str:
+    """Build one image with `make images`' own script (podman, cached layers), tagged :test."""
+    env = {"VOXSCALE_IMAGE_TAG": "test", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    script = str(REPO / "hack" / "build-images.sh")
+    res = subprocess.run([script, target], capture_output=True, text=True, env=env, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return f"localhost/voxscale/{target}:test"
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    return build_image("operator")
+
+
+@pytest.fixture(scope="session")
+def inference_image() -> str:
+    return build_image("inference")
 
 
 @pytest.fixture(scope="session")

@@ -18,26 +18,8 @@ import yaml
 
 from voxscale import __version__
 from voxscale.localcluster.cluster import LocalCluster
-from voxscale.localcluster.harness import REPO, free_port, install_operator_rbac, wait_for
+from voxscale.localcluster.harness import free_port, install_operator_rbac, wait_for
 from voxscale.operator.children import SERVER_UID
-
-
-def build(target: str) -> str:
-    env = {"VOXSCALE_IMAGE_TAG": "test", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-    script = str(REPO / "hack" / "build-images.sh")
-    res = subprocess.run([script, target], capture_output=True, text=True, env=env, timeout=1500)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return f"localhost/voxscale/{target}:test"
-
-
-@pytest.fixture(scope="module")
-def operator_image() -> str:
-    return build("operator")
-
-
-@pytest.fixture(scope="module")
-def inference_image() -> str:
-    return build("inference")
 
 
 def podman_run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

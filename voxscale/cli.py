@@ -29,8 +29,22 @@ def _cluster_up(args: argparse.Namespace) -> int:
     if cluster.is_up():
         print(f"cluster {args.name!r} is already up", file=sys.stderr)
     else:
-        cluster.up(gpu_nodes=args.gpu_nodes)
+        cluster.up(gpu_nodes=args.gpu_nodes, real_node=args.real_node)
     print("\n".join(cluster.env_lines()))
+    return 0
+
+
+def _cluster_load_image(args: argparse.Namespace) -> int:
+    from voxscale.localcluster.cluster import LocalCluster
+
+    try:
+        copied = LocalCluster(args.name).load_images(args.image)
+    except RuntimeError as exc:
+        print(f"voxscale: {exc}", file=sys.stderr)
+        return 1
+    skipped = [ref for ref in args.image if ref not in copied]
+    if skipped:
+        print(f"already in the real node's containerd: {', '.join(skipped)}", file=sys.stderr)
     return 0
 
 
@@ -101,9 +115,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.real_pods:
+        from voxscale import demo_real
+
+        return demo_real.run(fast=args.fast, plot_path=args.plot, keep=args.keep)
     from voxscale import demo
 
-    return demo.run(fast=args.fast, plot_path=args.plot, cluster_name=args.cluster_name)
+    return demo.run(fast=args.fast, plot_path=args.plot or Path("out/demo.png"), cluster_name=args.cluster_name)
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -145,11 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = add("up", _cluster_up, "build what is missing, start the cluster, print its env")
     up.add_argument("--gpu-nodes", type=int, default=4, help="fake 8-GPU nodes to register (default: %(default)s)")
+    up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real worker node (containerd, kubelet, kube-proxy): pods selecting "
+        "voxscale.dev/real-node=true are real containers; one per machine",
+    )
+    load = add("load-image", _cluster_load_image, "copy images from podman into the real node's containerd")
+    load.add_argument(
+        "image", nargs="+", help="image references in podman's store, e.g. localhost/voxscale/inference:dev"
+    )
     add("down", _cluster_down, "stop every process `up` started and remove its state")
     add("status", _cluster_status, "show the cluster's processes, endpoints and nodes")
     add("env", _cluster_env, "print export lines for KUBECONFIG, the Prometheus URL and PATH")
     build = csub.add_parser("build", help="build the pinned binaries into the cache (no-op when cached)")
-    build.add_argument("component", nargs="*", help="etcd, kubernetes, kwok, helm (default: all)")
+    build.add_argument(
+        "component", nargs="*", help="etcd, kubernetes, kubernetes-node, pause, kwok, helm (default: all)"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.add_argument("-v", "--verbose", action="store_true", help="print where each component lives")
     build.set_defaults(handler=_cluster_build)
@@ -206,8 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
     demo.add_argument("--fast", action="store_true", help="a shorter run (about 2 minutes)")
-    demo.add_argument("--plot", type=Path, default=Path("out/demo.png"), help="PNG to write (default %(default)s)")
+    demo.add_argument(
+        "--plot", type=Path, help="PNG to write (default out/demo.png; with --real-pods out/demo-real-pods.png)"
+    )
     demo.add_argument("--cluster-name", default="demo", help="local cluster to use (default %(default)s)")
+    demo.add_argument(
+        "--real-pods",
+        action="store_true",
+        help="the loop with real containers: a real node, the chart's operator pod, CPU TTS servers, real "
+        "requests through the Service (needs `make images`; about 4 minutes)",
+    )
+    demo.add_argument("--keep", action="store_true", help="with --real-pods: leave the cluster up afterwards")
     demo.set_defaults(handler=_demo)
     return parser
 

@@ -48,6 +48,7 @@ class GoComponent:
     binaries: tuple[str, ...]
     packages: tuple[str, ...]
     ldflags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # Go build tags
     # Returns the wrapper module's files (path -> content); may consult the module cache.
     files: Callable[[GoComponent], dict[str, str]] = field(default=lambda c: {}, compare=False)
 
@@ -128,6 +129,45 @@ def _etcd_files(c: GoComponent) -> dict[str, str]:
     return {"go.mod": go_mod, "main.go": main}
 
 
+# The pod sandbox's process: it holds the pod's namespaces open and reaps zombies. Built here
+# because the registry image (registry.k8s.io/pause) cannot be pulled on these machines.
+_PAUSE_MAIN = """package main
+
+import (
+\t"os"
+\t"os/signal"
+\t"syscall"
+)
+
+func main() {
+\tsigs := make(chan os.Signal, 1)
+\tsignal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+\tfor s := range sigs {
+\t\tif s != syscall.SIGCHLD {
+\t\t\tos.Exit(0)
+\t\t}
+\t\tfor {
+\t\t\tvar status syscall.WaitStatus
+\t\t\tif pid, err := syscall.Wait4(-1, &status, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+\t\t\t\tbreak
+\t\t\t}
+\t\t}
+\t}
+}
+"""
+
+
+def _prometheus_release(module_version: str) -> str:
+    """Prometheus publishes its Go module as v0.<minor>.<patch>: v0.54.1 is release 2.54.1, and
+    from 3.0 the major is folded into the minor: v0.316.0 is release 3.16.0."""
+    minor, patch = (int(n) for n in module_version.lstrip("v").split(".")[1:3])
+    return f"{minor // 100}.{minor % 100}.{patch}" if minor >= 300 else f"2.{minor}.{patch}"
+
+
+def _pause_files(c: GoComponent) -> dict[str, str]:
+    return {"go.mod": "module voxscale.local/pause\n\ngo 1.24\n", "main.go": _PAUSE_MAIN}
+
+
 def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]:
     v = versions or pinned_versions()
     k8s = v["kubernetes"]
@@ -143,6 +183,9 @@ def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]
             f"-X {pkg}.buildDate={build_date}",
         ]
     k8s_cmds = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+    # The real worker node's binaries are a component of their own, so that a cluster without a
+    # real node (the default) never waits for them and a cached control plane stays cached.
+    node_cmds = ("kubelet", "kube-proxy")
     helm_major = v["helm"].lstrip("v").split(".")[0]
     return {
         "etcd": GoComponent(name="etcd", version=v["etcd"], binaries=("etcd",), packages=(".",), files=_etcd_files),
@@ -154,6 +197,26 @@ def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]
             ldflags=tuple(k8s_stamp),
             files=_kubernetes_files,
         ),
+        "kubernetes-node": GoComponent(
+            name="kubernetes-node",
+            version=k8s,
+            binaries=node_cmds,
+            packages=tuple(f"k8s.io/kubernetes/cmd/{c}" for c in node_cmds),
+            ldflags=tuple(k8s_stamp),
+            files=_kubernetes_files,
+        ),
+        # Debian's Prometheus is built without Kubernetes service discovery; the real node's pods are
+        # found through it, so a real-node cluster runs this build (only that discovery compiled in).
+        "prometheus": GoComponent(
+            name="prometheus",
+            version=v["prometheus"],
+            binaries=("prometheus",),
+            packages=("github.com/prometheus/prometheus/cmd/prometheus",),
+            ldflags=(f"-X github.com/prometheus/common/version.Version={_prometheus_release(v['prometheus'])}",),
+            tags=("remove_all_sd", "enable_kubernetes_sd"),
+            files=_require_files("github.com/prometheus/prometheus"),
+        ),
+        "pause": GoComponent(name="pause", version="v1", binaries=("pause",), packages=(".",), files=_pause_files),
         "kwok": GoComponent(
             name="kwok",
             version=v["kwok"],
@@ -233,6 +296,7 @@ def build(comp: GoComponent, force: bool = False) -> Path:
         out.mkdir()
         _say(f"{comp.name} {comp.version}: compiling {', '.join(comp.binaries)} (a cold build takes minutes)")
         cmd = ["go", "build", "-v", "-trimpath", "-ldflags", " ".join(("-s", "-w", *comp.ldflags))]
+        cmd += [f"-tags={','.join(comp.tags)}"] if comp.tags else []
         cmd += ["-o", str(out) + os.sep, *comp.packages]
         _run_with_progress(cmd, src, f"{comp.name}: compiling", env)
         missing = [b for b in comp.binaries if not (out / b).exists()]
@@ -243,6 +307,13 @@ def build(comp: GoComponent, force: bool = False) -> Path:
         out.rename(comp.bin_dir)
     _say(f"{comp.name} {comp.version}: built in {time.monotonic() - start:.0f}s -> {comp.bin_dir}")
     return comp.bin_dir
+
+
+def needed(real_node: bool = False) -> list[str]:
+    """The components a local cluster runs: the real worker node adds kubelet, kube-proxy, pause
+    and a Prometheus with Kubernetes service discovery."""
+    base = ["etcd", "kubernetes", "kwok", "helm"]
+    return base + (["kubernetes-node", "pause", "prometheus"] if real_node else [])
 
 
 def ensure_all(names: list[str] | None = None, force: bool = False) -> dict[str, Path]:

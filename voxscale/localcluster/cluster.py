@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from voxscale.localcluster import binaries, pki
+from voxscale.localcluster import binaries, pki, realnode
 
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 
@@ -67,6 +68,11 @@ class ClusterState:
     prometheus_port: int
     gpu_nodes: int
     real_node: bool = False  # a real kubelet node besides kwok's fake ones (components enabled on it)
+    # The real node's local ports (0 without one).
+    kubelet_port: int = 0
+    kubelet_healthz_port: int = 0
+    kube_proxy_healthz_port: int = 0
+    kube_proxy_metrics_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
 
@@ -211,6 +217,10 @@ def always(st: ClusterState) -> bool:
     return True
 
 
+def _has_real_node(st: ClusterState) -> bool:
+    return st.real_node
+
+
 @dataclass(frozen=True)
 class Component:
     """One process of the local cluster: how `up` starts it and what `down` undoes after stopping it.
@@ -344,7 +354,7 @@ def _prometheus_command(ctx: ClusterContext) -> list[str]:
 def _write_prometheus_config(ctx: ClusterContext) -> None:
     targets = ctx.state.scrape_targets_dir
     targets.mkdir(parents=True)
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [
             {
@@ -361,6 +371,10 @@ def _write_prometheus_config(ctx: ClusterContext) -> None:
             },
         ],
     }
+    if ctx.state.real_node:
+        # Pods on the real node are found as a cluster's Prometheus finds them: Kubernetes SD.
+        ctx.ca.issue("prometheus", realnode.PROMETHEUS_USER)
+        config["scrape_configs"].append(realnode.scrape_config(ctx.state))
     (ctx.state.dir / "prometheus" / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -401,6 +415,35 @@ COMPONENTS: tuple[Component, ...] = (
         describe=lambda ctx: f"starting Prometheus on {ctx.state.prometheus_url} (1 s scrape interval)",
         prepare=_write_prometheus_config,
         ready=lambda ctx: _http_ok(f"{ctx.state.prometheus_url}/-/ready"),
+    ),
+    # The real worker node (`up(real_node=True)`); see realnode.py.
+    Component(
+        "containerd",
+        realnode.containerd_command,
+        describe=lambda ctx: f"starting containerd for the real node (images kept in {realnode.containerd_root()})",
+        prepare=realnode.prepare_containerd,
+        ready=realnode.containerd_ready,
+        after_ready=realnode.load_pause_image,
+        cleanup=realnode.cleanup_containerd,
+        enabled=_has_real_node,
+    ),
+    Component(
+        "kubelet",
+        realnode.kubelet_command,
+        describe=lambda ctx: f"starting a kubelet: node {realnode.NODE_NAME}, real containers on {realnode.POD_CIDR}",
+        prepare=realnode.prepare_kubelet,
+        ready=realnode.kubelet_ready,
+        cleanup=realnode.cleanup_kubelet,
+        enabled=_has_real_node,
+    ),
+    Component(
+        "kube-proxy",
+        realnode.kube_proxy_command,
+        describe=lambda ctx: "starting kube-proxy (iptables mode) so Services reach the real node's pods",
+        prepare=realnode.prepare_kube_proxy,
+        ready=realnode.kube_proxy_ready,
+        cleanup=realnode.cleanup_kube_proxy,
+        enabled=_has_real_node,
     ),
 )
 
@@ -474,6 +517,14 @@ class LocalCluster:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{job}.json"
 
+    def load_images(self, refs: list[str]) -> list[str]:
+        """Copy images from podman's store into the real node's containerd (as `kind load` does);
+        returns those actually copied (an image already there under the same ID is skipped)."""
+        st = self._require_state()
+        if not st.real_node:
+            raise RuntimeError(f"cluster {self.name!r} has no real node to load images into; `cluster up --real-node`")
+        return realnode.load_images(st, refs, say=_say)
+
     def stop_process(self, name: str) -> None:
         """Stop one component (e.g. to test how clients cope with Prometheus going away)."""
         st = self._require_state()
@@ -487,7 +538,7 @@ class LocalCluster:
             self._spawn(st, name, st.commands[name])
 
     # ----------------------------------------------------------------- lifecycle
-    def up(self, gpu_nodes: int = 4, timeout: float = 120.0) -> ClusterState:
+    def up(self, gpu_nodes: int = 4, timeout: float = 120.0, real_node: bool = False) -> ClusterState:
         if self.is_up():
             st = self.state
             assert st is not None
@@ -495,8 +546,9 @@ class LocalCluster:
         if self.directory.exists():
             _say(f"found stale state in {self.directory}; cleaning it up first")
             self.down(quiet=True)
-        binaries.ensure_all()
-        prometheus = shutil.which("prometheus")
+        binaries.ensure_all(binaries.needed(real_node))
+        # A real node's pods are found by Kubernetes service discovery, which Debian's build lacks.
+        prometheus = str(binaries.binary("prometheus")) if real_node else shutil.which("prometheus")
         if prometheus is None:
             raise RuntimeError("Prometheus is not installed: `apt-get install prometheus` (make test does this)")
 
@@ -509,7 +561,11 @@ class LocalCluster:
             kwok_port=_free_port(),
             prometheus_port=_free_port(),
             gpu_nodes=gpu_nodes,
+            real_node=real_node,
         )
+        if real_node:
+            st.kubelet_port, st.kubelet_healthz_port = _free_port(), _free_port()
+            st.kube_proxy_healthz_port, st.kube_proxy_metrics_port = _free_port(), _free_port()
         st.save()
         try:
             self._start(st, prometheus, timeout)
@@ -668,11 +724,11 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def running_cluster(name: str = "default", gpu_nodes: int = 4) -> Iterator[ClusterState]:
+def running_cluster(name: str = "default", gpu_nodes: int = 4, real_node: bool = False) -> Iterator[ClusterState]:
     """Bring a cluster up for the duration of a block, and down afterwards if this block started it."""
     cluster = LocalCluster(name)
     started_here = not cluster.is_up()
-    st = cluster.up(gpu_nodes=gpu_nodes)
+    st = cluster.up(gpu_nodes=gpu_nodes, real_node=real_node)
     try:
         yield st
     finally:

@@ -48,8 +48,17 @@ class LocalCA:
     """Issues certificates for one local cluster; everything it writes lives in `directory`."""
 
     def __init__(self, directory: Path) -> None:
+        """Open the CA kept in `directory`, or make one there: a component started after `up` (the
+        real node's kubelet) gets its certificate from the same CA the API server trusts."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self.pair = KeyPair(directory / "ca.crt", directory / "ca.key")
+        if self.pair.cert.exists() and self.pair.key.exists():
+            key = serialization.load_pem_private_key(self.pair.key.read_bytes(), password=None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            self._key = key
+            self._cert = x509.load_pem_x509_certificate(self.pair.cert.read_bytes())
+            return
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         self._cert = (
@@ -77,7 +86,6 @@ class LocalCA:
             )
             .sign(self._key, hashes.SHA256())
         )
-        self.pair = KeyPair(directory / "ca.crt", directory / "ca.key")
         _write_cert(self._cert, self.pair.cert)
         _write_key(self._key, self.pair.key)
 

@@ -1,0 +1,73 @@
+"""The real worker node's configuration, checked on plain data (no processes): what containerd,
+the CNI bridge, Prometheus' Kubernetes discovery and the demo's ramp are given."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from voxscale.demo_real import RAMP, clients_at
+from voxscale.localcluster import binaries, realnode
+from voxscale.localcluster.cluster import ClusterState
+
+
+def state(tmp_path: Path) -> ClusterState:
+    return ClusterState(
+        name="unit",
+        directory=str(tmp_path),
+        etcd_port=1,
+        apiserver_port=2,
+        kwok_port=3,
+        prometheus_port=4,
+        gpu_nodes=0,
+        real_node=True,
+    )
+
+
+def test_containerd_config_is_valid_toml_with_what_this_host_needs(tmp_path: Path) -> None:
+    config = tomllib.loads(realnode._containerd_config(state(tmp_path)))
+    cri = config["plugins"]["io.containerd.grpc.v1.cri"]
+    assert config["version"] == 2
+    assert config["root"] == str(realnode.containerd_root())  # images kept across clusters
+    assert config["state"].startswith(str(tmp_path)) and config["grpc"]["address"].startswith(str(tmp_path))
+    assert cri["restrict_oom_score_adj"] is True  # no CAP_SYS_RESOURCE here
+    assert cri["netns_mounts_under_state_dir"] is True  # so `down` finds them
+    assert cri["sandbox_image"] == realnode.PAUSE_IMAGE
+    assert cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
+
+
+def test_cni_bridge_keeps_its_state_in_the_cluster_folder_and_adds_no_masquerade_rules(tmp_path: Path) -> None:
+    bridge = realnode._cni_config(state(tmp_path))["plugins"][0]
+    assert bridge["bridge"] == realnode.BRIDGE and bridge["ipMasq"] is False
+    assert bridge["ipam"]["dataDir"].startswith(str(tmp_path))
+    assert bridge["ipam"]["ranges"] == [[{"subnet": realnode.POD_CIDR}]]
+
+
+def test_prometheus_discovers_only_the_real_nodes_annotated_pods_and_labels_them_as_the_operator_reads(
+    tmp_path: Path,
+) -> None:
+    job = realnode.scrape_config(state(tmp_path))
+    sd = job["kubernetes_sd_configs"][0]
+    assert sd["role"] == "pod" and sd["api_server"] == "https://127.0.0.1:2"
+    assert sd["selectors"] == [{"role": "pod", "field": f"spec.nodeName={realnode.NODE_NAME}"}]
+    targets = {r.get("target_label") for r in job["relabel_configs"]}
+    assert {"namespace", "pod", "__address__", "__metrics_path__"} <= targets
+
+
+def test_a_hostnetwork_pod_is_pointed_at_the_loopback_api_server(tmp_path: Path) -> None:
+    assert realnode.api_server_env(state(tmp_path)) == {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "2",
+    }
+
+
+def test_the_real_node_adds_its_binaries_and_a_kubernetes_sd_prometheus_only_when_asked() -> None:
+    assert set(binaries.needed(real_node=True)) - set(binaries.needed()) == {"kubernetes-node", "pause", "prometheus"}
+    assert set(binaries.needed(real_node=True)) == set(binaries.components())
+    assert binaries._prometheus_release("v0.316.0") == "3.16.0"
+    assert binaries._prometheus_release("v0.54.1") == "2.54.1"
+
+
+def test_the_demo_ramp_goes_quiet_burst_tail_and_stops() -> None:
+    assert [clients_at(t, 1.0) for t in (0, 19, 20, 89, 90, 169, 170)] == [1, 1, 6, 6, 2, 2, 0]
+    assert clients_at(RAMP[1][0] * 0.6, 0.6) == RAMP[1][1]

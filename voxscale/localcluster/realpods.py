@@ -1,0 +1,206 @@
+"""The whole loop with real pods, shared by the real-pod e2e test and `voxscale demo --real-pods`.
+
+The operator is installed with `helm` from charts/voxscale using the image `make images` built, so it
+runs as a pod under the chart's ServiceAccount and leader election. A TTSDeployment whose pods are
+real `voxscale serve` containers on the local cluster's real node (on the CPU: `gpus: 0`); the
+cluster's Prometheus finds them by Kubernetes service discovery; `SpeechLoad` sends real
+/v1/audio/speech requests through the Service (kube-proxy's rules) and records who answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from voxscale.localcluster import binaries, realnode
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
+from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, free_port, get_json, wait_for
+
+POD_HEADER = "X-Voxscale-Pod"  # the server names the pod that answered (inference/request_context.py)
+TEXT = "A real server in a real container answers this request through the Service."
+
+
+def image(target: str, tag: str | None = None) -> str:
+    """What hack/build-images.sh tags: localhost/voxscale/<target>:<VOXSCALE_IMAGE_TAG or dev>."""
+    return f"localhost/voxscale/{target}:{tag or os.environ.get('VOXSCALE_IMAGE_TAG', 'dev')}"
+
+
+def helm(st: ClusterState, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KUBECONFIG=str(st.kubeconfig))
+    cmd = [str(binaries.binary("helm")), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"helm {args[0]} failed: {res.stderr.strip()}")
+    return res
+
+
+def install_operator(st: ClusterState, operator_image: str, release: str = "voxscale") -> None:
+    """`helm install` the chart with the built operator image, the way a cluster gets it, with the
+    two settings this machine needs: the API server and Prometheus listen on 127.0.0.1 only, so the
+    operator pod shares the node's network and is told the API server's address."""
+    repository, tag = operator_image.rsplit(":", 1)
+    env = [{"name": k, "value": v} for k, v in realnode.api_server_env(st).items()]
+    helm(
+        st,
+        "upgrade", "--install", release, str(CHART),
+        "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+        "--set", f"image.repository={repository}",
+        "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never",  # copied into the node's containerd; there is no registry
+        "--set", "replicaCount=1",  # hostNetwork: a second replica would want the same ports on the one node
+        "--set", "hostNetwork=true",
+        "--set-json", f"extraEnv={json.dumps(env)}",
+        "--set", f"prometheusUrl={st.prometheus_url}",
+        "--set", f"metricsPort={free_port()}",
+        "--set", f"healthPort={free_port()}",
+        "--set", "leaseSeconds=5",
+        "--set-json", f"nodeSelector={json.dumps({realnode.NODE_LABEL: 'true'})}",
+        "--wait", "--timeout", "180s",
+    )  # fmt: skip
+
+
+def operator_pod(cluster: LocalCluster, release: str = "voxscale") -> dict[str, Any]:
+    pods = get_json(cluster, "pods", "-n", OPERATOR_NAMESPACE, "-l", f"app.kubernetes.io/instance={release}")["items"]
+    return dict(pods[0]) if pods else {}
+
+
+def real_ttsd(name: str, inference_image: str, min_replicas: int = 1, max_replicas: int = 3) -> dict[str, Any]:
+    """A TTSDeployment of CPU servers on the real node, scaled on queue length per replica."""
+    return {
+        "apiVersion": "voxscale.io/v1alpha1",
+        "kind": "TTSDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "image": inference_image,
+                "imagePullPolicy": "Never",
+                "precision": "fp32",  # the CPU has no fast fp16
+                "maxBatchSize": 1,  # on the CPU a batch buys little; one at a time keeps the queue honest
+                "maxQueueLength": 32,
+                "drainTimeout": "60s",
+            },
+            "resources": {"gpus": 0, "requests": {"cpu": "100m", "memory": "512Mi"}},
+            "nodeSelector": {realnode.NODE_LABEL: "true"},
+            "replicas": {"min": min_replicas, "max": max_replicas},
+            "scaling": {
+                "interval": "2s",
+                # A CPU replica answers one request at a time: more than 2 waiting each is a backlog.
+                "triggers": [{"name": "queue", "type": "queueLength", "target": 2}],
+                "scaleUp": {"maxStepPods": 1, "period": "4s"},
+                "scaleDown": {"stabilizationWindow": "20s", "maxStepPods": 1, "period": "10s", "cooldown": "0s"},
+            },
+        },
+    }
+
+
+def service_url(cluster: LocalCluster, namespace: str, name: str) -> str:
+    svc = get_json(cluster, "service", name, "-n", namespace)
+    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+
+def ready_pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods = get_json(cluster, "pods", "-n", namespace, "-l", f"voxscale.io/ttsdeployment={name}")["items"]
+    return [
+        p
+        for p in pods
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
+    ]
+
+
+def wait_ready(cluster: LocalCluster, namespace: str, name: str, count: int, timeout: float = 300) -> None:
+    wait_for(f"{count} ready {name} pod(s)", lambda: len(ready_pods(cluster, namespace, name)) >= count, timeout, 1.0)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request as the client saw it. status 0: no HTTP answer (connection refused/reset, timeout)."""
+
+    started: float  # seconds since the load began
+    finished: float
+    status: int
+    pod: str  # the X-Voxscale-Pod that answered; "" when none did
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        """The server took the request on: anything but a refusal at the door (429 queue full, 503
+        not ready/draining), which a client retries. A dropped connection counts as accepted:
+        the client cannot tell that its request was not being worked on."""
+        return self.status not in (429, 503)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@dataclass
+class SpeechLoad:
+    """Closed-loop callers: each sends the next /v1/audio/speech request as soon as the last is
+    answered. `clients` can change while it runs (the demo's ramp)."""
+
+    url: str
+    clients: int = 4
+    timeout: float = 120.0
+    answers: list[Answer] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _t0: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> SpeechLoad:
+        self._t0 = time.monotonic()
+        self.set_clients(self.clients)
+        return self
+
+    def set_clients(self, clients: int) -> None:
+        self.clients = clients
+        while len(self._threads) < clients:
+            index = len(self._threads)
+            thread = threading.Thread(target=self._caller, args=(index,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> list[Answer]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout + 5)
+        return list(self.answers)
+
+    def _caller(self, index: int) -> None:
+        while not self._stop.is_set():
+            if index >= self.clients:  # parked by a lower client count
+                time.sleep(0.2)
+                continue
+            answer = self._one()
+            with self._lock:
+                self.answers.append(answer)
+            if not answer.accepted:
+                time.sleep(0.2)
+
+    def _one(self) -> Answer:
+        body = json.dumps({"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "wav"}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/v1/audio/speech", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        started = time.monotonic() - self._t0
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                resp.read()
+                return Answer(started, time.monotonic() - self._t0, resp.status, resp.headers.get(POD_HEADER, ""))
+        except urllib.error.HTTPError as exc:
+            exc.read()
+            return Answer(started, time.monotonic() - self._t0, exc.code, exc.headers.get(POD_HEADER, ""), str(exc))
+        except OSError as exc:
+            return Answer(started, time.monotonic() - self._t0, 0, "", f"{type(exc).__name__}: {exc}")
+
+    def failed_accepted(self, since: float = 0.0) -> list[Answer]:
+        """Accepted requests (started at or after `since`) that did not get their audio."""
+        with self._lock:
+            return [a for a in self.answers if a.started >= since and a.accepted and not a.ok]
