@@ -55,7 +55,12 @@ for target in "${targets[@]}"; do
   for ref in $(awk 'toupper($1) == "FROM" {print $2}' "$file" | sort -u); do base_image "$ref"; done
   say "building $prefix/$target:$tag from $file"
   started=$SECONDS
+  previous=$(podman image inspect --format '{{.Id}}' "$prefix/$target:$tag" 2>/dev/null || true)
   podman build --quiet --pull=never --network host -f "$file" -t "$prefix/$target:$tag" . >/dev/null
   size=$(podman image inspect --format '{{.Size}}' "$prefix/$target:$tag")
+  current=$(podman image inspect --format '{{.Id}}' "$prefix/$target:$tag")
+  # The image this tag replaced would otherwise stay as an untagged 6 GB layer stack on every rebuild;
+  # podman keeps it if another tag or a container still uses it.
+  if [ -n "$previous" ] && [ "$previous" != "$current" ]; then podman image rm "$previous" >/dev/null 2>&1 || true; fi
   say "built $prefix/$target:$tag in $((SECONDS - started)) s ($((size / 1000000)) MB)"
 done

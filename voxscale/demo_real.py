@@ -131,14 +131,18 @@ def _plot(samples: list[Sample], answers: list[realpods.Answer], path: Path) -> 
     axes[0].step(t, [s.ready for s in samples], where="post", label="ready replicas")
     axes[0].set_ylabel("count")
     axes[0].legend(loc="upper right", fontsize=8)
-    axes[0].set_title(f"voxscale demo with real pods, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
+    ok = sum(1 for a in answers if a.ok)
+    failed = [a for a in answers if a.accepted and not a.ok]
+    axes[0].set_title(
+        f"voxscale demo with real pods, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: "
+        f"{ok} requests answered by real servers, {len(failed)} accepted and failed"
+    )
     pods = sorted({a.pod for a in answers if a.ok})
     for pod in pods:
         mine = [a for a in answers if a.ok and a.pod == pod]
         axes[1].scatter(
             [a.finished for a in mine], [a.finished - a.started for a in mine], s=6, label=f"served by {pod}"
         )
-    failed = [a for a in answers if a.accepted and not a.ok]
     if failed:
         axes[1].scatter([a.finished for a in failed], [0] * len(failed), marker="x", color="red", label="failed")
     axes[1].set_ylabel("latency (s), one dot per request")

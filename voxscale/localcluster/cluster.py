@@ -279,6 +279,11 @@ def _apiserver_command(ctx: ClusterContext) -> list[str]:
         "--allow-privileged=true",
         # No kubelet or kube-proxy exists to route the `kubernetes` Service; don't maintain it.
         "--endpoint-reconciler-type=none",
+        # A real node's kubelet (cluster up --real-node) is reached at its InternalIP (no DNS here)
+        # and admits the API server by this client certificate (for kubectl logs/exec).
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--kubelet-client-certificate={ctx.state.dir / 'pki' / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={ctx.state.dir / 'pki' / 'apiserver-kubelet-client.key'}",
         "--profiling=false",
     ]
 
@@ -606,6 +611,7 @@ class LocalCluster:
             timeout=timeout,
         )
         ctx.issue_kubeconfig("admin", "voxscale-admin", "system:masters", path=st.kubeconfig)
+        ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client")  # what a kubelet admits
         return ctx
 
     def _launch(self, ctx: ClusterContext, component: Component) -> None:

@@ -48,6 +48,7 @@ NODE_NAME = "real-node-0"
 NODE_LABEL = "voxscale.dev/real-node"  # value "true"; pods meant for real containers select it
 BRIDGE = "vxs0"
 POD_CIDR = "10.233.0.0/24"
+NODE_IP = "10.233.0.1"  # the bridge's (the pods' gateway): the node's InternalIP and the kubelet's address
 PAUSE_IMAGE = "localhost/voxscale/pause:1"
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
@@ -117,8 +118,22 @@ def prepare_containerd(ctx: ClusterContext) -> None:
     (node / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
     containerd_root().mkdir(parents=True, exist_ok=True)
     _save_sysctls(st)
+    _make_bridge()
     (node / "containerd.toml").write_text(_containerd_config(st))
     (node / "cni" / "net.d" / "10-voxscale.conflist").write_text(json.dumps(_cni_config(st), indent=1))
+
+
+def _make_bridge() -> None:
+    """The pods' bridge with its gateway address, made before the CNI plugin would make it, so the
+    kubelet can use that address as the node's: local to this machine, not loopback (which a
+    kubelet refuses), and reachable from the API server for `kubectl logs/exec` and from pods."""
+    subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)  # a stale one
+    for cmd in (
+        ["ip", "link", "add", BRIDGE, "type", "bridge"],
+        ["ip", "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE],
+        ["ip", "link", "set", BRIDGE, "up"],
+    ):
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
 
 
 def _containerd_config(st: ClusterState) -> str:
@@ -305,7 +320,7 @@ def _kubelet_config(ctx: ClusterContext) -> dict[str, object]:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
-        "address": "127.0.0.1",
+        "address": NODE_IP,  # the API server reaches it here (kubectl logs/exec); not on any outside interface
         "port": ctx.state.kubelet_port,
         "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1",
@@ -340,6 +355,7 @@ def kubelet_command(ctx: ClusterContext) -> list[str]:
         f"--kubeconfig={ctx.kubeconfig('kubelet')}",
         f"--root-dir={node / 'kubelet'}",
         f"--hostname-override={NODE_NAME}",
+        f"--node-ip={NODE_IP}",
         f"--node-labels={NODE_LABEL}=true",
         "-v=1",
     ]
