@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -40,3 +41,32 @@ def test_demo_runs_end_to_end_and_leaves_no_process_behind(tmp_path: Path) -> No
         ["pgrep", "-f", f"{state_root()}/{name}/|{name}.kubeconfig"], capture_output=True, text=True
     )
     assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
+
+
+@pytest.mark.cluster
+def test_the_real_pods_demo_serves_every_accepted_request_and_leaves_nothing_behind(
+    tmp_path: Path, operator_image: str, inference_image: str
+) -> None:
+    """`voxscale demo --real-pods --fast` with the :test images: a real node, the chart's operator
+    pod, real servers; it exits 0 only when no accepted request failed, and the plot marks the pods."""
+    from voxscale.demo_real import CLUSTER
+    from voxscale.localcluster import realnode
+    from voxscale.localcluster.cluster import ClusterState
+
+    png = tmp_path / "real.png"
+    env = {**os.environ, "VOXSCALE_IMAGE_TAG": operator_image.rsplit(":", 1)[1]}
+    res = subprocess.run(
+        [sys.executable, "-m", "voxscale.cli", "demo", "--real-pods", "--fast", "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = next(line for line in res.stdout.splitlines() if line.startswith("summary:"))
+    served = int(re.findall(r"answered 200 by (\d+) real pods", summary)[0])
+    assert served >= 2, summary  # the burst was served by a scaled-up pod as well
+    assert "accepted requests that failed: 0;" in res.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    gone = ClusterState(CLUSTER, str(state_root() / CLUSTER), 0, 0, 0, 0, 0)
+    assert realnode.leftovers(gone) == []

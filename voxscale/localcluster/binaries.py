@@ -216,7 +216,9 @@ def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]
             tags=("remove_all_sd", "enable_kubernetes_sd"),
             files=_require_files("github.com/prometheus/prometheus"),
         ),
-        "pause": GoComponent(name="pause", version="v1", binaries=("pause",), packages=(".",), files=_pause_files),
+        "pause": GoComponent(
+            name="pause", version=v["pause"], binaries=("pause",), packages=(".",), files=_pause_files
+        ),
         "kwok": GoComponent(
             name="kwok",
             version=v["kwok"],

@@ -49,7 +49,7 @@ NODE_LABEL = "voxscale.dev/real-node"  # value "true"; pods meant for real conta
 BRIDGE = "vxs0"
 POD_CIDR = "10.233.0.0/24"
 NODE_IP = "10.233.0.1"  # the bridge's (the pods' gateway): the node's InternalIP and the kubelet's address
-PAUSE_IMAGE = "localhost/voxscale/pause:1"
+PAUSE_IMAGE = f"localhost/voxscale/pause:{binaries.pinned_versions()['pause']}"
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 # Host settings the CNI bridge plugin (ip_forward) or kube-proxy may change; restored by `down`.
