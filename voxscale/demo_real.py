@@ -64,7 +64,10 @@ def run(fast: bool = False, plot_path: Path | None = None, keep: bool = False) -
         cluster.kubectl("create", "namespace", NAMESPACE, check=False)
         manifest = realpods.real_ttsd(NAME, inference_image, min_replicas=1, max_replicas=3)
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
-        print(f"applied TTSDeployment {NAMESPACE}/{NAME}: {inference_image}, 1-3 CPU replicas, queue target 2")
+        print(
+            f"applied TTSDeployment {NAMESPACE}/{NAME}: {inference_image}, 1-3 CPU replicas, "
+            f"queue target {realpods.QUEUE_TARGET} waiting per replica"
+        )
         realpods.wait_ready(cluster, NAMESPACE, NAME, 1, timeout=300)
         load = realpods.SpeechLoad(realpods.service_url(cluster, NAMESPACE, NAME), clients=1).start()
         samples = _drive(cluster, load, scale)
@@ -134,7 +137,7 @@ def _plot(samples: list[Sample], answers: list[realpods.Answer], path: Path) -> 
     ok = sum(1 for a in answers if a.ok)
     failed = [a for a in answers if a.accepted and not a.ok]
     axes[0].set_title(
-        f"voxscale demo with real pods, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: "
+        f"voxscale demo with real pods, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n"
         f"{ok} requests answered by real servers, {len(failed)} accepted and failed"
     )
     pods = sorted({a.pod for a in answers if a.ok})

@@ -250,8 +250,7 @@ def load_images(st: ClusterState, refs: list[str], say: Callable[[str], None] | 
     copied = []
     for ref in refs:
         image_id = _podman_id(ref)
-        present = ctr(st, "images", "ls", "--quiet").stdout.split()
-        if ref in present and f"sha256:{image_id}" in present:
+        if _copied_id(st, ref) == image_id:
             continue
         started = time.monotonic()
         if say:
@@ -260,10 +259,25 @@ def load_images(st: ClusterState, refs: list[str], say: Callable[[str], None] | 
         imported = ctr(st, "images", "import", "-", stdin=save.stdout, check=False)
         if save.wait() != 0 or imported.returncode != 0:
             raise RuntimeError(f"could not copy {ref} into containerd: {imported.stderr.strip()}")
+        ctr(st, "images", "label", ref, f"{COPIED_FROM_LABEL}={image_id}")
         copied.append(ref)
         if say:
             say(f"copied {ref} in {time.monotonic() - started:.0f}s")
     return copied
+
+
+COPIED_FROM_LABEL = "voxscale.dev/podman-image-id"
+
+
+def _copied_id(st: ClusterState, ref: str) -> str | None:
+    """The podman image ID `ref` was copied from, from the label `load_images` leaves on it (the
+    CRI's own sha256:<id> names are made lazily, so they cannot tell)."""
+    for line in ctr(st, "images", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == ref:
+            labels = dict(pair.split("=", 1) for pair in fields[-1].split(",") if "=" in pair)
+            return labels.get(COPIED_FROM_LABEL)
+    return None
 
 
 # ===================================================================== kubelet

@@ -24,6 +24,7 @@ from voxscale.localcluster.cluster import ClusterState, LocalCluster
 from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, free_port, get_json, wait_for
 
 POD_HEADER = "X-Voxscale-Pod"  # the server names the pod that answered (inference/request_context.py)
+QUEUE_TARGET = 1  # requests waiting per replica
 TEXT = "A real server in a real container answers this request through the Service."
 
 
@@ -91,8 +92,10 @@ def real_ttsd(name: str, inference_image: str, min_replicas: int = 1, max_replic
             "replicas": {"min": min_replicas, "max": max_replicas},
             "scaling": {
                 "interval": "2s",
-                # A CPU replica answers one request at a time: more than 2 waiting each is a backlog.
-                "triggers": [{"name": "queue", "type": "queueLength", "target": 2}],
+                # A CPU replica answers one request at a time; one more waiting on each is the target.
+                # (With 2, six callers on three replicas read as two replicas' worth and the fleet
+                # flapped 3 -> 2 -> 3 in mid-burst: a small integer queue against a proportional target.)
+                "triggers": [{"name": "queue", "type": "queueLength", "target": QUEUE_TARGET}],
                 "scaleUp": {"maxStepPods": 1, "period": "4s"},
                 "scaleDown": {"stabilizationWindow": "20s", "maxStepPods": 1, "period": "10s", "cooldown": "0s"},
             },
