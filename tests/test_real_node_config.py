@@ -6,6 +6,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from voxscale.demo_real import RAMP, clients_at
 from voxscale.localcluster import binaries, realnode
 from voxscale.localcluster.cluster import ClusterState
@@ -71,3 +73,18 @@ def test_the_real_node_adds_its_binaries_and_a_kubernetes_sd_prometheus_only_whe
 def test_the_demo_ramp_goes_quiet_burst_tail_and_stops() -> None:
     assert [clients_at(t, 1.0) for t in (0, 19, 20, 89, 90, 169, 170)] == [1, 1, 6, 6, 2, 2, 0]
     assert clients_at(RAMP[1][0] * 0.6, 0.6) == RAMP[1][1]
+
+
+def test_a_cluster_refused_the_real_node_cleans_up_nothing_of_the_one_that_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its down() runs the real-node cleanups; without the owner mark they must not touch the
+    machine-wide bridge, iptables rules, containers or cgroups."""
+    calls: list[object] = []
+    monkeypatch.setattr("subprocess.run", lambda *a, **kw: calls.append(a))
+    monkeypatch.setattr("os.kill", lambda *a: calls.append(a))
+    st = state(tmp_path)
+    for cleanup in (realnode.cleanup_kube_proxy, realnode.cleanup_kubelet, realnode.cleanup_containerd):
+        cleanup(st)
+    assert calls == []
+    assert not realnode.owns_the_node(st)

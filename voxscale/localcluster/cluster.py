@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -31,6 +29,9 @@ from typing import Any
 import yaml
 
 from voxscale.localcluster import binaries, pki, realnode
+from voxscale.localcluster.procs import cmdline as _cmdline
+from voxscale.localcluster.procs import http_ok as _http_ok
+from voxscale.localcluster.procs import pid_alive as _pid_alive
 
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 
@@ -107,36 +108,6 @@ class ClusterState:
         known = {f.name for f in fields(cls)}
         # A state.json from another version may lack newer fields (defaults apply) or carry unknown ones.
         return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); treat it as gone.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _apiserver_ready(st: ClusterState) -> bool:

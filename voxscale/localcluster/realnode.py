@@ -40,6 +40,8 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from voxscale.localcluster import binaries
+from voxscale.localcluster.procs import cmdline as _cmdline
+from voxscale.localcluster.procs import http_ok, pid_alive
 
 if TYPE_CHECKING:
     from voxscale.localcluster.cluster import ClusterContext, ClusterState
@@ -94,12 +96,12 @@ def missing_host_tools() -> list[str]:
 
 def other_real_node(st: ClusterState) -> str | None:
     """The name of another local cluster whose real node is still up (there can be one per machine)."""
-    from voxscale.localcluster.cluster import ClusterState, _pid_alive, state_root
+    from voxscale.localcluster.cluster import ClusterState, state_root
 
     for path in state_root().glob("*/state.json"):
         with contextlib.suppress(Exception):
-            other = ClusterState(**json.loads(path.read_text()))
-            if other.name != st.name and other.real_node and _pid_alive(other.pids.get("containerd", -1)):
+            other = ClusterState.load(path.parent.name)
+            if other and other.name != st.name and other.real_node and pid_alive(other.pids.get("containerd", -1)):
                 return other.name
     return None
 
@@ -116,6 +118,7 @@ def prepare_containerd(ctx: ClusterContext) -> None:
         )
     node = _node_dir(st)
     (node / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
+    _owner_mark(st).touch()  # from here on, the machine-wide pieces are this cluster's to clean up
     containerd_root().mkdir(parents=True, exist_ok=True)
     _save_sysctls(st)
     _make_bridge()
@@ -198,6 +201,16 @@ def _cni_config(st: ClusterState) -> dict[str, Any]:
     return {"cniVersion": "1.0.0", "name": "voxscale", "plugins": [bridge, {"type": "loopback"}]}
 
 
+def _owner_mark(st: ClusterState) -> Path:
+    return _node_dir(st) / "owns-the-real-node"
+
+
+def owns_the_node(st: ClusterState) -> bool:
+    """Whether this cluster set up the machine's real node. A cluster refused because another one
+    runs it must not clean up: the bridge, the iptables rules and kubepods are the other's."""
+    return _owner_mark(st).exists()
+
+
 def containerd_command(ctx: ClusterContext) -> list[str]:
     return ["containerd", "--config", str(_node_dir(ctx.state) / "containerd.toml")]
 
@@ -223,6 +236,8 @@ def load_pause_image(ctx: ClusterContext) -> None:
 
 def cleanup_containerd(st: ClusterState) -> None:
     """After containerd stopped: its shims and any container left, mounts, the bridge, sysctls."""
+    if not owns_the_node(st):
+        return
     _kill_where(lambda pid: str(socket_path(st)) in _cmdline(pid) or _in_kubepods(pid))
     _unmount_under(st.dir)
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
@@ -385,6 +400,9 @@ def kubelet_ready(ctx: ClusterContext) -> bool:
 
 def cleanup_kubelet(st: ClusterState) -> None:
     """After the kubelet stopped, while containerd still runs: kill and remove every container."""
+    if not owns_the_node(st):
+        return
+    delete_chains(KUBELET_CHAINS)
     if not socket_path(st).exists():
         return
     for task in ctr(st, "tasks", "ls", "--quiet", check=False).stdout.split():
@@ -399,7 +417,6 @@ def cleanup_kubelet(st: ClusterState) -> None:
         time.sleep(0.2)
     for container in ctr(st, "containers", "ls", "--quiet", check=False).stdout.split():
         ctr(st, "containers", "delete", container, check=False)
-    delete_chains(KUBELET_CHAINS)
 
 
 # ===================================================================== kube-proxy
@@ -428,13 +445,13 @@ def kube_proxy_command(ctx: ClusterContext) -> list[str]:
 
 
 def kube_proxy_ready(ctx: ClusterContext) -> bool:
-    from voxscale.localcluster.cluster import _http_ok
-
-    return _http_ok(f"http://127.0.0.1:{ctx.state.kube_proxy_healthz_port}/healthz")
+    return http_ok(f"http://127.0.0.1:{ctx.state.kube_proxy_healthz_port}/healthz")
 
 
 def cleanup_kube_proxy(st: ClusterState) -> None:
     """kube-proxy's own clean-up mode removes its iptables (and nftables/IPVS) rules."""
+    if not owns_the_node(st):
+        return
     with contextlib.suppress(KeyError):
         subprocess.run(
             [str(binaries.binary("kube-proxy")), "--cleanup", "-v=0"], capture_output=True, check=False, timeout=60
@@ -486,13 +503,6 @@ def api_server_env(st: ClusterState) -> dict[str, str]:
 
 
 # ===================================================================== host clean-up helpers
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _in_kubepods(pid: int) -> bool:
     try:
         return "/kubepods" in Path(f"/proc/{pid}/cgroup").read_text()
