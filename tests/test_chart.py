@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
 from voxscale import metrics_contract as mc
-from voxscale.localcluster import binaries
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
-from voxscale.localcluster.harness import CHART, REPO, get_json, wait_for
+from voxscale.localcluster.harness import CHART, REPO, get_json, helm, wait_for
 from voxscale.operator import scaler
 
 ALL_MONITORING = [
@@ -27,15 +24,6 @@ ALL_MONITORING = [
     "--set",
     "monitoring.grafanaDashboard.enabled=true",
 ]
-
-
-def helm(*args: str, state: ClusterState | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if state is not None:
-        env["KUBECONFIG"] = str(state.kubeconfig)
-    return subprocess.run(
-        [str(binaries.binary("helm")), *args], capture_output=True, text=True, env=env, check=check, timeout=300
-    )
 
 
 def render(*args: str) -> list[dict[str, Any]]:

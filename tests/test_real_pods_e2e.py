@@ -54,7 +54,7 @@ def spec_replicas(cluster: LocalCluster) -> int:
 
 
 def pods(cluster: LocalCluster) -> list[dict[str, Any]]:
-    return list(get_json(cluster, "pods", "-n", NAMESPACE, "-l", f"voxscale.io/ttsdeployment={NAME}")["items"])
+    return realpods.pods(cluster, NAMESPACE, NAME)
 
 
 def container_id(pod: dict[str, Any]) -> str:
@@ -136,7 +136,7 @@ def test_the_operator_pod_scales_real_servers_up_and_down_and_rolls_them_without
     finally:
         answers = load.stop()
 
-    failed = [a for a in answers if a.accepted and not a.ok]
+    failed = realpods.failed_accepted(answers)
     served_by = {a.pod for a in answers if a.ok}
     assert peak >= 2
     assert failed == [], f"{len(failed)} accepted requests failed, e.g. {failed[:5]}"

@@ -38,7 +38,6 @@ class Sample:
     desired: int
     ready: int
     answered: int  # 200s so far
-    failed_accepted: int
 
 
 def clients_at(t: float, scale: float) -> int:
@@ -76,7 +75,7 @@ def run(fast: bool = False, plot_path: Path | None = None, keep: bool = False) -
         _summary(samples, answers)
         _plot(samples, answers, plot_path)
         print(f"\nplot written to {plot_path}")
-        return 0 if not any(a.accepted and not a.ok for a in answers) else 1
+        return 1 if realpods.failed_accepted(answers) else 0
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything the demo started", file=sys.stderr)
         return 130
@@ -96,12 +95,10 @@ def _drive(cluster: LocalCluster, load: realpods.SpeechLoad, scale: float) -> li
         clients = clients_at(now, scale)
         if clients != load.clients:
             load.set_clients(clients)
-        ttsd = get_json(cluster, "deployment", NAME, "-n", NAMESPACE)
+        deployment = get_json(cluster, "deployment", NAME, "-n", NAMESPACE)
         ready = len(realpods.ready_pods(cluster, NAMESPACE, NAME))
-        answers = list(load.answers)
-        ok = [a for a in answers if a.ok]
-        bad = sum(1 for a in answers if a.accepted and not a.ok)
-        samples.append(Sample(now, clients, int(ttsd["spec"]["replicas"]), ready, len(ok), bad))
+        ok = [a for a in list(load.answers) if a.ok]
+        samples.append(Sample(now, clients, int(deployment["spec"]["replicas"]), ready, len(ok)))
         by_pod = Counter(a.pod.rsplit("-", 1)[-1] for a in ok)
         print(f"{now:5.0f} {clients:8d} {samples[-1].desired:8d} {ready:6d} {len(ok):9d}  {dict(by_pod)}", flush=True)
         time.sleep(max(0.0, 2.0 - (time.monotonic() - t0 - now)))
@@ -112,7 +109,7 @@ def _summary(samples: list[Sample], answers: list[realpods.Answer]) -> None:
     ok = [a for a in answers if a.ok]
     latencies = sorted(a.finished - a.started for a in ok)
     p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
-    failed = [a for a in answers if a.accepted and not a.ok]
+    failed = realpods.failed_accepted(answers)
     refused = sum(1 for a in answers if not a.accepted)
     print(f"\nsummary: {len(answers)} requests through the Service, {len(ok)} answered 200 by "
           f"{len({a.pod for a in ok})} real pods; p95 {p95:.2f} s")  # fmt: skip
@@ -135,7 +132,7 @@ def _plot(samples: list[Sample], answers: list[realpods.Answer], path: Path) -> 
     axes[0].set_ylabel("count")
     axes[0].legend(loc="upper right", fontsize=8)
     ok = sum(1 for a in answers if a.ok)
-    failed = [a for a in answers if a.accepted and not a.ok]
+    failed = realpods.failed_accepted(answers)
     axes[0].set_title(
         f"voxscale demo with real pods, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n"
         f"{ok} requests answered by real servers, {len(failed)} accepted and failed"

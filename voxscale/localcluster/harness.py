@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from voxscale.localcluster import binaries
-from voxscale.localcluster.cluster import LocalCluster
+from voxscale.localcluster.cluster import ClusterState, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "voxscale"
@@ -59,6 +59,16 @@ def get_json(cluster: LocalCluster, *args: str) -> Any:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
 
 
+def helm(*args: str, state: ClusterState | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The pinned helm, against `state`'s cluster when given (its kubeconfig)."""
+    env = dict(os.environ)
+    if state is not None:
+        env["KUBECONFIG"] = str(state.kubeconfig)
+    return subprocess.run(
+        [str(binaries.binary("helm")), *args], capture_output=True, text=True, env=env, check=check, timeout=300
+    )
+
+
 def install_operator_rbac(cluster: LocalCluster, release: str, watch_namespaces: list[str] | None = None) -> Path:
     """Apply the chart's ServiceAccount and RBAC for `release`; return a kubeconfig holding its token."""
     cluster.kubectl("apply", "-f", str(REPO / "crds"))
@@ -66,21 +76,11 @@ def install_operator_rbac(cluster: LocalCluster, release: str, watch_namespaces:
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
     for ns in watch_namespaces or []:
         cluster.kubectl("create", "namespace", ns, check=False)
-    cmd = [
-        str(binaries.binary("helm")),
-        "template",
-        release,
-        str(CHART),
-        "-n",
-        OPERATOR_NAMESPACE,
-        "--show-only",
-        "templates/serviceaccount.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
-    ]
+    args = ["template", release, str(CHART), "-n", OPERATOR_NAMESPACE]
+    args += ["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"]
     if watch_namespaces:
-        cmd += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
-    rendered = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        args += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
+    rendered = helm(*args).stdout
     cluster.kubectl("apply", "-f", "-", input=rendered)
     sa = next(d["metadata"]["name"] for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceAccount")
     token = cluster.kubectl("create", "token", sa, "-n", OPERATOR_NAMESPACE, "--duration=4h").stdout.strip()

@@ -63,6 +63,7 @@ SYSCTLS = (
 )
 # Chains the kubelet makes (kube-proxy --cleanup removes its own).
 KUBELET_CHAINS = ("KUBE-KUBELET-CANARY", "KUBE-FIREWALL", "KUBE-IPTABLES-HINT")
+PROMETHEUS_USER = "voxscale-local:prometheus"  # its client certificate, ClusterRole and binding
 
 
 def containerd_root() -> Path:
@@ -308,17 +309,11 @@ def prepare_kubelet(ctx: ClusterContext) -> None:
 
 
 def _node_rbac() -> list[dict[str, Any]]:
-    nodes = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": "voxscale-local:nodes"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
-    }
+    """The kubelet's permissions (RBAC's own system:node role) and Prometheus' pod discovery."""
     discovery = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": {"name": "voxscale-local:prometheus"},
+        "metadata": {"name": PROMETHEUS_USER},
         "rules": [
             {
                 "apiGroups": [""],
@@ -327,21 +322,22 @@ def _node_rbac() -> list[dict[str, Any]]:
             }
         ],
     }
-    prometheus = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
+    return [
+        _binding("voxscale-local:nodes", "system:node", "Group", "system:nodes"),
+        discovery,
+        _binding(PROMETHEUS_USER, PROMETHEUS_USER, "User", PROMETHEUS_USER),
+    ]
+
+
+def _binding(name: str, role: str, kind: str, subject: str) -> dict[str, Any]:
+    group = "rbac.authorization.k8s.io"
+    return {
+        "apiVersion": f"{group}/v1",
         "kind": "ClusterRoleBinding",
-        "metadata": {"name": "voxscale-local:prometheus"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": "voxscale-local:prometheus",
-        },
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": PROMETHEUS_USER}],
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": group, "kind": kind, "name": subject}],
     }
-    return [nodes, discovery, prometheus]
-
-
-PROMETHEUS_USER = "voxscale-local:prometheus"
 
 
 def _kubelet_config(ctx: ClusterContext) -> dict[str, object]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 import urllib.error
@@ -19,9 +18,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from voxscale.localcluster import binaries, realnode
+from voxscale.localcluster import realnode
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
-from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, free_port, get_json, wait_for
+from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, free_port, get_json, helm, wait_for
 
 POD_HEADER = "X-Voxscale-Pod"  # the server names the pod that answered (inference/request_context.py)
 QUEUE_TARGET = 1  # requests waiting per replica
@@ -33,23 +32,13 @@ def image(target: str, tag: str | None = None) -> str:
     return f"localhost/voxscale/{target}:{tag or os.environ.get('VOXSCALE_IMAGE_TAG', 'dev')}"
 
 
-def helm(st: ClusterState, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, KUBECONFIG=str(st.kubeconfig))
-    cmd = [str(binaries.binary("helm")), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"helm {args[0]} failed: {res.stderr.strip()}")
-    return res
-
-
 def install_operator(st: ClusterState, operator_image: str, release: str = "voxscale") -> None:
     """`helm install` the chart with the built operator image, the way a cluster gets it, with the
     two settings this machine needs: the API server and Prometheus listen on 127.0.0.1 only, so the
     operator pod shares the node's network and is told the API server's address."""
     repository, tag = operator_image.rsplit(":", 1)
     env = [{"name": k, "value": v} for k, v in realnode.api_server_env(st).items()]
-    helm(
-        st,
+    res = helm(
         "upgrade", "--install", release, str(CHART),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--set", f"image.repository={repository}",
@@ -64,7 +53,10 @@ def install_operator(st: ClusterState, operator_image: str, release: str = "voxs
         "--set", "leaseSeconds=5",
         "--set-json", f"nodeSelector={json.dumps({realnode.NODE_LABEL: 'true'})}",
         "--wait", "--timeout", "180s",
+        state=st, check=False,
     )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"helm install of the operator failed: {res.stderr.strip()}")
 
 
 def operator_pod(cluster: LocalCluster, release: str = "voxscale") -> dict[str, Any]:
@@ -108,11 +100,15 @@ def service_url(cluster: LocalCluster, namespace: str, name: str) -> str:
     return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
 
+def pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The TTSDeployment's pods, whatever their state."""
+    return list(get_json(cluster, "pods", "-n", namespace, "-l", f"voxscale.io/ttsdeployment={name}")["items"])
+
+
 def ready_pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    pods = get_json(cluster, "pods", "-n", namespace, "-l", f"voxscale.io/ttsdeployment={name}")["items"]
     return [
         p
-        for p in pods
+        for p in pods(cluster, namespace, name)
         if any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
     ]
 
@@ -203,7 +199,7 @@ class SpeechLoad:
         except OSError as exc:
             return Answer(started, time.monotonic() - self._t0, 0, "", f"{type(exc).__name__}: {exc}")
 
-    def failed_accepted(self, since: float = 0.0) -> list[Answer]:
-        """Accepted requests (started at or after `since`) that did not get their audio."""
-        with self._lock:
-            return [a for a in self.answers if a.started >= since and a.accepted and not a.ok]
+
+def failed_accepted(answers: list[Answer]) -> list[Answer]:
+    """Accepted requests that did not get their audio: what a scale-down or a rollout must not cause."""
+    return [a for a in answers if a.accepted and not a.ok]
