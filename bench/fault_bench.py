@@ -2,14 +2,14 @@
 
     .venv/bin/python -m bench.fault_bench [--kills 50] [--only NAME,...] [--seed N] [--outage-seconds 300]
 
-It brings up a dedicated local cluster named `fault-bench` (etcd, kube-apiserver, controller-manager,
-scheduler, kwok GPU nodes and Prometheus, all started by voxscale.localcluster), installs the chart's
-RBAC, runs real `voxscale operator` processes and the pod exporter (per-pod GPU series scraped by the
-real Prometheus), injects every fault for real, and tears it all down at the end, also on Ctrl-C or an
-exception. It will not share a `fault-bench` cluster that is already up (another run's faults would land
-in its figures, and its teardown would stop this run): `--keep-cluster` reuses one and leaves it up.
-Progress goes to stderr, a markdown table to stdout, every figure to bench/results/fault-bench.json and
-fault-bench.md (`--results DIR` elsewhere).
+It brings up a dedicated local cluster named `fault-bench` (`--cluster NAME` another; etcd,
+kube-apiserver, controller-manager, scheduler, kwok GPU nodes and Prometheus, all started by
+voxscale.localcluster), installs the chart's RBAC, runs real `voxscale operator` processes and the pod
+exporter (per-pod GPU series scraped by the real Prometheus), injects every fault for real, and tears it
+all down at the end, also on Ctrl-C or an exception. It will not share a `fault-bench` cluster that is
+already up (another run's faults would land in its figures, and its teardown would stop this run):
+`--keep-cluster` reuses one and leaves it up. Progress goes to stderr, a markdown table to stdout, every
+figure to bench/results/fault-bench.json and fault-bench.md (`--results DIR` elsewhere).
 Operator logs stay in a temporary folder named in the output, as evidence. The exit status is 1 when a
 goal was missed (a finding), 0 otherwise.
 
@@ -1587,7 +1587,8 @@ def run_scenario(b: Bench, name: str) -> Outcome:
     try:
         RUNNERS[name](b, out)
     except Exception as exc:  # recorded; the other scenarios still run (Ctrl-C is not an Exception)
-        out.error = f"{type(exc).__name__}: {exc}"[:2000]
+        detail = f": {exc.stderr.strip()}" if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else ""
+        out.error = f"{type(exc).__name__}: {exc}{detail}"[:2000]  # a failed kubectl says why on stderr
         out.row("scenario error", out.error[:200], "none", False)
         say(f"{name}: ERROR {out.error[:500]}")
     finally:
@@ -1614,6 +1615,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hpa-trials", type=int, default=5, help="competing HPAs created (default %(default)s)")
     p.add_argument("--lease-hammer-seconds", type=float, default=30, help="Lease rewritten for (default %(default)s)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where fault-bench.json/.md go")
+    p.add_argument("--cluster", default=CLUSTER, help="name of the dedicated local cluster (default %(default)s)")
     p.add_argument(
         "--keep-cluster",
         action="store_true",
@@ -1649,13 +1651,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def bench_cluster(args: argparse.Namespace, log_dir: Path) -> Iterator[Bench]:
     """The dedicated cluster and the pod exporter; everything stopped afterwards."""
-    cluster = LocalCluster(CLUSTER)
+    cluster = LocalCluster(args.cluster)
     if cluster.is_up() and not args.keep_cluster:
         # Another run owns it: sharing would let its faults hit this run's figures and its teardown
         # stop this run's cluster (it did once). A leftover from a killed run is not "up": up() cleans it.
         raise SystemExit(
-            f"cluster {CLUSTER!r} is already up (another fault bench running?): wait for it, or "
-            f"`voxscale cluster down --name {CLUSTER}`, or reuse it with --keep-cluster"
+            f"cluster {args.cluster!r} is already up (another fault bench running?): wait for it, or "
+            f"`voxscale cluster down --name {args.cluster}`, or reuse it with --keep-cluster"
         )
     exporter: PodMetricsExporter | None = None
     bench: Bench | None = None

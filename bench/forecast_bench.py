@@ -1,7 +1,7 @@
 """Forecast bench: which way of learning the daily pattern forecasts demand best, measured on the
 simulator's multi-day traces (how operator/forecast.py's method was chosen).
 
-    .venv/bin/python -m bench.forecast_bench [--json bench/results/forecast.json]
+    .venv/bin/python -m bench.forecast_bench [--json bench/results/forecast.json] [--days 3]
 
 For every minute from the second day on, each method forecasts the peak arrival rate over the next
 look-ahead (a 60 s pod start plus a 10 s interval) from the minute-by-minute history before it (the
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--days", type=float, default=3.0, help="length of each trace (default %(default)s)")
     args = p.parse_args(argv)
+    if args.days <= 1:
+        p.error("--days: more than 1 (forecasts start on the second day; 1.01 is the smallest run, seconds)")
     results: list[dict[str, Any]] = []
     for name, zone in CASES:
         trace = traces.SCENARIOS[name](days=args.days)

@@ -9,11 +9,16 @@ Side by side in one run, on the same voice (en_US-joe-medium) and texts:
      sample difference, and speaker-embedding similarity; on the CPU's kernels here, on CUDA's too
      with --cuda;
   4. with --cuda (on a GPU machine): throughput with batching vs batch size 1, fp32/fp16/bf16, VRAM;
+     without a GPU, --cuda stops at once with a message (exit status 2);
   5. the request hot path: phonemising a 10-sentence request one espeak-ng process per sentence vs
      one for the request, and a repeated text's synthesis with the audio cache missed vs hit
      (medians; `--hot-path` runs this part alone, in seconds rather than minutes).
 
-    .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda] [--hot-path]
+    .venv/bin/python -m bench.inference_bench [--requests 24] [--json out.json] [--cuda] [--hot-path] [--smoke]
+
+--smoke runs every part at its smallest size (one repeat, one text, 1 and 2 clients; the batching
+part of --cuda on the CPU in fp32 when --cuda is not given) in seconds: it proves the bench runs and
+reports its fields (tests/test_benches.py), its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def rtf_torch_vs_onnx(repeats: int = 5) -> dict[str, Any]:
+def rtf_torch_vs_onnx(repeats: int = 5, texts: list[str] = TEXTS) -> dict[str, Any]:
     """Each engine in its own block (warm-up round first), same phoneme ids, noise_w 0 so both produce
     the same durations and so the same audio length. Interleaving them per utterance was unfair:
     each one's spinning worker threads stole the 2 cores from the other's next call."""
@@ -60,7 +65,7 @@ def rtf_torch_vs_onnx(repeats: int = 5) -> dict[str, Any]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(onnx_path), opts)
-    ids = [pipe.prepare(t, (0.667, 1.0, 0.0))[0].ids for t in TEXTS]
+    ids = [pipe.prepare(t, (0.667, 1.0, 0.0))[0].ids for t in texts]
     sr = pipe.sample_rate
 
     def run_torch(seq: list[int]) -> int:
@@ -154,12 +159,12 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def http_load(requests_per_level: int) -> list[dict[str, Any]]:
+def http_load(requests_per_level: int, levels: tuple[int, ...] = (1, 4, 16)) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess.start(Path(tmp), VOXSCALE_MAX_QUEUE="256", VOXSCALE_MAX_BATCH_SIZE="8")
         try:
-            for clients in (1, 4, 16):
+            for clients in levels:
                 n = max(requests_per_level, clients * 2)
 
                 def call(i: int) -> float:
@@ -191,13 +196,13 @@ def http_load(requests_per_level: int) -> list[dict[str, Any]]:
     return rows
 
 
-def precision_quality(device: str) -> dict[str, Any]:
+def precision_quality(device: str, texts: list[str] = TEXTS) -> dict[str, Any]:
     """How far a half-precision vocoder moves the waveform from fp32's, same ids and zero noise.
 
     SNR of fp32 against the difference, the largest sample difference (audio in [-1, 1]), and the
     cosine similarity of the speaker embeddings of the two renderings (1.0: the same voice)."""
     pipe = TTSPipeline.load(precision="fp32", device=device)
-    items = [pipe.prepare(t, (0.0, 1.0, 0.0))[0] for t in TEXTS]
+    items = [pipe.prepare(t, (0.0, 1.0, 0.0))[0] for t in texts]
     reference = [pipe.synthesize([item])[0] for item in items]
     ref_audio = np.concatenate(reference)
     ref_embedding = pipe.embed(ref_audio, pipe.sample_rate)
@@ -216,46 +221,86 @@ def precision_quality(device: str) -> dict[str, Any]:
     return out
 
 
-def cuda_figures() -> dict[str, Any]:
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "quality": precision_quality("cuda")}
-    for precision in ("fp32", "fp16", "bf16"):
-        pipe = TTSPipeline.load(precision=precision, device="cuda")
-        items = [pipe.prepare(t, (0.667, 1.0, 0.8))[0] for t in TEXTS] * 8
+def batching(
+    device: str,
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16"),
+    batches: tuple[int, ...] = (1, 8, 32),
+    copies: int = 8,
+    texts: list[str] = TEXTS,
+) -> dict[str, Any]:
+    """Throughput per batch size and precision, and the peak VRAM of each precision's replica (None
+    off CUDA). On the CPU the pipeline runs fp32 whatever is asked, so only fp32 means anything there:
+    --smoke runs it so to keep this part of --cuda working on machines without a GPU."""
+    cuda = device == "cuda"
+    out: dict[str, Any] = {}
+    for precision in precisions:
+        pipe = TTSPipeline.load(precision=precision, device=device)
+        items = [pipe.prepare(t, (0.667, 1.0, 0.8))[0] for t in texts] * copies
         pipe.synthesize(items[:8])
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for batch in (1, 8, 32):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for batch in batches:
             start = time.perf_counter()
             audio = 0.0
             for i in range(0, len(items), batch):
                 audio += sum(len(w) for w in pipe.synthesize(items[i : i + batch])) / pipe.sample_rate
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             wall = time.perf_counter() - start
             out[f"{precision}_batch{batch}"] = {"requests_per_s": len(items) / wall, "rtf": wall / audio}
-        out[f"{precision}_peak_vram_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out[f"{precision}_peak_vram_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        mine = {k: v for k, v in out.items() if k.startswith(precision)}
+        say(f"batching on {device}, {precision}: {json.dumps(mine)}")
     return out
 
 
-def main() -> int:
+def cuda_figures(smoke: bool = False) -> dict[str, Any]:
+    texts = TEXTS[:1] if smoke else TEXTS
+    figures = batching("cuda", batches=(1, 2), copies=1, texts=TEXTS[:2]) if smoke else batching("cuda")
+    return {"device": torch.cuda.get_device_name(0), "quality": precision_quality("cuda", texts), **figures}
+
+
+def no_cuda_reason() -> str | None:
+    """Why --cuda cannot run here (None: it can)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA; --cuda needs a CUDA build and an NVIDIA GPU"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device here (torch.cuda.is_available() is False): run --cuda on a GPU machine"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cuda", action="store_true", help="also measure batching, fp16 and VRAM on CUDA")
     parser.add_argument("--hot-path", action="store_true", help="only the phonemiser and audio-cache figures")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="every part at its smallest size (seconds; for tests)")
+    args = parser.parse_args(argv)
+    if args.cuda and (reason := no_cuda_reason()):
+        parser.error(f"--cuda: {reason}")
+    if args.requests < 1:
+        parser.error("--requests: must be at least 1")
+    smoke = args.smoke
+    result: dict[str, Any]
     if args.hot_path:
-        print(json.dumps(hot_path(), indent=2))
-        return 0
-    if args.cuda and not torch.cuda.is_available():
-        parser.error("--cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
-    result: dict[str, Any] = {
-        "cpu_rtf": rtf_torch_vs_onnx(),
-        "cpu_precision_quality": precision_quality("cpu"),
-        "http": http_load(args.requests),
-        "hot_path": hot_path(),
-    }
-    if args.cuda:
-        result["cuda"] = cuda_figures()
+        result = hot_path(repeats=1 if smoke else 9)
+    else:
+        texts = TEXTS[:1] if smoke else TEXTS
+        result = {
+            "cpu_rtf": rtf_torch_vs_onnx(repeats=1, texts=texts) if smoke else rtf_torch_vs_onnx(),
+            "cpu_precision_quality": precision_quality("cpu", texts),
+            "http": http_load(min(args.requests, 2), levels=(1, 2)) if smoke else http_load(args.requests),
+            "hot_path": hot_path(repeats=1 if smoke else 9),
+        }
+        if args.cuda:
+            result["cuda"] = cuda_figures(smoke)
+        elif smoke:  # the batching code of --cuda, on the CPU, so that it cannot rot unseen
+            figures = batching("cpu", ("fp32",), batches=(1, 2), copies=1, texts=TEXTS[:2])
+            result["batching_cpu"] = {"device": "cpu", **figures}
+    if smoke:
+        result["smoke"] = True
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -3,10 +3,16 @@
 1. Reaction time: a DCGM-format exporter raises GPU utilisation above a TTSDeployment's threshold;
    how long until the Deployment's replica count changes (interval 5 s, the real Prometheus scraping
    every 1 s)? Median and p95 over --trials.
-2. Scale: N TTSDeployments (N in --counts): scaling-round duration, operator CPU and peak RSS, and
-   PromQL queries per round, which must stay flat as N grows.
+2. Scale: N TTSDeployments (N in --counts; queue trigger, min 1 replica, so one Ready pod each):
+   scaling-round duration, operator CPU and peak RSS, and PromQL queries per round, which must stay
+   flat as N grows, over a --window of 30 s once every one has been evaluated and its pod is Ready.
 
     .venv/bin/python -m bench.operator_bench [--trials 12] [--counts 10,100,500] [--json out.json]
+
+It brings up a local cluster named `bench` (--cluster) with enough fake GPU nodes for every pod, and
+tears it down at the end; a cluster of that name that is up already is used and left up (the smoke
+test in tests/test_benches.py runs it so, on the test session's cluster, at --trials 2 --counts 2
+--window 12). Its namespaces are deleted at the end.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import random
 import statistics
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,8 @@ from voxscale.localcluster.harness import OperatorProcess, free_port, get_json, 
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
 INTERVAL_S = 5
+GPUS_PER_NODE = 8  # what voxscale.localcluster gives each fake node
+EXPORTER_JOB = "operator-bench-pods"  # not the default job: a test session's exporter keeps its own
 
 
 def say(msg: str) -> None:
@@ -63,9 +73,8 @@ def proc_cpu_rss(pid: int) -> tuple[float, float]:
     return ticks / 100.0, int(hwm.split()[1]) / 1024
 
 
-def reaction_times(cluster: LocalCluster, exporter: PodMetricsExporter, trials: int) -> list[float]:
-    ns = "bench-reaction"
-    cluster.kubectl("create", "namespace", ns, check=False)
+def reaction_times(cluster: LocalCluster, exporter: PodMetricsExporter, ns: str, trials: int) -> list[float]:
+    cluster.kubectl("create", "namespace", ns)
     trigger = {"name": "gpu", "type": "gpuUtilization", "scaleUpAbove": 75, "scaleDownBelow": 40}
     obj = ttsd(
         "react",
@@ -102,6 +111,7 @@ def reaction_times(cluster: LocalCluster, exporter: PodMetricsExporter, trials: 
         out.append(time.monotonic() - crossed)
         exporter.set(ns, "react", gpu=50)
         say(f"reaction trial {i + 1}/{trials}: {out[-1]:.2f}s")
+    exporter.loads.pop((ns, "react"), None)
     cluster.kubectl("delete", "namespace", ns, "--wait=false")
     return out
 
@@ -111,17 +121,25 @@ def evaluated_at_least(cluster: LocalCluster, ns: str, n: int) -> bool:
     return sum(1 for o in items if o.get("status", {}).get("reason")) >= n
 
 
-def scale_run(cluster: LocalCluster, op: OperatorProcess, metrics_port: int, counts: list[int]) -> list[dict[str, Any]]:
-    ns = "bench-scale"
-    cluster.kubectl("create", "namespace", ns, check=False)
+def ready_at_least(cluster: LocalCluster, ns: str, n: int) -> bool:
+    items = get_json(cluster, "deployment", "-n", ns)["items"]
+    return sum(1 for d in items if int(d.get("status", {}).get("readyReplicas") or 0) >= 1) >= n
+
+
+def scale_run(
+    cluster: LocalCluster, op: OperatorProcess, metrics_port: int, ns: str, counts: list[int], window: float = 30
+) -> list[dict[str, Any]]:
+    cluster.kubectl("create", "namespace", ns)
     rows = []
     created = 0
     trigger = {"name": "queue", "type": "queueLength", "target": 5}
     for n in counts:
+        # min 1: a queue trigger reads the pods themselves, so min 0 would need a signal that exists
+        # while no pod runs (the CRD refuses it without one); a user with only this trigger keeps a pod.
         objs = [
             ttsd(
                 f"tts-{i:04d}",
-                replicas={"min": 0, "max": 10, "allowScaleToZero": True},
+                replicas={"min": 1, "max": 10},
                 scaling={"interval": "10s", "triggers": [trigger]},
             )
             for i in range(created, n)
@@ -130,14 +148,15 @@ def scale_run(cluster: LocalCluster, op: OperatorProcess, metrics_port: int, cou
             docs = yaml.safe_dump_all(objs[chunk : chunk + 100])
             cluster.kubectl("apply", "-n", ns, "-f", "-", input=docs)
         created = n
-        say(f"{n} TTSDeployments applied; waiting until every one has been evaluated")
+        say(f"{n} TTSDeployments applied; waiting until every one has been evaluated and its pod is Ready")
         wait_for("status on all", functools.partial(evaluated_at_least, cluster, ns, n), timeout=600, interval=2)
+        wait_for("a Ready pod for all", functools.partial(ready_at_least, cluster, ns, n), timeout=600, interval=2)
         assert op.proc is not None
         cpu0, _ = proc_cpu_rss(op.proc.pid)
         m0 = operator_metrics(metrics_port)
         t0 = time.monotonic()
         rounds_seen: list[tuple[float, float, float]] = []
-        while time.monotonic() - t0 < 30:
+        while time.monotonic() - t0 < window:
             m = operator_metrics(metrics_port)
             rounds_seen.append(
                 (
@@ -167,44 +186,73 @@ def scale_run(cluster: LocalCluster, op: OperatorProcess, metrics_port: int, cou
         }
         rows.append(row)
         say(json.dumps(row))
+    cluster.kubectl("delete", "namespace", ns, "--wait=false")
     return rows
 
 
-def main() -> int:
+def reaction_summary(times: list[float]) -> dict[str, Any]:
+    return {
+        "interval_seconds": INTERVAL_S,
+        "trials": len(times),
+        "median_seconds": statistics.median(times),
+        # quantiles() needs two points; with one trial its p95 is that trial
+        "p95_seconds": statistics.quantiles(times, n=20)[18] if len(times) > 1 else times[0],
+        "max_seconds": max(times),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--counts", default="10,100,500")
+    parser.add_argument("--window", type=float, default=30, help="seconds measured per count (default %(default)s)")
+    parser.add_argument("--cluster", default="bench", help="local cluster to use or start (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    cluster = LocalCluster("bench")
+    args = parser.parse_args(argv)
+    try:
+        args.counts = [int(c) for c in args.counts.split(",")]
+    except ValueError:
+        parser.error(f"--counts: comma-separated integers, got {args.counts!r}")
+    if not args.counts or min(args.counts) < 1 or args.counts != sorted(args.counts):
+        parser.error("--counts: ascending, each at least 1 (each count adds TTSDeployments to the last)")
+    if args.trials < 1:
+        parser.error("--trials: must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster = LocalCluster(args.cluster)
     started = not cluster.is_up()
-    cluster.up(gpu_nodes=8)
+    # one GPU per pod: every scale-run pod, and the reaction run's at its largest, fit
+    nodes = max(8, math.ceil((max(args.counts) + args.trials + 2) / GPUS_PER_NODE))
+    cluster.up(gpu_nodes=nodes)
     st = cluster.state
     assert st is not None
-    exporter = PodMetricsExporter(cluster, st).start()
-    kubeconfig = install_operator_rbac(cluster, "voxscale")
-    op = OperatorProcess(kubeconfig, st.prometheus_url, lease_name="voxscale")
-    metrics_port = free_port()
-    log_dir = st.dir / "logs"
+    exporter: PodMetricsExporter | None = None
+    op: OperatorProcess | None = None
+    suffix = uuid.uuid4().hex[:6]
+    namespaces = (f"bench-reaction-{suffix}", f"bench-scale-{suffix}")
     try:
-        op.start(log_dir, metrics_port=metrics_port)
+        exporter = PodMetricsExporter(cluster, st).start(job=EXPORTER_JOB)
+        kubeconfig = install_operator_rbac(cluster, "voxscale")
+        op = OperatorProcess(kubeconfig, st.prometheus_url, lease_name="voxscale")
+        metrics_port = free_port()
+        op.start(st.dir / "logs", metrics_port=metrics_port)
         op.wait_leader()
-        times = reaction_times(cluster, exporter, args.trials)
-        q = statistics.quantiles(times, n=20)
-        reaction = {
-            "interval_seconds": INTERVAL_S,
-            "trials": len(times),
-            "median_seconds": statistics.median(times),
-            "p95_seconds": q[18],
-            "max_seconds": max(times),
-        }
+        reaction = reaction_summary(reaction_times(cluster, exporter, namespaces[0], args.trials))
         say(f"reaction: {json.dumps(reaction)}")
-        rows = scale_run(cluster, op, metrics_port, [int(c) for c in args.counts.split(",")])
+        rows = scale_run(cluster, op, metrics_port, namespaces[1], args.counts, args.window)
     finally:
-        op.stop()
-        exporter.stop()
+        if op is not None:
+            op.stop()
+        if exporter is not None:
+            exporter.stop()
         if started:
             cluster.down(quiet=True)
+        elif cluster.is_up():  # a cluster we did not start stays, without our namespaces
+            for ns in namespaces:
+                cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
     result = {"reaction": reaction, "scale": rows}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -7,6 +7,11 @@
 #
 #   hack/build-images.sh [operator|inference ...]   (default: both)
 #   VOXSCALE_IMAGE_TAG=dev  VOXSCALE_IMAGE_PREFIX=localhost/voxscale
+#
+# Quiet and instant when an image is up to date: each image carries the label
+# voxscale.dev/inputs, a hash of everything its Dockerfile copies in (the files git knows, tracked or
+# not ignored) and of the Dockerfile and this script; a tag whose label matches is not rebuilt.
+# `make test` runs this before pytest, so no test waits for an image build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,14 +54,28 @@ base_image() {
     --change 'CMD ["python3"]' "$tmp/rootfs.tar" "docker.io/library/$ref" >/dev/null
 }
 
+# The build context as the Dockerfiles use it: pyproject.toml, README.md and the four package folders.
+inputs_hash() {
+  local file="$1" listed
+  if listed=$(git ls-files -co --exclude-standard -- pyproject.toml README.md voxscale operator inference crds 2>/dev/null); then :
+  else listed=$(find pyproject.toml README.md voxscale operator inference crds -type f -not -path '*/__pycache__/*'); fi
+  { sha256sum "$file" hack/build-images.sh  # names relative to the repository root: the same from make and pytest
+    while IFS= read -r f; do if [ -f "$f" ]; then sha256sum "$f"; fi; done < <(LC_ALL=C sort <<<"$listed")
+  } | sha256sum | cut -c1-16
+}
+
 for target in "${targets[@]}"; do
   file="Dockerfile.$target"
   [ -f "$file" ] || { say "unknown image '$target' (operator or inference)"; exit 2; }
+  inputs=$(inputs_hash "$file")
+  label=$(podman image inspect --format '{{index .Labels "voxscale.dev/inputs"}}' "$prefix/$target:$tag" 2>/dev/null || true)
+  [ "$label" = "$inputs" ] && continue
   for ref in $(awk 'toupper($1) == "FROM" {print $2}' "$file" | sort -u); do base_image "$ref"; done
   say "building $prefix/$target:$tag from $file"
   started=$SECONDS
   previous=$(podman image inspect --format '{{.Id}}' "$prefix/$target:$tag" 2>/dev/null || true)
-  podman build --quiet --pull=never --network host -f "$file" -t "$prefix/$target:$tag" . >/dev/null
+  podman build --quiet --pull=never --network host --label "voxscale.dev/inputs=$inputs" \
+    -f "$file" -t "$prefix/$target:$tag" . >/dev/null
   size=$(podman image inspect --format '{{.Size}}' "$prefix/$target:$tag")
   current=$(podman image inspect --format '{{.Id}}' "$prefix/$target:$tag")
   # The image this tag replaced would otherwise stay as an untagged 6 GB layer stack on every rebuild;

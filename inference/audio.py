@@ -13,6 +13,9 @@ import torch
 from voxscale.inference.speaker import resample
 
 MIN_REFERENCE_S, MAX_REFERENCE_S = 3.0, 30.0
+# What a reference recording may be before a sample is decoded: 30 s of 96 kHz stereo is 23 MB of
+# float32. FLAC silence compresses ~2000x, so an upload's size says nothing about what it decodes to.
+MAX_UPLOAD_RATE, MAX_UPLOAD_CHANNELS = 96_000, 2
 SILENCE_DBFS = -45.0
 CLIPPED_FRACTION = 0.005
 
@@ -65,14 +68,32 @@ def output_rate(fmt: str, sample_rate: int) -> int:
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Mono float32 samples and the sample rate of an uploaded wav/flac/ogg file."""
+    """Mono float32 samples and the sample rate of an uploaded wav/flac/ogg file, decoding at most
+    MAX_REFERENCE_S of it: the rate, channels and length are checked from the header first, and the
+    read itself stops one frame past the limit (a header may understate the length or not state it)."""
     if not data:
         raise AudioError("the file is empty")
     try:
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels = int(f.samplerate), int(f.channels)
+            _check_header(rate, channels, f.frames)
+            limit = int(MAX_REFERENCE_S * rate)
+            wav = f.read(frames=limit + 1, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"not a readable audio file (wav or flac expected): {exc}") from None
-    return wav.mean(axis=1), int(sr)
+    if len(wav) > limit:
+        raise AudioError(f"too long: more than {MAX_REFERENCE_S:g} s; trim it to at most {MAX_REFERENCE_S:g} s")
+    return wav.mean(axis=1), rate
+
+
+def _check_header(rate: int, channels: int, frames: int) -> None:
+    """Refuse from the header alone what would decode to too much (or to nothing sensible)."""
+    if not 8_000 <= rate <= MAX_UPLOAD_RATE:
+        raise AudioError(f"sample rate {rate} Hz: send 8000-{MAX_UPLOAD_RATE} Hz (16-48 kHz is usual for speech)")
+    if not 1 <= channels <= MAX_UPLOAD_CHANNELS:
+        raise AudioError(f"{channels} channels: send mono or stereo (mix the recording down)")
+    if frames / rate > MAX_REFERENCE_S:
+        raise AudioError(f"too long: {frames / rate:.1f} s; trim it to at most {MAX_REFERENCE_S:g} s")
 
 
 def quality_gate(wav: np.ndarray, sr: int) -> None:

@@ -1,20 +1,30 @@
 """Dynamic batching behind a bounded queue of requests.
 
-Admission counts requests, the unit a client sends and the autoscaler sizes the fleet in: at most
-`max_queue` requests wait for their first batch slot (beyond it: QueueFull, which the server answers
-with 429 and Retry-After, so memory never grows without bound). A request of any length is admitted
-on an empty queue. Synthesis itself works on sentences: one worker waits at most `max_wait_ms` for
-company, then takes up to `max_batch` sentences of similar length whose padded size (longest ids x
-count) fits `token_budget`, and runs them through the pipeline in one padded batch (`plan_batch`).
-Realtime sentences go before batch ones; a batch sentence that has waited `promote_after_s` counts
-as realtime (age-based promotion), so a stream of realtime traffic cannot starve it. A CUDA
-out-of-memory error splits the batch and retries.
+Admission counts requests, the unit a client sends and the autoscaler sizes the fleet in. A request is
+queued while any of its sentences waits for a batch, and in flight while its last ones are being
+synthesised. At most `max_queue` requests are queued (beyond it: QueueFull, which the server answers
+with 429 and Retry-After); a request of any length is admitted when the queue has room. So what a
+replica holds is bounded: the sentences of `max_queue` requests wait, and at most `max_batch` requests
+are in flight (a request is in flight only once its last sentence is in the running batch).
+
+Synthesis itself works on sentences: one worker waits at most `max_wait_ms` for company, then takes up
+to `max_batch` sentences of similar length whose padded size (longest ids x count) fits
+`token_budget`, and runs them through the pipeline in one padded batch (`plan_batch`). Realtime
+sentences go before batch ones; a batch sentence that has waited `promote_after_s` counts as realtime
+(age-based promotion), so a stream of realtime traffic cannot starve it.
+
+Nobody's work is done for nobody: a request whose caller stopped waiting (a sentence's future
+cancelled: the timeout passed or the client went away) or whose synthesis failed leaves the queue at
+once, its waiting sentences dropped before they cost anything. A CUDA out-of-memory error splits the
+batch and retries; a sticky CUDA error (the device is wedged until the process restarts) is kept in
+`wedged`, which the health probes answer with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -31,6 +41,9 @@ from voxscale.inference.server_metrics import BusyClock, ServerMetrics
 
 Priority = Literal["realtime", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("realtime", "batch")
+# What CUDA says once a context is unusable: every later call fails the same way until the process
+# restarts (a kernel's device-side assert, an Xid such as an illegal address or an ECC error).
+STICKY_CUDA_ERRORS = ("CUDA error", "device-side assert triggered", "CUBLAS_STATUS_EXECUTION_FAILED")
 
 log = logging.getLogger("voxscale.inference.batcher")
 
@@ -45,16 +58,36 @@ class Draining(RuntimeError):
     pass
 
 
-@dataclass
-class _Request:
-    """One admitted request: queued until a first sentence enters a batch, in flight until the last is done."""
+def sticky_cuda_error(exc: BaseException) -> str | None:
+    """Why the GPU is wedged, when `exc` says it is; None for anything a retry may cure (out of memory
+    included: it frees what it took) and for errors that are not CUDA's."""
+    if not isinstance(exc, RuntimeError) or isinstance(exc, torch.cuda.OutOfMemoryError):
+        return None
+    message = str(exc).strip()
+    if "out of memory" in message or not any(marker in message for marker in STICKY_CUDA_ERRORS):
+        return None
+    return message.splitlines()[0]
 
-    unfinished: int
+
+@dataclass(eq=False)
+class _Request:
+    """One admitted request: queued while a sentence waits for a batch, in flight while the last run."""
+
+    pending: int  # sentences not yet in a batch
     priority: Priority = "realtime"
     request_id: str = ""
     enqueued: float = field(default_factory=time.monotonic)
-    started: bool = False
-    failed: bool = False
+    running: int = 0  # sentences in the batch being synthesised
+    started: bool = False  # a sentence has entered a batch: its queue wait is over
+    intact: bool = True  # no sentence failed or dropped: it counts as completed once the last is done
+
+    @property
+    def queued(self) -> bool:
+        return self.pending > 0
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and not self.running
 
 
 @dataclass
@@ -121,11 +154,11 @@ class Batcher:
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.token_budget, self.promote_after = token_budget, promote_after_s
         self.pending: list[_Job] = []  # sentences not yet in a batch
+        self.requests: set[_Request] = set()  # admitted and not finished
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
-        self.waiting = 0  # requests admitted, none of whose sentences has reached a batch yet
-        self.inflight = 0  # requests started, not finished
         self.draining = False
+        self.wedged: str | None = None  # a sticky CUDA error: the device fails everything until a restart
         self.batch_seconds = 0.5  # running estimate, for Retry-After
         self._task: asyncio.Task[None] | None = None
         # Children created now, so the series exist (at 0) before the first request and rate() sees it.
@@ -144,8 +177,13 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch slot (what the queue bound and voxscale_queue_depth count)."""
-        return self.waiting
+        """Requests with a sentence waiting for a batch (what the queue bound and voxscale_queue_depth count)."""
+        return sum(r.queued for r in self.requests)
+
+    @property
+    def inflight(self) -> int:
+        """Requests none of whose sentences waits any more, the last ones being synthesised."""
+        return len(self.requests) - self.depth
 
     def submit(
         self, items: list[Item], priority: Priority = "realtime", request_id: str = ""
@@ -155,43 +193,84 @@ class Batcher:
         `priority`: realtime requests are served before batch ones (interactive speech ahead of
         offline book/course generation); a batch request waiting longer than `promote_after_s` is
         promoted to realtime rank, oldest first, so it is served eventually. `request_id` follows
-        the request into the batch logs."""
+        the request into the batch logs. Cancelling any of the futures withdraws the request."""
         if not items:
             raise ValueError("a request needs at least one sentence")
         if priority not in PRIORITIES:
             raise ValueError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
         if self.draining:
             raise Draining("the server is shutting down")
-        if self.waiting >= self.max_queue:
+        if self.depth >= self.max_queue:
             raise QueueFull(retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        request = _Request(unfinished=len(items), priority=priority, request_id=request_id)
+        request = _Request(len(items), priority=priority, request_id=request_id)
         jobs = [_Job(item, loop.create_future(), request, next(self._seq)) for item in items]
+        withdraw = functools.partial(self._withdraw_if_cancelled, request)
+        for job in jobs:
+            job.future.add_done_callback(withdraw)
         self.pending += jobs
+        self.requests.add(request)
         self._arrived.set()
-        self.waiting += 1
-        futures = [job.future for job in jobs]
         self._publish()
-        return futures
+        return [job.future for job in jobs]
 
     def _retry_after(self) -> float:
         """Seconds until the sentences queued now have gone through, at the measured batch time."""
         return max(1.0, (len(self.pending) / max(self.max_batch, 1) + 1) * self.batch_seconds)
 
     def _publish(self) -> None:
-        self.metrics.gauge(mc.QUEUE_DEPTH).set(self.waiting)
+        self.metrics.gauge(mc.QUEUE_DEPTH).set(self.depth)
         self.metrics.gauge(mc.INFLIGHT).set(self.inflight)
 
     async def idle(self) -> None:
         """Until everything accepted has been synthesised (used while draining)."""
-        while self.waiting or self.inflight:
+        while self.requests:
             await asyncio.sleep(0.05)
+
+    def _withdraw_if_cancelled(self, request: _Request, future: asyncio.Future[np.ndarray]) -> None:
+        """A cancelled sentence means nobody waits for its request (timed out, or the client left)."""
+        if future.cancelled():
+            self._drop(request, None)
+
+    def _drop(self, request: _Request, error: BaseException | None) -> None:
+        """Take the request's waiting sentences out of the queue before they cost anything; their
+        futures are cancelled, or fail with `error` when the request failed."""
+        dropped = [j for j in self.pending if j.request is request]
+        if dropped:
+            self.pending = [j for j in self.pending if j.request is not request]
+            request.pending, request.intact = 0, False
+            for job in dropped:
+                if job.future.done():
+                    continue
+                if error is None:
+                    job.future.cancel()
+                else:
+                    job.future.set_exception(error)
+        self._settle(request)
+
+    def _settle(self, request: _Request) -> None:
+        """A request leaves once nothing of it waits or runs; completed only if every sentence was synthesised."""
+        if request.finished and request in self.requests:
+            self.requests.remove(request)
+            if request.intact:
+                self.completed.inc()
+        self._publish()
 
     async def _next_batch(self) -> list[_Job]:
         """Wait for a sentence, then up to `max_wait_ms` for a full batch's worth, then plan one."""
-        while not self.pending:
-            self._arrived.clear()
-            await self._arrived.wait()
+        while True:
+            while not self.pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._wait_for_company()
+            if self.pending:  # withdrawals may have emptied the queue meanwhile
+                break
+        batch = plan_batch(self.pending, self.max_batch, self.token_budget, time.monotonic() - self.promote_after)
+        taken = {id(j) for j in batch}
+        self.pending = [j for j in self.pending if id(j) not in taken]
+        return batch
+
+    async def _wait_for_company(self) -> None:
         deadline = time.monotonic() + self.max_wait
         while len(self.pending) < self.max_batch and (timeout := deadline - time.monotonic()) > 0:
             self._arrived.clear()
@@ -199,33 +278,22 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
             except TimeoutError:
                 break
-        batch = plan_batch(self.pending, self.max_batch, self.token_budget, time.monotonic() - self.promote_after)
-        taken = {id(j) for j in batch}
-        self.pending = [j for j in self.pending if id(j) not in taken]
-        return batch
 
     def _start(self, batch: list[_Job]) -> None:
-        """A request leaves the queue (and its wait ends) when its first sentence enters a batch."""
+        """A request's queue wait ends when its first sentence enters a batch."""
         now = time.monotonic()
         for job in batch:
             request = job.request
+            request.pending -= 1
+            request.running += 1
             if not request.started:
                 request.started = True
-                self.waiting -= 1
-                self.inflight += 1
                 self.metrics.histogram(mc.QUEUE_WAIT).observe(now - request.enqueued)
         self._publish()
 
     def _finish(self, job: _Job) -> None:
-        """A request is done when its last sentence is; it counts as completed only if all succeeded."""
-        request = job.request
-        request.unfinished -= 1
-        if request.unfinished:
-            return
-        self.inflight -= 1
-        if not request.failed:
-            self.completed.inc()
-        self._publish()
+        job.request.running -= 1
+        self._settle(job.request)
 
     async def _run(self) -> None:
         while True:
@@ -236,41 +304,48 @@ class Batcher:
     async def _run_group(self, group: list[_Job]) -> None:
         started = time.monotonic()
         requests = _request_ids(group)
-        log.debug(
-            "batch of %d sentences, padded to %d ids, requests %s",
-            len(group),
-            max(len(j.item.ids) for j in group),
-            requests,
-        )
         try:
             with self.busy.running():
                 results = await asyncio.to_thread(self._synthesize_splitting, [j.item for j in group], requests)
         except Exception as exc:
-            log.error("synthesis of %d sentences failed for requests %s: %r", len(group), requests, exc)
-            for job in group:
-                job.request.failed = True
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                self._finish(job)
+            self._failed(group, exc, requests)
             return
-        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * elapsed
         self.metrics.histogram(mc.BATCH_SIZE).observe(len(group))
+        width = max(len(j.item.ids) for j in group)
+        log.info("batch of %d sentences x %d ids in %.2f s, requests %s", len(group), width, elapsed, requests)
         for job, wav in zip(group, results, strict=True):
             if not job.future.done():
                 job.future.set_result(wav)
             self._finish(job)
 
+    def _failed(self, group: list[_Job], exc: Exception, requests: str) -> None:
+        """Every request of the batch fails with `exc`, its sentences not yet synthesised with it."""
+        log.error("synthesis of %d sentences failed for requests %s: %r", len(group), requests, exc)
+        if (reason := sticky_cuda_error(exc)) is not None and self.wedged is None:
+            self.wedged = reason
+            log.critical("the GPU is wedged (%s): liveness and readiness now fail, so the pod restarts", reason)
+        for job in group:
+            job.request.intact = False
+            if not job.future.done():
+                job.future.set_exception(exc)
+        for job in group:
+            self._drop(job.request, exc)
+            self._finish(job)
+
     def _synthesize_splitting(self, items: list[Item], requests: str = "") -> list[np.ndarray]:
         """Synthesise, halving the batch on CUDA out-of-memory until it fits (one item that does
-        not fit is an error for its request)."""
+        not fit is an error for its request).
+
+        The halves run after the handler is left: inside it, the traceback would keep the failed
+        attempt's frames, and so its tensors, allocated while the halves need the memory."""
         try:
             return self.synthesize(items)
         except torch.cuda.OutOfMemoryError:
             if len(items) == 1:
                 raise
             log.warning("CUDA out of memory on %d sentences (requests %s); splitting", len(items), requests)
-            torch.cuda.empty_cache()
-            half = len(items) // 2
-            return self._synthesize_splitting(items[:half], requests) + self._synthesize_splitting(
-                items[half:], requests
-            )
+        torch.cuda.empty_cache()
+        half = len(items) // 2
+        return self._synthesize_splitting(items[:half], requests) + self._synthesize_splitting(items[half:], requests)

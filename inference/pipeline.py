@@ -11,13 +11,14 @@ import ctypes
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from voxscale import settings_contract as sc
 from voxscale.inference.cache import LRUCache
 from voxscale.inference.piper import PiperVoice, default_voice_paths, load_piper_voice
 from voxscale.inference.speaker import SAMPLE_RATE as SPEAKER_SR
@@ -95,6 +96,27 @@ def keep_large_allocations() -> None:
     libc.mallopt(m_trim_threshold, 2 << 30)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bfloat16 itself (Ampere and later); emulation does not count."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def vocoder_dtype(precision: str, device: torch.device, bf16_native: Callable[[torch.device], bool]) -> torch.dtype:
+    """The vocoder's dtype for VOXSCALE_PRECISION on `device`; bf16 on a GPU without it is refused.
+
+    Half precision only where it helps: on the CPU everything runs fp32. A GPU without bfloat16
+    (before Ampere: T4, V100) would emulate it, slower than fp32, so the start fails saying so."""
+    if device.type != "cuda":
+        return torch.float32
+    if precision == "bf16" and not bf16_native(device):
+        raise sc.SettingError(
+            f"{sc.PRECISION.env}=bf16: this GPU ({device}) has no native bfloat16 (it needs compute capability "
+            f"8.0, Ampere or later); set spec.model.precision / {sc.PRECISION.env} to fp16 or fp32"
+        )
+    return DTYPES[precision]
+
+
 @dataclass
 class TTSPipeline:
     voice: PiperVoice
@@ -126,8 +148,7 @@ class TTSPipeline:
         """Load a voice into stages 2-4, then any stage checkpoints given (see `stages.py`) over them."""
         keep_large_allocations()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # Half precision only where it helps: on the CPU everything runs fp32.
-        dtype = DTYPES[precision] if dev.type == "cuda" else torch.float32
+        dtype = vocoder_dtype(precision, dev, native_bf16)
         if voice in ("", "en_US-joe-medium", "default"):
             onnx_path, config_path = default_voice_paths()
             name = "en_US-joe-medium"

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from voxscale.inference import audio, speech
 from voxscale.inference.errors import ApiError
 from voxscale.inference.jobs import JobRecord
+from voxscale.inference.request_context import Caller, Tenants
+from voxscale.inference.routes_voices import require_own_voice
 from voxscale.inference.schemas import SpeechRequest
 from voxscale.inference.state import ServerState, State
 
@@ -31,15 +33,21 @@ async def _job(state: ServerState, job_id: str) -> JobRecord:
 
 
 @router.post("", status_code=202)
-async def create_job(req: SpeechRequest, request: Request, state: State) -> JSONResponse:
-    """Validated and admitted like /v1/audio/speech (4xx and 429 now, not later), then run at batch priority."""
+async def create_job(
+    req: SpeechRequest, request: Request, state: State, caller: Caller, tenancy: Tenants
+) -> JSONResponse:
+    """Validated and admitted like /v1/audio/speech (4xx and 429 now, not later), then run at batch priority.
+
+    Its characters count against the key's charactersPerDay like a synchronous request's."""
     if req.stream or req.stream_format != "audio":
         param = "stream" if req.stream else "stream_format"
         raise ApiError(422, f"{param}: a job's result is one file; leave out `stream` and `stream_format`", param)
-    prepared = await speech.prepare(state, req)
     rid: str = request.state.request_id
     priority = req.priority or "batch"
-    futures = speech.submit(state, prepared.items, priority, rid)
+    with tenancy.characters(caller, len(req.input)):
+        prepared = await speech.prepare(state, req)
+        await require_own_voice(state, caller, req.voice)
+        futures = speech.submit(state, prepared.items, priority, rid)
     sample_rate = audio.output_rate(req.response_format, state.pipeline.sample_rate)
     create = state.jobs.create
     try:

@@ -1,4 +1,8 @@
-"""OpenAI's `/v1/audio/speech`: one file, the file streamed sentence by sentence, or SSE events."""
+"""OpenAI's `/v1/audio/speech`: one file, the file streamed sentence by sentence, or SSE events.
+
+The input's characters are charged to the caller's charactersPerDay before anything is admitted and
+given back if the request is refused before it reaches the batcher (request_context.Tenancy).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from voxscale.inference import audio, speech
 from voxscale.inference.errors import ApiError
 from voxscale.inference.openai_compat import audio_delta, audio_done, stream_error
 from voxscale.inference.pipeline import Item
+from voxscale.inference.request_context import Caller, Tenants
+from voxscale.inference.routes_voices import require_own_voice
 from voxscale.inference.schemas import SpeechRequest
 from voxscale.inference.state import ServerState, State
 
@@ -60,10 +66,14 @@ async def _sse_stream(
 
 
 @router.post("/v1/audio/speech")
-async def create_speech(req: SpeechRequest, request: Request, state: State) -> Response:
-    prepared = await speech.prepare(state, req)
-    started = time.monotonic()
-    futures = speech.submit(state, prepared.items, req.priority or "realtime", request.state.request_id)
+async def create_speech(
+    req: SpeechRequest, request: Request, state: State, caller: Caller, tenancy: Tenants
+) -> Response:
+    with tenancy.characters(caller, len(req.input)):
+        prepared = await speech.prepare(state, req)
+        await require_own_voice(state, caller, req.voice)
+        started = time.monotonic()
+        futures = speech.submit(state, prepared.items, req.priority or "realtime", request.state.request_id)
     fmt, headers = req.response_format, prepared.headers
     encoder = audio.StreamEncoder(fmt, state.pipeline.sample_rate)
     if req.stream_format == "sse":
@@ -74,7 +84,7 @@ async def create_speech(req: SpeechRequest, request: Request, state: State) -> R
         return StreamingResponse(_raw_stream(state, futures, encoder, started), media_type=media, headers=headers)
     timeout = state.settings.request_timeout_s
     try:
-        wavs = list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        wavs = await speech.wait_for_audio(futures, timeout, request.receive)
     except TimeoutError:
         raise ApiError(504, f"synthesis took longer than {timeout:g} s", None, "timeout") from None
     speech.finished(state, wavs, started)

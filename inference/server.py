@@ -16,13 +16,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from voxscale import settings_contract as sc
 from voxscale.inference import routes_health, routes_jobs, routes_speech, routes_voices
 from voxscale.inference.batcher import Batcher
 from voxscale.inference.errors import install_handlers
 from voxscale.inference.jobs import JobRunner, JobStore
 from voxscale.inference.pipeline import TTSPipeline
 from voxscale.inference.piper import VoiceLoadError
-from voxscale.inference.request_context import configure_logging, install_middleware
+from voxscale.inference.request_context import Tenancy, configure_logging, install_middleware
 from voxscale.inference.server_metrics import NvmlGauges, ServerMetrics, gpu_product
 from voxscale.inference.settings import Settings
 from voxscale.inference.stages import StageWeightsError, parse_stage_weights
@@ -58,7 +59,7 @@ async def _load(state: ServerState, preloaded: TTSPipeline | None, stage_weights
                 state.store,
                 stage_weights,
             )
-        except (VoiceLoadError, StageWeightsError) as exc:
+        except (VoiceLoadError, StageWeightsError, sc.SettingError) as exc:  # bf16 on a GPU without it
             log.error("cannot start: %s", exc)
             raise
     await asyncio.to_thread(state.pipeline.warm_up)
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
     if preloaded is None and not store.persistent:
         log.warning("registered voices are kept in memory only; set VOXSCALE_VOICE_STORE to share and keep them")
     state = ServerState(settings, ServerMetrics.create(), store)
+    tenancy = Tenancy.create(settings, state.metrics.registry)  # a bad keys file fails the start, naming it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,7 +108,7 @@ def create_app(settings: Settings | None = None, preloaded: TTSPipeline | None =
     app = FastAPI(title="voxscale TTS server", version="0.1.0", lifespan=lifespan)
     app.state.voxscale = state
     install_handlers(app, state.metrics)
-    install_middleware(app, settings)
+    install_middleware(app, settings, tenancy)
     for module in (routes_health, routes_voices, routes_speech, routes_jobs):
         app.include_router(module.router)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from voxscale import settings_contract as sc
 
@@ -22,7 +22,8 @@ class Settings:
     max_queue: int = sc.MAX_QUEUE.default
     request_timeout_s: float = sc.REQUEST_TIMEOUT_S.default
     drain_timeout_s: float = sc.DRAIN_TIMEOUT_S.default
-    api_token: str | None = sc.API_TOKEN.default
+    api_token: str | None = field(default=sc.API_TOKEN.default, repr=False)  # a secret: never in a log line
+    api_keys: str | None = sc.API_KEYS.default
     voice_store: str | None = sc.VOICE_STORE.default
     stage_weights: str | None = sc.STAGE_WEIGHTS.default
     port: int = sc.PORT.default

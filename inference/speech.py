@@ -1,14 +1,17 @@
 """The speech service: from a validated request to admitted sentences, and from audio to accounting.
 
 HTTP-free so the synchronous endpoint and the jobs share it: every refusal is an ApiError naming the
-field, raised before any synthesis is spent, and demand is counted at the door.
+field, raised before any synthesis is spent, and demand is counted at the door. Audio nobody waits for
+any more (past the timeout, or the client gone) is cancelled, so the batcher never synthesises it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +29,9 @@ from voxscale.inference.pipeline import STYLES, Item
 from voxscale.inference.schemas import SpeechRequest
 from voxscale.inference.state import ServerState
 from voxscale.inference.voices import is_voice_id
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]  # an ASGI receive: tells when the client has gone
+CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never read by anyone
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,34 @@ def submit(
         raise ApiError(
             503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
         ) from None
+
+
+async def wait_for_audio(
+    futures: list[asyncio.Future[np.ndarray]], timeout: float, receive: Receive
+) -> list[np.ndarray]:
+    """Every sentence's audio, like `wait_for(gather(...), timeout)` (TimeoutError past it), and an
+    ApiError 499 once the client has gone.
+
+    Either way the sentences are cancelled, which withdraws the request from the batcher: under
+    overload the replica's compute goes to requests someone still waits for."""
+    sentences = asyncio.gather(*futures)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait((sentences, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        sentences.cancel()  # a no-op once every sentence is done
+    if sentences in done:
+        return list(sentences.result())
+    if gone in done:
+        raise ApiError(CLIENT_GONE, "the client closed the connection before its audio was ready", None, "client_gone")
+    raise TimeoutError
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has gone: with the body read, the next ASGI message is the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # a server that answers with empty bodies instead must not make this spin
 
 
 def finished(state: ServerState, wavs: list[np.ndarray], started: float | None) -> None:

@@ -5,10 +5,16 @@ voice renders it depends on the loaded model and is derived when it is used, nev
 directory (a pod volume; a ReadWriteMany PersistentVolumeClaim when replicas > 1) each voice is one
 small JSON file, written atomically, so a voice registered through one replica works through any other
 and survives restarts. Without one, voices live in this process's memory only.
+
+A voice belongs to the API key that registered it (its id, `owner`, in the record, so every replica and
+the next process agree on it; see tenants.py for who may see what). Files written before keys existed
+have no owner. Ids are content hashes per owner (`voice_id_for`): the same recording registered by two
+keys gets two ids, so neither learns from an id or a cache hit that the other holds that recording.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,23 +42,41 @@ class StoredVoice:
     voice_id: str
     embedding: np.ndarray  # unit-norm float32 speaker embedding
     seconds: float  # length of the reference recording
+    owner: str | None = None  # the registering API key's id; None: registered without keys (or before them)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "id": self.voice_id,
-                "seconds": round(self.seconds, 3),
-                "embedding": [float(x) for x in self.embedding.astype(np.float32)],
-            }
-        )
+        """Version 1 still: `owner` is only added, and left out when None, so older replicas read the file."""
+        record: dict[str, object] = {
+            "version": FORMAT_VERSION,
+            "id": self.voice_id,
+            "seconds": round(self.seconds, 3),
+            "embedding": [float(x) for x in self.embedding.astype(np.float32)],
+        }
+        if self.owner is not None:
+            record["owner"] = self.owner
+        return json.dumps(record)
 
     @classmethod
     def from_json(cls, text: str) -> StoredVoice:
         raw = json.loads(text)
         if raw.get("version") != FORMAT_VERSION:
             raise ValueError(f"unknown format version {raw.get('version')!r}")
-        return cls(str(raw["id"]), np.asarray(raw["embedding"], dtype=np.float32), float(raw["seconds"]))
+        owner = raw.get("owner")
+        if owner is not None and not isinstance(owner, str):
+            raise ValueError(f"owner: expected a key id, got {owner!r}")
+        return cls(str(raw["id"]), np.asarray(raw["embedding"], dtype=np.float32), float(raw["seconds"]), owner)
+
+
+def voice_id_for(wav: np.ndarray, sample_rate: int, owner: str | None) -> str:
+    """The id of a recording registered by `owner`: its content hash, namespaced by the owner.
+
+    Content-addressed so registering the same recording again costs nothing and gives the same id, on
+    any replica; per owner so another key's registration of it is a different voice (see the module
+    docstring). Without an owner it is the hash voices always had, so ids from before keys still match.
+    """
+    content = wav.astype(np.float32).tobytes() + str(sample_rate).encode()
+    namespace = b"" if owner is None else owner.encode() + b"\0"
+    return f"vc_{hashlib.sha256(namespace + content).hexdigest()[:16]}"
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""Pure builders of the objects a TTSDeployment owns: Deployment, Service, PodDisruptionBudget.
+"""Pure builders of the objects a TTSDeployment owns: Deployment, Service, PodDisruptionBudget and,
+when spec.networkPolicy.enabled, a NetworkPolicy.
 
 They take the (defaulted) TTSDeployment and return manifests for server-side apply. The Deployment
 never carries `spec.replicas`: the replica count belongs to the scaling engine, which writes it through
@@ -27,6 +28,14 @@ DRAIN_FLOOR_SECONDS = 60
 SERVER_UID = 10001
 VOICE_STORE_PATH = "/var/lib/voxscale/voices"
 VOICE_STORE_VOLUME = "voices"
+API_KEYS_PATH = "/etc/voxscale/api-keys"  # the Secret's directory (never a subPath: Kubernetes updates it)
+API_KEYS_VOLUME = "api-keys"
+# The root filesystem is read-only; what the server writes goes to the pod's own emptyDirs: /tmp
+# (multipart uploads spooled past 1 MB, torch/inductor scratch) and the image user's HOME
+# (Dockerfile.inference: useradd --create-home; ~/.cache, ~/.nv (CUDA's JIT cache), ~/.triton, ~/.config).
+# Disk-backed, so they do not count against the memory limit. The voice store is the third volume.
+SCRATCH_VOLUMES = {"tmp": "/tmp", "home": "/home/voxscale"}
+SCRATCH_SIZE_LIMIT = "1Gi"
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -110,15 +119,52 @@ def server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": sc.DRAIN_TIMEOUT_S.env, "value": drain},
     ]
     ours += [{"name": s.env, "valueFrom": {"fieldRef": {"fieldPath": s.pod_field}}} for s in sc.SETTINGS if s.pod_field]
+    if _api_keys_secret(spec):
+        ours.append({"name": sc.API_KEYS.env, "value": API_KEYS_PATH})
     user = list(full["model"].get("env", []))
     user_names = {e["name"] for e in user}
     return [e for e in ours if e["name"] not in user_names] + user
 
 
+_QUANTITY_SUFFIXES = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def quantity(value: Any, field: str) -> float:
+    """A Kubernetes quantity (8Gi, 512Mi, 1.5G, 1000) as a number; ValueError names `field`."""
+    text = str(value).strip()
+    number = text.rstrip("".join({c for s in _QUANTITY_SUFFIXES for c in s}))
+    suffix = text[len(number) :]
+    try:
+        return float(number) * _QUANTITY_SUFFIXES[suffix]
+    except (ValueError, KeyError):
+        raise ValueError(f"{field}: {text!r} is not a quantity; write e.g. 8Gi or 512Mi") from None
+
+
 def container_resources(spec: dict[str, Any]) -> dict[str, Any]:
-    res = spec.get("resources", {})
+    """Requests and limits: the spec's own, GPUs as the nvidia.com/gpu limit, memory on both sides
+    (spec.resources.memory where requests.memory / limits.memory are not given) and a CPU request
+    (spec.resources.cpu where requests.cpu is not); the CRD holds the defaults of both."""
+    res = crd.default_spec(spec)["resources"]
     requests = dict(res.get("requests", {}))
     limits = dict(res.get("limits", {}))
+    memory = res["memory"]
+    requests.setdefault("memory", memory)
+    requests.setdefault("cpu", res["cpu"])
+    if "memory" not in limits:
+        # Never below the request (the API server refuses such a pod): the larger of the two.
+        request = quantity(requests["memory"], "spec.resources.requests.memory")
+        limits["memory"] = requests["memory"] if request > quantity(memory, "spec.resources.memory") else memory
     gpus = int(res.get("gpus", 1))
     if gpus > 0:
         # Extended resources are set as limits; the API server copies them to requests.
@@ -139,6 +185,25 @@ def voice_store_volume(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": VOICE_STORE_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}}
 
 
+def _api_keys_secret(spec: dict[str, Any]) -> str | None:
+    return spec.get("service", {}).get("apiKeysSecret") or None
+
+
+def volumes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The voice store, then the scratch emptyDirs the read-only root filesystem leaves writable, then
+    the API keys Secret when spec.service.apiKeysSecret names one."""
+    scratch = [{"name": n, "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}} for n in SCRATCH_VOLUMES]
+    secret = _api_keys_secret(spec)
+    keys = [{"name": API_KEYS_VOLUME, "secret": {"secretName": secret}}] if secret else []
+    return [voice_store_volume(spec), *scratch, *keys]
+
+
+def volume_mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    mounts = {VOICE_STORE_VOLUME: VOICE_STORE_PATH, **SCRATCH_VOLUMES}
+    keys = [{"name": API_KEYS_VOLUME, "mountPath": API_KEYS_PATH, "readOnly": True}] if _api_keys_secret(spec) else []
+    return [{"name": name, "mountPath": path} for name, path in mounts.items()] + keys
+
+
 def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     name = ttsd["metadata"]["name"]
     spec = ttsd["spec"]
@@ -147,13 +212,17 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     probe_base = {"httpGet": {"path": "/readyz", "port": PORT_NAME}}
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        # The server never calls the Kubernetes API: no ServiceAccount token in its filesystem.
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
+            "runAsUser": SERVER_UID,
+            "runAsGroup": SERVER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
             "fsGroup": SERVER_UID,
             "fsGroupChangePolicy": "OnRootMismatch",
         },
-        "volumes": [voice_store_volume(spec)],
+        "volumes": volumes(spec),
         "containers": [
             {
                 "name": CONTAINER,
@@ -162,7 +231,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
                 "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
                 "env": server_env(spec),
                 "resources": container_resources(spec),
-                "volumeMounts": [{"name": VOICE_STORE_VOLUME, "mountPath": VOICE_STORE_PATH}],
+                "volumeMounts": volume_mounts(spec),
                 # Model loading can take minutes: the startup probe holds the others off until it is done.
                 "startupProbe": {
                     "httpGet": {"path": "/healthz", "port": PORT_NAME},
@@ -179,6 +248,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
                 "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_SECONDS}}},
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
                     "capabilities": {"drop": ["ALL"]},
                 },
             }
@@ -236,9 +306,32 @@ def pod_disruption_budget(ttsd: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def network_policy(ttsd: dict[str, Any]) -> dict[str, Any] | None:
+    """With spec.networkPolicy.enabled: ingress to the pods on the serving port only (clients, probes,
+    Prometheus' scrape all use it), and no egress (the server calls nothing). None when off."""
+    full = crd.default_spec(ttsd["spec"])
+    if not full["networkPolicy"]["enabled"]:
+        return None
+    port = int(full["service"]["port"])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(ttsd),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(ttsd["metadata"]["name"])},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+            "egress": [],
+        },
+    }
+
+
 def expected_kinds(ttsd: dict[str, Any]) -> set[str]:
-    """The kinds of child a TTSDeployment should have now (a PDB only with min >= 2)."""
+    """The kinds of child a TTSDeployment should have now (a PDB only with min >= 2, a NetworkPolicy
+    only when spec.networkPolicy.enabled)."""
     kinds = {"Deployment", "Service"}
     if pod_disruption_budget(ttsd) is not None:
         kinds.add("PodDisruptionBudget")
+    if network_policy(ttsd) is not None:
+        kinds.add("NetworkPolicy")
     return kinds

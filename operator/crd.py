@@ -78,6 +78,12 @@ def _unknown_fields(node: Any, sch: dict[str, Any], path: str, out: list[str]) -
             _unknown_fields(item, sch["items"], f"{path}[{i}]", out)
 
 
+# A TTSDeployment's pods are <name>-<ReplicaSet hash, up to 10>-<5 random>; Kubernetes cuts a
+# generated name's base at 58 characters, so a longer name would be truncated in its pods' names.
+# The CRD's CEL rule says the same number to the API server.
+MAX_NAME_LENGTH = 58 - len("-0123456789-")
+
+
 def validate(obj: dict[str, Any]) -> list[str]:
     """Check a TTSDeployment read from a file against the CRD's own schema (no API server needed).
 
@@ -90,6 +96,12 @@ def validate(obj: dict[str, Any]) -> list[str]:
     if obj.get("apiVersion") != f"{GROUP}/{VERSION}" or obj.get("kind") != KIND:
         errors.append(
             f"apiVersion/kind: expected {GROUP}/{VERSION} {KIND}, got {obj.get('apiVersion')} {obj.get('kind')}"
+        )
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    if len(name) > MAX_NAME_LENGTH:
+        errors.append(
+            f"metadata.name: {len(name)} characters; at most {MAX_NAME_LENGTH} (its pods are named "
+            "<name>-<hash>-<5 characters>, and Kubernetes cuts longer pod names); choose a shorter name"
         )
     sch = schema()
     _unknown_fields(obj.get("spec"), sch["properties"]["spec"], ".spec", errors)

@@ -62,11 +62,12 @@ class Kube:
         self.apps = client.AppsV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.policy = client.PolicyV1Api(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
     # ------------------------------------------------------------------ children
     def apply_children(self, ttsd: dict[str, Any]) -> list[str]:
-        """Create or update the Deployment, Service and PDB; returns what was applied or removed."""
+        """Create or update the Deployment, Service, PDB and NetworkPolicy; returns what was applied or removed."""
         ns, name = ttsd["metadata"]["namespace"], ttsd["metadata"]["name"]
         wanted: list[tuple[str, Callable[..., Any], dict[str, Any] | None]] = [
             ("Deployment", self.apps.patch_namespaced_deployment, children.deployment(ttsd)),
@@ -76,6 +77,11 @@ class Kube:
                 self.policy.patch_namespaced_pod_disruption_budget,
                 children.pod_disruption_budget(ttsd),
             ),
+            (
+                "NetworkPolicy",
+                self.networking.patch_namespaced_network_policy,
+                children.network_policy(ttsd),
+            ),
         ]
         done = []
         for kind, patch, body in wanted:
@@ -84,6 +90,8 @@ class Kube:
                 done.append(kind)
         if wanted[2][2] is None and self._delete_pdb_if_ours(ns, name):
             done.append("PodDisruptionBudget (removed: min < 2)")
+        if wanted[3][2] is None and self._delete_network_policy_if_ours(ns, name):
+            done.append("NetworkPolicy (removed: spec.networkPolicy.enabled is false)")
         return done
 
     @staticmethod
@@ -110,6 +118,21 @@ class Kube:
         retrying(lambda: self.policy.delete_namespaced_pod_disruption_budget(name, ns), f"delete PDB {ns}/{name}")
         return True
 
+    def _delete_network_policy_if_ours(self, ns: str, name: str) -> bool:
+        try:
+            policy = self.networking.read_namespaced_network_policy(name, ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        labels = (policy.metadata.labels if policy.metadata else None) or {}
+        if labels.get("app.kubernetes.io/managed-by") != children.MANAGED_BY:
+            return False
+        retrying(
+            lambda: self.networking.delete_namespaced_network_policy(name, ns), f"delete NetworkPolicy {ns}/{name}"
+        )
+        return True
+
     # ------------------------------------------------------------------ scaling
     def list_deployments(self, namespaces: list[str] | None) -> dict[tuple[str, str], Any]:
         """Every voxscale-managed Deployment in one list call per namespace scope (not per object)."""
@@ -125,7 +148,7 @@ class Kube:
         return {(d.metadata.namespace, d.metadata.name): d for d in items}
 
     def list_children(self, namespaces: list[str] | None) -> dict[tuple[str, str], set[str]]:
-        """Which of its Service and PodDisruptionBudget each TTSDeployment has, one list call per
+        """Which of its Service, PodDisruptionBudget and NetworkPolicy each TTSDeployment has, one list call per
         kind and scope: a child deleted by hand is noticed at the next round, not the next spec edit."""
         selector = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
         per_kind: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
@@ -134,6 +157,11 @@ class Kube:
                 "PodDisruptionBudget",
                 self.policy.list_namespaced_pod_disruption_budget,
                 self.policy.list_pod_disruption_budget_for_all_namespaces,
+            ),
+            (
+                "NetworkPolicy",
+                self.networking.list_namespaced_network_policy,
+                self.networking.list_network_policy_for_all_namespaces,
             ),
         ]
         out: dict[tuple[str, str], set[str]] = {}

@@ -12,8 +12,9 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -67,9 +68,70 @@ class QueryStats:
             self.queries += n
 
 
-# An endpoint gets this many times its own query timeout to answer a round; objects on an endpoint
-# that is slower are held for the round (with the cause) while every other endpoint's are scaled.
+# `fetch()` without a budget waits this many times the largest timeout (tests and one-off callers);
+# the scaler passes its own round budget instead, whatever timeouts the objects name.
 BUDGET_TIMEOUTS = 2.0
+RETRY_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # an endpoint that answered nothing is asked again after
+ARRIVED_MAX_AGE_SECONDS = 120.0  # a late answer nobody picked up by then is dropped (and asked again)
+
+
+class Pending(StrEnum):
+    """Why an object has no answer this round: it keeps its last decision (identifiers for status)."""
+
+    OVER_BUDGET = "QueryOverBudget"  # its Prometheus did not answer within the round's budget
+    RESOLVING = "ResolvingEndpoint"  # its endpoint's Secret is being read in the background
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """One round's answers: metrics (data, or an error the engine treats as missing data) for the
+    objects whose Prometheus answered or failed, and why the others have no answer yet."""
+
+    metrics: dict[Key, Metrics]
+    pending: dict[Key, str]  # key -> message (reason Pending.OVER_BUDGET)
+
+
+class Backoff:
+    """Consecutive failures per key (an endpoint), and when it may be asked again: a Prometheus that
+    fails is retried after a growing delay, not every round (a hung one would hold a worker each time).
+    Thread-safe: workers record outcomes while the round asks."""
+
+    def __init__(self, delays: Sequence[float] = RETRY_BACKOFF_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.delays = tuple(delays)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._state: dict[Hashable, tuple[int, float, str]] = {}  # failures, retry at, last error
+
+    def waiting(self, key: Hashable) -> str | None:
+        """Why `key` is not asked now (the last error and the delay), or None when it may be."""
+        with self._lock:
+            state = self._state.get(key)
+        if state is None or self.clock() >= state[1]:
+            return None
+        failures, _, error = state
+        return f"{error} ({failures} failed in a row; asked again after {self.delay(failures):g}s)"
+
+    def delay(self, failures: int) -> float:
+        return self.delays[min(failures, len(self.delays)) - 1]
+
+    def failed(self, key: Hashable, error: str) -> None:
+        with self._lock:
+            failures = self._state.get(key, (0, 0.0, ""))[0] + 1
+            self._state[key] = (failures, self.clock() + self.delay(failures), error)
+
+    def succeeded(self, key: Hashable) -> None:
+        with self._lock:
+            self._state.pop(key, None)
+
+
+@dataclass
+class _Flight:
+    """One endpoint's queries in a worker: at most one per endpoint, so a hung Prometheus gets no
+    second round of queries piled on while it still owes the first."""
+
+    future: concurrent.futures.Future[dict[Key, Metrics]]
+    keys: frozenset[Key]
+    sent: float  # monotonic
 
 
 class PrometheusSource:
@@ -80,19 +142,23 @@ class PrometheusSource:
         self.scope_custom_queries = scope_custom_queries
         self._clients: dict[Endpoint, PrometheusConnect] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_parallel_endpoints, thread_name_prefix="prometheus")
-        self._in_flight: dict[Endpoint, concurrent.futures.Future[dict[Key, Metrics]]] = {}
+        self._lock = threading.Lock()  # _clients: the round and the history reader's workers share them
+        self._in_flight: dict[Endpoint, _Flight] = {}
+        self._arrived: dict[Key, tuple[float, Metrics]] = {}  # answers that came after their round's budget
+        self.backoff = Backoff()
 
     def _client(self, ep: Endpoint) -> PrometheusConnect:
-        if ep not in self._clients:
-            # No client-side retries: the next tick is the retry, and a hung query must not stall a tick.
-            self._clients[ep] = PrometheusConnect(
-                url=ep.url,
-                headers=dict(ep.headers) or None,
-                auth=ep.basic_auth,
-                timeout=ep.timeout_seconds,
-                retry=Retry(total=0),
-            )
-        return self._clients[ep]
+        with self._lock:
+            if ep not in self._clients:
+                # No client-side retries: the back-off is the retry, and a hung query must not stall a tick.
+                self._clients[ep] = PrometheusConnect(
+                    url=ep.url,
+                    headers=dict(ep.headers) or None,
+                    auth=ep.basic_auth,
+                    timeout=ep.timeout_seconds,
+                    retry=Retry(total=0),
+                )
+            return self._clients[ep]
 
     def _query(self, ep: Endpoint, promql: str) -> list[dict[str, Any]]:
         self.stats.count()
@@ -102,32 +168,92 @@ class PrometheusSource:
         except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
             raise QueryError(_describe(ep, exc)) from exc
 
-    def fetch(self, targets: Sequence[Target]) -> dict[Key, Metrics]:
-        """Metrics for each target: one batched query per metric kind and endpoint, the endpoints
-        side by side, each within its budget (BUDGET_TIMEOUTS x its timeout) - a slow or hung
-        Prometheus holds only the objects that use it."""
+    def fetch(self, targets: Sequence[Target], budget: float | None = None) -> dict[Key, Metrics]:
+        """`gather()` for callers that want an answer for every target: one still pending is
+        reported as missing data. Without a budget: BUDGET_TIMEOUTS x the largest timeout."""
+        if budget is None:
+            budget = max((t.endpoint.timeout_seconds for t in targets), default=0) * BUDGET_TIMEOUTS
+        got = self.gather(targets, budget)
+        return {**got.metrics, **{k: Metrics(error=why) for k, why in got.pending.items()}}
+
+    def gather(
+        self, targets: Sequence[Target], budget: float, on_late: Callable[[Iterable[Key]], None] | None = None
+    ) -> Gathered:
+        """Metrics for each target: one batched query per metric kind and endpoint, the endpoints side
+        by side, all within `budget` seconds - a slow or hung Prometheus holds only the objects that
+        use it. An answer that comes later is kept and returned the next time its objects are asked
+        (`on_late(keys)` is called when it comes); an endpoint that answered nothing is not asked
+        again until its back-off has passed (its objects get the last error: missing data)."""
+        deadline = time.monotonic() + budget
         by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
         for t in targets:
             by_endpoint[t.endpoint].append(t)
+        self._harvest()
         out: dict[Key, Metrics] = {}
-        waiting: dict[concurrent.futures.Future[dict[Key, Metrics]], tuple[Endpoint, list[Target]]] = {}
+        waiting: list[tuple[Endpoint, _Flight, list[Target], bool]] = []
         for ep, group in by_endpoint.items():
-            previous = self._in_flight.get(ep)
-            if previous is not None and not previous.done():
-                why = f"Prometheus at {ep.url} is still answering an earlier round's queries"
-                out.update({t.key: Metrics(error=why) for t in group})
+            ask = [t for t in group if not self._take_arrived(t.key, out)]
+            if not ask:
                 continue
-            future = self._pool.submit(self._fetch_endpoint, ep, group)
-            self._in_flight[ep] = future
-            waiting[future] = (ep, group)
-        deadline = time.monotonic() + max((ep.timeout_seconds for ep in by_endpoint), default=0) * BUDGET_TIMEOUTS
-        for future, (ep, group) in waiting.items():
+            flight = self._in_flight.get(ep)
+            if flight is not None:  # still running (harvested otherwise)
+                waiting.append((ep, flight, ask, True))
+                continue
+            held = self.backoff.waiting(ep)
+            if held is not None:
+                out.update({t.key: Metrics(error=held) for t in ask})
+                continue
+            future = self._pool.submit(self._fetch_endpoint, ep, ask)
+            flight = self._in_flight[ep] = _Flight(future, frozenset(t.key for t in ask), time.monotonic())
+            waiting.append((ep, flight, ask, False))
+        # Only this round's own queries are waited for: an earlier round's answer is used when it comes.
+        sent = [f.future for _, f, _, earlier in waiting if not earlier]
+        concurrent.futures.wait(sent, timeout=max(0.0, deadline - time.monotonic()))
+        self._harvest()
+        pending: dict[Key, str] = {}
+        for ep, flight, ask, earlier in waiting:
+            late = [t.key for t in ask if not self._take_arrived(t.key, out)]
+            if not late:
+                continue
+            if earlier:
+                why = f"Prometheus at {ep.url} is still answering an earlier round's queries"
+            else:
+                why = f"Prometheus at {ep.url} did not answer within {budget:g}s"
+            pending.update(dict.fromkeys(late, why))
+            if on_late is not None:
+                flight.future.add_done_callback(_notify(on_late, late))
+        return Gathered(out, pending)
+
+    def forget(self, key: Key) -> None:
+        """Drop a late answer for an object no longer tracked."""
+        self._arrived.pop(key, None)
+
+    def _take_arrived(self, key: Key, out: dict[Key, Metrics]) -> bool:
+        got = self._arrived.pop(key, None)
+        if got is not None:
+            out[key] = got[1]
+        return got is not None
+
+    def _harvest(self) -> None:
+        """Move finished flights' answers to `_arrived`, note each endpoint's outcome in the back-off,
+        and drop answers nobody asked for in time. Called from the round's thread only."""
+        now = time.monotonic()
+        for ep, flight in list(self._in_flight.items()):
+            if not flight.future.done():
+                continue
+            del self._in_flight[ep]
             try:
-                out.update(future.result(timeout=max(0.0, deadline - time.monotonic())))
-            except concurrent.futures.TimeoutError:
-                why = f"Prometheus at {ep.url} did not answer within {ep.timeout_seconds * BUDGET_TIMEOUTS:g}s"
-                out.update({t.key: Metrics(error=why) for t in group})
-        return out
+                answers = flight.future.result()
+            except Exception as exc:  # a bug or an odd answer in the worker: missing data, said
+                answers = {k: Metrics(error=f"Prometheus at {ep.url}: {exc}") for k in flight.keys}
+            failed = [m.error for m in answers.values() if m.error is not None and not m.values]
+            if answers and len(failed) == len(answers):
+                self.backoff.failed(ep, failed[0] or "")
+            else:
+                self.backoff.succeeded(ep)
+            self._arrived.update({k: (now, m) for k, m in answers.items()})
+        for key in [k for k, (at, _) in self._arrived.items() if now - at > ARRIVED_MAX_AGE_SECONDS]:
+            del self._arrived[key]
 
     def _fetch_endpoint(self, ep: Endpoint, group: Sequence[Target]) -> dict[Key, Metrics]:
         """One endpoint's objects (runs in a worker thread; touches nothing another endpoint uses)."""
@@ -195,6 +321,10 @@ class PrometheusSource:
             if pod and value is not None:
                 out[pod] = value
         return out
+
+    def pod_work_soon(self, ep: Endpoint, namespace: str, name: str) -> concurrent.futures.Future[dict[str, float]]:
+        """`pod_work()` in a worker, for a caller that waits only as long as its own budget."""
+        return self._pool.submit(self.pod_work, ep, namespace, name)
 
     def arrival_history(
         self, ep: Endpoint, namespaces: Sequence[str], window_seconds: float, lookback: dt.timedelta, now: dt.datetime
@@ -271,6 +401,13 @@ class PrometheusSource:
 
 class QueryError(RuntimeError):
     pass
+
+
+def _notify(
+    on_late: Callable[[Iterable[Key]], None], keys: Sequence[Key]
+) -> Callable[[concurrent.futures.Future[dict[Key, Metrics]]], None]:
+    """A done-callback telling `on_late` that these objects' answer came."""
+    return lambda _future: on_late(tuple(keys))
 
 
 def _describe(ep: Endpoint, exc: Exception) -> str:

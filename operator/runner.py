@@ -15,6 +15,10 @@ from prometheus_client import start_http_server
 
 from voxscale import __version__
 
+# How long a round waits for Prometheus (`--round-budget`); the scaler's default too. Here, not in the
+# scaler, so `--help` does not import the operator (kubernetes, numpy) to print it.
+ROUND_BUDGET_SECONDS = 5.0
+
 if TYPE_CHECKING:
     from voxscale.operator.handlers import Runtime
     from voxscale.operator.leader import LeaseElector
@@ -37,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allowed-prometheus-url",
         action="append",
         default=[],
-        metavar="PREFIX",
-        help="a URL prefix spec.scaling.prometheus.url may start with (repeatable); the default URL is always "
+        metavar="URL",
+        help="a Prometheus URL spec.scaling.prometheus.url may name: same scheme, host and port, path under "
+        "this one's (repeatable); the default URL is always "
         "allowed; none given: any URL (a TTSDeployment author then chooses where its Secret's credentials go)",
     )
     p.add_argument(
@@ -47,6 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=False,
         help="run a custom PromQL trigger only if every selector in it is pinned to its own namespace "
         '(namespace="$namespace"): for clusters where TTSDeployment authors are separate tenants',
+    )
+    p.add_argument(
+        "--round-budget",
+        type=float,
+        default=float(os.environ.get("VOXSCALE_ROUND_BUDGET", ROUND_BUDGET_SECONDS)),
+        metavar="SECONDS",
+        help="a scaling round waits for Prometheus at most this long, whatever timeout an object names; an "
+        "object without an answer by then keeps its last decision (MetricsAvailable=Unknown, QueryOverBudget) "
+        "and its answer is used when it comes (env VOXSCALE_ROUND_BUDGET; default %(default)g)",
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="the operator's own /metrics (0: off)")
     p.add_argument("--health-port", type=int, default=8081, help="kopf liveness endpoint /healthz (0: off)")
@@ -92,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     # In a container this is PID 1, which ignores SIGTERM without a handler: a standby waiting for
     # the lease would hold a rollout for the whole grace period. kopf installs its own once it runs.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    elector = _lead(args) if args.leader_election else None
+    elector = _lead_alive(args) if args.leader_election else None
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     try:
         asyncio.run(
@@ -139,9 +153,22 @@ def _prepare(args: argparse.Namespace) -> Runtime:
         default_prometheus_url=args.prometheus_url,
         namespaces=args.namespace or None,
         allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
+        round_budget=args.round_budget,
     )
     crd.schema()  # cached for the process: the first object's defaults no longer parse the CRD file
     return handlers.Runtime(kube, scaler)
+
+
+def _lead_alive(args: argparse.Namespace) -> LeaseElector:
+    """_lead(), answering the liveness probe while standing by; kopf's endpoint takes the port after."""
+    from voxscale.operator.standby import StandbyHealth
+
+    standby = StandbyHealth(args.bind, args.health_port).start() if args.health_port else None
+    try:
+        return _lead(args)
+    finally:
+        if standby is not None:
+            standby.stop()
 
 
 def _lead(args: argparse.Namespace) -> LeaseElector:

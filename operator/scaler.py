@@ -3,22 +3,26 @@
 Every round it takes the TTSDeployments whose interval has elapsed, lists their Deployments in one
 call, asks Prometheus once per metric kind for all of them, runs the engine for each, writes the new
 replica count through the scale subresource, and records the decision in status and Events.
+
+A round waits for Prometheus at most the operator's own budget (`--round-budget`), whatever timeout
+an object names: an object whose Prometheus has not answered by then keeps its last decision (its
+MetricsAvailable condition says why) and its answer is used when it comes. Arrival history and
+Secrets are read by background workers (history.py, endpoints.py), never inside the round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -26,10 +30,11 @@ from voxscale.operator import children
 from voxscale.operator import status as st
 from voxscale.operator.endpoints import EndpointResolver
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
-from voxscale.operator.forecast import RateHistory
+from voxscale.operator.history import HistoryReader
 from voxscale.operator.kube import Kube
 from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError
-from voxscale.operator.prometheus import HISTORY_STEP_SECONDS, Endpoint, Key, PrometheusSource, QueryError, Target
+from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
+from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
 
 log = logging.getLogger("voxscale.operator.scaler")
 
@@ -46,6 +51,10 @@ TRACKED = Gauge("voxscale_operator_ttsdeployments", "TTSDeployments the operator
 LAST_ROUND_SECONDS = Gauge("voxscale_operator_last_round_seconds", "Duration of the latest scaling round.")
 LAST_ROUND_OBJECTS = Gauge("voxscale_operator_last_round_ttsdeployments", "TTSDeployments in the latest round.")
 LAST_ROUND_QUERIES = Gauge("voxscale_operator_last_round_queries", "PromQL queries in the latest round.")
+LAST_ROUND_PENDING = Gauge(
+    "voxscale_operator_last_round_pending",
+    "TTSDeployments of the latest round that kept their last decision (no answer within the budget).",
+)
 
 _PER_OBJECT = ["namespace", "ttsdeployment"]
 DESIRED = Gauge("voxscale_operator_desired_replicas", "The engine's latest decision.", _PER_OBJECT)
@@ -61,8 +70,12 @@ FORECAST = Gauge(
 FORECAST_ACTUAL = Gauge(
     "voxscale_operator_forecast_actual_rps", "Peak demand that arrived in the last forecast window.", _PER_OBJECT
 )
-_PER_OBJECT_GAUGES = (DESIRED, READY, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
-HISTORY_REFRESH_SECONDS = 300.0  # re-read the arrival history from Prometheus this often
+SPEC_INVALID = Gauge(
+    "voxscale_operator_spec_invalid", "1 while the spec cannot be parsed (decision series removed).", _PER_OBJECT
+)
+# Series that hold only while the engine decides for the object; removed while its spec is invalid.
+_DECISION_GAUGES = (DESIRED, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
+_PER_OBJECT_GAUGES = (*_DECISION_GAUGES, READY, SPEC_INVALID)
 
 STATUS_REFRESH_SECONDS = 30.0  # refresh status messages at least this often
 
@@ -100,19 +113,25 @@ class Scaler:
         namespaces: list[str] | None = None,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         allowed_prometheus_urls: tuple[str, ...] = (),
+        round_budget: float = ROUND_BUDGET_SECONDS,
     ) -> None:
         self.kube = kube
         self.source = source or PrometheusSource()
         self.endpoints = EndpointResolver(
-            kube.secret_data if kube is not None else None, default_prometheus_url, allowed_prometheus_urls
+            kube.secret_data if kube is not None else None,
+            default_prometheus_url,
+            allowed_prometheus_urls,
+            on_resolved=self.mark_due,
         )
+        self.history = HistoryReader(self.source)
         self.namespaces = namespaces or None
         self.wall_clock = wall_clock
+        self.round_budget = round_budget
         # kopf runs sync handlers (upsert/remove) in its executor threads while the round runs in
         # another: every access to `tracked` holds this lock.
         self._lock = threading.Lock()
         self.tracked: dict[Key, Tracked] = {}
-        self.histories: dict[Key, tuple[float, RateHistory]] = {}  # (when read, history)
+        self._queries_counted = 0  # stats.queries already added to PROM_QUERIES (history reads count too)
 
     # ---------------------------------------------------------------- registry (fed by kopf events)
     def upsert(self, body: dict[str, Any]) -> None:
@@ -147,16 +166,20 @@ class Scaler:
         with self._lock:
             self.tracked.pop(key, None)
             TRACKED.set(len(self.tracked))
-            self.histories.pop(key, None)
+        self.history.forget(key)
+        self.source.forget(key)
         self.endpoints.forget(key)
-        for gauge in _PER_OBJECT_GAUGES:
-            with contextlib.suppress(KeyError):
-                gauge.remove(*key)
+        _remove_series(key, _PER_OBJECT_GAUGES)
 
     def mark_due(self, key: Key) -> None:
         with self._lock:
             if key in self.tracked:
                 self.tracked[key].next_due = 0.0
+
+    def _mark_answered(self, keys: Iterable[Key]) -> None:
+        """A late answer came: evaluate its objects in the next round rather than an interval later."""
+        for key in keys:
+            self.mark_due(key)
 
     def due(self, mono: float) -> list[Tracked]:
         """The TTSDeployments whose interval has elapsed (a snapshot: handlers may change the registry
@@ -174,7 +197,9 @@ class Scaler:
             await asyncio.sleep(granularity)
 
     def tick(self) -> int:
-        """One round over every due TTSDeployment; returns how many were evaluated."""
+        """One round over every due TTSDeployment; returns how many were evaluated. It waits for
+        Prometheus at most `round_budget` seconds from its start; objects without an answer by then
+        keep their last decision."""
         mono = time.monotonic()
         due = self.due(mono)
         if not due:
@@ -182,64 +207,75 @@ class Scaler:
         started = time.perf_counter()
         now = self.wall_clock()
         deployments = self.kube.list_deployments(self.namespaces)
-        targets, endpoint_errors = [], {}
-        for tr in due:
-            if tr.policy is None or not tr.policy.triggers:
-                continue
-            try:
-                targets.append(Target(tr.key[0], tr.key[1], tr.policy, self.endpoints.resolve(tr.body)))
-            except SpecError as exc:
-                endpoint_errors[tr.key] = str(exc)
+        targets, endpoint_errors, pending = self._targets(due)
         queries_before = self.source.stats.queries
-        metrics = self.source.fetch(targets)
-        self._refresh_histories(targets, now, mono)
+        budget = max(0.0, self.round_budget - (time.monotonic() - mono))
+        gathered = self.source.gather(targets, budget, on_late=self._mark_answered)
+        pending |= {k: (Pending.OVER_BUDGET.value, why) for k, why in gathered.pending.items()}
+        self.history.request(targets, now)  # in the background: its result is used once it arrives
         starts = self.kube.pod_start_seconds(self.namespaces)
         present = self.kube.list_children(self.namespaces)
         foreign = self.kube.foreign_autoscalers(self.namespaces)
-        PROM_QUERIES.inc(self.source.stats.queries - queries_before)
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
             tr.next_due = mono + interval
-            m = metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
-            history = self.histories.get(tr.key)
-            m = replace(m, history=history[1] if history else None)
+            m = gathered.metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
+            m = replace(m, history=self.history.get(tr.key))
             try:
                 self._restore_children(tr, present.get(tr.key, set()))
                 tr.conflict = foreign.get(tr.key)
-                self._evaluate(tr, deployments.get(tr.key), m, now, starts.get(tr.key, ()))
+                dep, pods = deployments.get(tr.key), starts.get(tr.key, ())
+                if tr.key in pending and dep is not None:
+                    self._hold(tr, dep, pending[tr.key], now)
+                else:
+                    self._evaluate(tr, dep, m, now, pods)
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
+        self._count_queries(queries_before)
         elapsed = time.perf_counter() - started
         TICK_SECONDS.observe(elapsed)
         LAST_ROUND_SECONDS.set(elapsed)
         LAST_ROUND_OBJECTS.set(len(due))
-        LAST_ROUND_QUERIES.set(self.source.stats.queries - queries_before)
+        LAST_ROUND_PENDING.set(len(pending))
         return len(due)
 
-    def _refresh_histories(self, targets: list[Target], now: dt.datetime, mono: float) -> None:
-        """Re-read the arrival history of objects with a forecast floor, one range query per endpoint."""
-        stale = [
-            t
-            for t in targets
-            if t.policy.slo is not None
-            and t.policy.predictive.enabled
-            and mono - self.histories.get(t.key, (-math.inf, None))[0] >= HISTORY_REFRESH_SECONDS
-        ]
-        by_endpoint: dict[Endpoint, list[Target]] = {}
-        for t in stale:
-            by_endpoint.setdefault(t.endpoint, []).append(t)
-        for ep, group in by_endpoint.items():
-            lookback = max(t.policy.predictive.lookback for t in group)
-            window = max(t.policy.slo.rate_window.total_seconds() for t in group if t.policy.slo)
-            try:
-                found = self.source.arrival_history(ep, sorted({t.namespace for t in group}), window, lookback, now)
-            except QueryError as exc:
-                log.warning("arrival history unavailable (%s); forecasts use what was read before", exc)
+    def _targets(self, due: list[Tracked]) -> tuple[list[Target], dict[Key, str], dict[Key, tuple[str, str]]]:
+        """What to query for the due objects, from the endpoint cache (a Secret is never read here):
+        targets, objects whose endpoint is refused (SpecError), and objects whose endpoint is still
+        being resolved (kept for this round)."""
+        targets: list[Target] = []
+        errors: dict[Key, str] = {}
+        pending: dict[Key, tuple[str, str]] = {}
+        for tr in due:
+            if tr.policy is None or not tr.policy.triggers:
                 continue
-            for t in group:
-                # No series at all is an answer too: no history yet (the forecast says how much it needs).
-                empty = RateHistory(now, HISTORY_STEP_SECONDS, np.full(0, np.nan))
-                self.histories[t.key] = (mono, found.get(t.key, empty))
+            try:
+                endpoint = self.endpoints.resolve_nowait(tr.body)
+            except SpecError as exc:
+                errors[tr.key] = str(exc)
+                continue
+            if endpoint is None:
+                why = "reading the Prometheus credentials' Secret in the background; evaluated once it is read"
+                pending[tr.key] = (Pending.RESOLVING.value, why)
+            else:
+                targets.append(Target(tr.key[0], tr.key[1], tr.policy, endpoint))
+        return targets, errors, pending
+
+    def _count_queries(self, before_round: int) -> None:
+        """PROM_QUERIES counts every query (background history reads included) exactly once."""
+        total = self.source.stats.queries
+        PROM_QUERIES.inc(total - self._queries_counted)
+        self._queries_counted = total
+        LAST_ROUND_QUERIES.set(total - before_round)
+
+    def _hold(self, tr: Tracked, dep: Any, pending: tuple[str, str], now: dt.datetime) -> None:
+        """No answer within the budget: the last decision stands (nothing is scaled, no engine clock
+        moves) and MetricsAvailable says why; the answer is used in the round after it comes."""
+        reason, why = pending
+        kept = f"{why}; keeping the last decision" if tr.decision is not None else why
+        replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
+        ready = int(dep.status.ready_replicas or 0)
+        self._write_status(tr, tr.decision, replicas, ready, True, now, pending=(reason, kept))
 
     def _restore_children(self, tr: Tracked, present: set[str]) -> None:
         """Re-apply the children when a Service or PDB the spec calls for is gone (the Deployment is
@@ -264,6 +300,7 @@ class Scaler:
         replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
         ready = int(dep.status.ready_replicas or 0)
         if tr.policy is None:
+            _export_invalid(tr.key, ready)
             self._write_status(tr, None, replicas, ready, deployment_found=True, now=now)
             return
         decision = decide(tr.policy, Observed(replicas, ready, starts), metrics, now, tr.history)
@@ -300,10 +337,15 @@ class Scaler:
         ones first. Best effort: without the figures the scale-down still happens, as it would have."""
         ns, name = tr.key
         try:
-            work = self.source.pod_work(self.endpoints.resolve(tr.body), ns, name)
+            endpoint = self.endpoints.resolve_nowait(tr.body)
+            if endpoint is None:
+                return
+            # Bounded by the round's budget, not the object's timeout (up to 1 m): unranked pods are
+            # the fallback anyway. A query still running goes on in its worker and is discarded.
+            work = self.source.pod_work_soon(endpoint, ns, name).result(timeout=self.round_budget)
             self.kube.set_deletion_costs(ns, deletion_costs(work))
-        except (QueryError, SpecError, ApiException) as exc:
-            log.warning("%s/%s: could not rank pods for the scale-down (%s)", ns, name, exc)
+        except (QueryError, SpecError, ApiException, concurrent.futures.TimeoutError) as exc:
+            log.warning("%s/%s: could not rank pods for the scale-down (%r)", ns, name, exc)
 
     def _report_conflict(self, tr: Tracked) -> None:
         """Another autoscaler on the same Deployment: stop writing (two writers overwrite each other
@@ -339,22 +381,20 @@ class Scaler:
 
     @staticmethod
     def _export(key: Key, decision: Decision, ready: int, max_replicas: int, advisory: bool) -> None:
+        """This decision's series; a series it has no value for is removed, never left at an old one
+        (advice after advisory mode ended, demand after its data went)."""
         DESIRED.labels(*key).set(decision.current if advisory else decision.desired)
         READY.labels(*key).set(ready)
         MAX.labels(*key).set(max_replicas)
         METRICS_OK.labels(*key).set(1 if decision.metrics_available else 0)
-        if advisory:
-            ADVISED.labels(*key).set(decision.desired)
+        SPEC_INVALID.labels(*key).set(0)
         d = decision.demand
-        if d is None:
-            return
-        if d.arrival_rps is not None:
-            DEMAND.labels(*key).set(d.arrival_rps)
-        CAPACITY.labels(*key).set(d.capacity_rps)
-        if d.forecast_rps is not None:
-            FORECAST.labels(*key).set(d.forecast_rps)
-        if d.last_forecast is not None:
-            FORECAST_ACTUAL.labels(*key).set(d.last_forecast[1])
+        last = d.last_forecast if d is not None else None
+        _set_or_remove(ADVISED, key, decision.desired if advisory else None)
+        _set_or_remove(DEMAND, key, d.arrival_rps if d is not None else None)
+        _set_or_remove(CAPACITY, key, d.capacity_rps if d is not None else None)
+        _set_or_remove(FORECAST, key, d.forecast_rps if d is not None else None)
+        _set_or_remove(FORECAST_ACTUAL, key, last[1] if last is not None else None)
 
     def _write_status(
         self,
@@ -364,6 +404,7 @@ class Scaler:
         ready: int,
         deployment_found: bool,
         now: dt.datetime,
+        pending: tuple[str, str] | None = None,
     ) -> None:
         """Replace status with this round's (see status.build), at once when something a user, a
         controller or a new leader acts on changed; sentences with running clocks ("below 40% for
@@ -380,6 +421,7 @@ class Scaler:
             paused=bool(tr.policy.paused) if tr.policy else False,
             advisory=(tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY) or tr.conflict is not None,
             conflict=tr.conflict,
+            pending=pending,
         )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
@@ -391,6 +433,27 @@ class Scaler:
             return
         self.kube.replace_status(tr.key[0], tr.key[1], new)
         tr.status, tr.written, tr.written_at = new, significant, mono
+
+
+def _set_or_remove(gauge: Gauge, key: Key, value: float | None) -> None:
+    if value is None:
+        _remove_series(key, (gauge,))
+    else:
+        gauge.labels(*key).set(value)
+
+
+def _remove_series(key: Key, gauges: Iterable[Gauge]) -> None:
+    for gauge in gauges:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*key)
+
+
+def _export_invalid(key: Key, ready: int) -> None:
+    """An invalid spec: no decision holds, so its series go (they would freeze at the last valid
+    spec's values); the pods' readiness still holds, and `spec_invalid` marks the object for alerts."""
+    _remove_series(key, _DECISION_GAUGES)
+    READY.labels(*key).set(ready)
+    SPEC_INVALID.labels(*key).set(1)
 
 
 def deletion_costs(work: dict[str, float]) -> dict[str, int]:

@@ -61,7 +61,22 @@ def ready_condition(ready: int, replicas: int, min_replicas: int, deployment_fou
 
 
 def scaling_conditions(
-    decision: Decision | None, spec_error: str | None, paused: bool, conflict: str | None = None
+    decision: Decision | None,
+    spec_error: str | None,
+    paused: bool,
+    conflict: str | None = None,
+    pending: tuple[str, str] | None = None,
+) -> list[Condition]:
+    """`pending` (reason, message): no answer this round, so `decision` is the one kept from before."""
+    conditions = _scaling_conditions(decision, spec_error, paused, conflict)
+    if pending is None or spec_error is not None:
+        return conditions
+    unknown = Condition("MetricsAvailable", "Unknown", *pending)
+    return [unknown if c.type == unknown.type else c for c in conditions]
+
+
+def _scaling_conditions(
+    decision: Decision | None, spec_error: str | None, paused: bool, conflict: str | None
 ) -> list[Condition]:
     if spec_error is not None:
         return [
@@ -149,6 +164,8 @@ class Observation:
     paused: bool = False
     advisory: bool = False  # the policy runs but does not write replicas (advisory mode, or a conflict)
     conflict: str | None = None  # another autoscaler on the same Deployment
+    # (reason, message) when this round had no answer for the object: the decision is the last one kept
+    pending: tuple[str, str] | None = None
 
 
 def build(
@@ -158,7 +175,7 @@ def build(
     conditions' transition times."""
     conditions = [
         ready_condition(seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found),
-        *scaling_conditions(decision, seen.spec_error, seen.paused, seen.conflict),
+        *scaling_conditions(decision, seen.spec_error, seen.paused, seen.conflict, seen.pending),
     ]
     out: dict[str, Any] = {
         "observedGeneration": seen.generation,
@@ -175,11 +192,12 @@ def build(
             "desiredReplicas": decision.current if seen.advisory else decision.desired,
             "advisedReplicas": decision.desired if seen.advisory else None,
             "reason": decision.rule,
-            "lastDecision": last_decision(decision, now),
+            # A kept decision keeps its own time: nothing was decided this round.
+            "lastDecision": previous.get("lastDecision") if seen.pending else last_decision(decision, now),
             "demand": demand(decision),
             "forecast": forecast(decision),
         }
-        if decision.changed and not seen.advisory:
+        if decision.changed and not seen.advisory and not seen.pending:
             out["lastScaleTime"] = iso(now)
     document: dict[str, Any] = without_nulls(out)
     return document

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests import cluster_reaping
 from voxscale.localcluster.cluster import ClusterState, LocalCluster, running_cluster
 from voxscale.localcluster.harness import REPO, OperatorProcess, install_operator_rbac
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
@@ -18,7 +19,9 @@ TEST_CLUSTER = os.environ.get("VOXSCALE_TEST_CLUSTER", "pytest")
 
 
 def build_image(target: str) -> str:
-    """Build one image with `make images`' own script (podman, cached layers), tagged :test."""
+    """Build one image with `make images`' own script, tagged :test. `make test` has built both before
+    pytest started, so this returns at once (the script skips an image whose inputs are unchanged);
+    it builds only when pytest is run by hand after a change."""
     env = {"VOXSCALE_IMAGE_TAG": "test", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     script = str(REPO / "hack" / "build-images.sh")
     res = subprocess.run([script, target], capture_output=True, text=True, env=env, timeout=1500)
@@ -34,6 +37,21 @@ def operator_image() -> str:
 @pytest.fixture(scope="session")
 def inference_image() -> str:
     return build_image("inference")
+
+
+@pytest.fixture
+def reap_clusters() -> Iterator[Callable[[str], None]]:
+    """Register the names of clusters a test (or its subprocess) starts: each is torn down with
+    `cluster down` when the test ends, however it ends (failure, pytest-timeout, Ctrl-C)."""
+    names: list[str] = []
+
+    def register(name: str) -> None:
+        names.append(name)
+        cluster_reaping.register(name)
+
+    yield register
+    for name in names:
+        cluster_reaping.tear_down(name)
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +109,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = getattr(item, "fixturenames", ())
         if {"cluster", "cluster_state", "prometheus_url", "operator", "namespace", "exporter"} & set(fixtures):
             item.add_marker(pytest.mark.cluster)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    cluster_reaping.claim_clusters_for_this_session()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of the session fixtures (the `pytest` cluster)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a cluster (or a real node's trace) that the run started is still there: it
+    would poison the next run. It is cleaned up on the way, so the next run starts clean."""
+    left = cluster_reaping.unexpected_leftovers()
+    if not left:
+        return
+    report = "; ".join(f"{name}: {', '.join(items[:5])}" for name, items in left.items())
+    print(f"\nFAILED session-end check: the run left these behind (now torn down): {report}")
+    for name in left:
+        cluster_reaping.tear_down(name)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

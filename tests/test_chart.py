@@ -86,6 +86,11 @@ def test_every_metric_the_chart_queries_exists() -> None:
         scaler.READY,
         scaler.MAX,
         scaler.METRICS_OK,
+        scaler.ADVISED,
+        scaler.DEMAND,
+        scaler.CAPACITY,
+        scaler.FORECAST,
+        scaler.FORECAST_ACTUAL,
     ):
         for metric in collector.collect():
             known |= {s.name for s in metric.samples} | {metric.name}
@@ -103,6 +108,58 @@ def test_operator_pod_is_locked_down() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["resources"]["requests"]
     assert pod["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_operator_pod_has_a_readiness_probe_on_its_health_port() -> None:
+    """Every replica answers /healthz on the health port (kopf's endpoint on the leader, operator/standby.py
+    on the others), so a rollout waits for each new replica to be up (checkov CKV_K8S_9)."""
+    container = next(d for d in render() if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    probe = container["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8081} in container["ports"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 10  # outlasts the leader's port hand-over
+
+
+def test_operator_image_can_be_pinned_by_digest() -> None:
+    digest = "sha256:" + "ab" * 32
+    dep = next(d for d in render("--set", f"image.digest={digest}") if d["kind"] == "Deployment")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/voxscale/operator@{digest}"
+    res = helm("template", "vx", str(CHART), "--set", "image.digest=latest", check=False)
+    assert res.returncode != 0 and "/image/digest" in res.stderr, res.stderr
+
+
+def test_operator_network_policy_is_off_by_default_and_allows_only_what_the_operator_uses() -> None:
+    assert "NetworkPolicy" not in {d["kind"] for d in render()}
+    docs = render("--set", "networkPolicy.enabled=true")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")["spec"]
+    pod_labels = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in policy["ingress"]] == [[8080, 8081]]
+    # DNS, the API server, Prometheus; each rule open to any destination on its ports until narrowed.
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in policy["egress"]] == [[53, 53], [443, 6443], [9090]]
+    assert all("to" not in rule for rule in policy["egress"])
+    narrowed = render(
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.apiServer.cidrs={10.0.0.5/32}",
+        "--set-json",
+        'networkPolicy.prometheus.to=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]',
+    )
+    egress = next(d for d in narrowed if d["kind"] == "NetworkPolicy")["spec"]["egress"]
+    assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.0.0.5/32"}}]
+    assert egress[2]["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    res = helm("template", "vx", str(CHART), "--set", "networkPolicy.apiServer.cidrs={10.0.0.5}", check=False)
+    assert res.returncode != 0 and "/networkPolicy/apiServer/cidrs/0" in res.stderr, res.stderr
+
+
+def test_operator_may_manage_the_inference_network_policy() -> None:
+    """spec.networkPolicy.enabled: the operator applies, lists (to restore) and deletes (when turned off) it."""
+    rules = next(d for d in render() if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "vx-voxscale")["rules"]
+    rule = next(r for r in rules if r["resources"] == ["networkpolicies"])
+    assert rule["apiGroups"] == ["networking.k8s.io"]
+    assert set(rule["verbs"]) == {"get", "list", "create", "patch", "delete"}
 
 
 def test_namespaced_install_grants_roles_only_in_those_namespaces() -> None:

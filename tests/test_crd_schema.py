@@ -34,6 +34,16 @@ def test_defaults_come_from_the_crd_and_parse_into_a_policy() -> None:
     assert policy.scale_down.stabilization_window.total_seconds() == 300
 
 
+def test_a_name_longer_than_its_pods_keep_is_refused_by_the_file_check_and_the_cel_rule() -> None:
+    obj = {"apiVersion": "voxscale.io/v1alpha1", "kind": "TTSDeployment", "spec": {"model": {"image": "x:1"}}}
+    long_name = {**obj, "metadata": {"name": "n" * (crd.MAX_NAME_LENGTH + 1)}}
+    assert any(e.startswith("metadata.name: ") for e in crd.validate(long_name))
+    assert crd.validate({**obj, "metadata": {"name": "n" * crd.MAX_NAME_LENGTH}}) == []
+    # The API server's rule says the same number (one limit, stated twice only in different languages).
+    rules = [r["rule"] for r in crd.schema()["x-kubernetes-validations"]]
+    assert f"self.metadata.name.size() <= {crd.MAX_NAME_LENGTH}" in rules
+
+
 def test_printer_columns_and_short_name() -> None:
     doc = crd.crd()
     assert doc["spec"]["names"]["shortNames"] == ["ttsd"]

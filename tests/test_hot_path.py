@@ -1,12 +1,17 @@
 """The request hot path: one espeak-ng call per request, the phoneme and audio caches, batched audio
-equal to unbatched, and the batcher's grouping, priorities, request ids and out-of-memory split."""
+equal to unbatched, and the batcher's grouping, priorities, request ids, admission bound, withdrawn
+requests and CUDA failures (out-of-memory split, sticky errors)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import subprocess
+import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -15,7 +20,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from voxscale.inference.batcher import Batcher, Priority, _Job, _Request, plan_batch
+from voxscale import metrics_contract as mc
+from voxscale.inference.batcher import Batcher, Priority, QueueFull, _Job, _Request, plan_batch, sticky_cuda_error
 from voxscale.inference.cache import LRUCache
 from voxscale.inference.pipeline import Item, TTSPipeline
 from voxscale.inference.server_metrics import ServerMetrics
@@ -241,11 +247,11 @@ def test_request_ids_are_in_the_batch_and_error_logs(caplog: pytest.LogCaptureFi
             await asyncio.gather(*bad.submit([_item(5)], request_id="req-bad-2"))
         await bad.stop()
 
-    with caplog.at_level(logging.DEBUG, logger="voxscale.inference.batcher"):
+    with caplog.at_level(logging.INFO, logger="voxscale.inference.batcher"):  # what `voxscale serve` shows
         _run(scenario())
-    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert any("req-ok-1" in m for m in debug), debug
+    assert any("req-ok-1" in m for m in info), info
     assert any("req-bad-2" in m and "the vocoder fell over" in m for m in errors), errors
 
 
@@ -300,3 +306,145 @@ def test_realtime_goes_first_through_the_real_pipeline(pipeline: TTSPipeline) ->
     order = [b[0].ids for b in seen]
     realtime = [i.ids for i in pipeline.prepare("Halt! Who goes there?", NOISY)]
     assert order[: len(realtime)] == realtime and len(order) == 4
+
+
+# ---------------------------------------------------------------------- admission and withdrawal
+def _gauge(batcher: Batcher, metric: mc.Metric) -> float | None:
+    return batcher.metrics.registry.get_sample_value(metric.name)
+
+
+def test_the_queue_bounds_requests_in_flight_and_sentences_waiting() -> None:
+    """Batches take sentences of any request (the closest lengths), so a request is still waiting
+    after its first sentence went: admission must count it, or requests pile up in flight."""
+    max_queue, max_batch, lengths = 2, 4, [10, 20, 30, 40, 50]
+    seen: list[tuple[int, int, int, float | None]] = []  # admitted, sentences waiting, requests waiting, gauge
+
+    async def scenario() -> None:
+        batcher = _batcher(_recording(_fake, [], delay=0.002), max_batch=max_batch, max_wait_ms=0, max_queue=max_queue)
+        batcher.start()
+        admitted: list[list[asyncio.Future[np.ndarray]]] = []
+        for _ in range(150):  # a client that sends again as soon as there is room
+            with contextlib.suppress(QueueFull):
+                admitted.append(batcher.submit([_item(n) for n in lengths]))
+            await asyncio.sleep(0.001)
+            unfinished = sum(not all(f.done() for f in futures) for futures in admitted)
+            waiting = {id(j.request) for j in batcher.pending}
+            seen.append((unfinished, len(batcher.pending), len(waiting), _gauge(batcher, mc.QUEUE_DEPTH)))
+        await asyncio.gather(*itertools.chain.from_iterable(admitted))
+        await batcher.stop()
+
+    _run(scenario())
+    assert max(s[0] for s in seen) <= max_queue + max_batch, f"{max(seen)}: requests admitted, waiting, ..."
+    assert max(s[1] for s in seen) <= max_queue * len(lengths), max(seen, key=lambda s: s[1])
+    assert all(gauge == waiting for _, _, waiting, gauge in seen), [s for s in seen if s[3] != s[2]][:5]
+
+
+def _gated(seen: list[list[Item]], gate: threading.Event) -> Synth:
+    """Plain-data synthesis that holds its first batch until `gate` opens."""
+
+    def run(items: list[Item]) -> list[np.ndarray]:
+        seen.append(list(items))
+        gate.wait(timeout=30)
+        return _fake(items)
+
+    return run
+
+
+def test_a_request_nobody_waits_for_leaves_the_queue_before_it_costs_anything() -> None:
+    seen: list[list[Item]] = []
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        batcher = _batcher(_gated(seen, gate), max_batch=1, max_wait_ms=0, max_queue=1)
+        batcher.start()
+        running = batcher.submit([_item(3)], request_id="running")
+        while not seen:  # its batch is being synthesised, held at the gate
+            await asyncio.sleep(0.001)
+        dead = batcher.submit([_item(n) for n in (4, 5, 6)], request_id="timed-out")
+        assert _gauge(batcher, mc.QUEUE_DEPTH) == 1
+        with pytest.raises(TimeoutError):  # the caller gives up, as the server does at its timeout
+            await asyncio.wait_for(asyncio.gather(*dead), 0.01)
+        await asyncio.sleep(0)
+        assert batcher.pending == [] and _gauge(batcher, mc.QUEUE_DEPTH) == 0
+        later = batcher.submit([_item(7)], request_id="next")  # the queue has room again at once
+        gate.set()
+        await asyncio.gather(*running, *later)
+        assert all(f.cancelled() for f in dead)
+        await batcher.stop()
+
+    try:
+        _run(scenario())
+    finally:
+        gate.set()
+    assert [len(b[0].ids) for b in seen] == [3, 7]  # the withdrawn request's sentences never ran
+
+
+# ---------------------------------------------------------------------- CUDA failures
+class SmallGpu(torch.nn.Module):
+    """The real vocoder on a GPU with room for one sentence: a batch of more runs, then fails with
+    CUDA out-of-memory; each call first notes whether an earlier failed attempt's latents are alive."""
+
+    def __init__(self, vocoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.vocoder = vocoder
+        self.failed: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_retry: list[bool] = []
+
+    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        if self.failed:
+            self.alive_at_retry.append(any(ref() is not None for ref in self.failed))
+        wav: torch.Tensor = self.vocoder(z, g)
+        if z.shape[0] > 1:
+            self.failed.append(weakref.ref(z))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return wav
+
+
+def test_an_out_of_memory_split_runs_after_the_failed_attempt_has_freed_its_tensors(
+    pipeline: TTSPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retrying inside the `except` would keep the traceback, so the failed attempt's tensors, alive
+    while the halves need the memory they hold."""
+    small = SmallGpu(pipeline.voice.vocoder)
+    monkeypatch.setattr(pipeline.voice, "vocoder", small)
+    batcher = _batcher(pipeline.synthesize, max_batch=2, max_wait_ms=50)
+    audio = _speak_concurrently(batcher, THREE[1:], pipeline)
+    assert len(small.failed) == 1 and all(len(wavs[0]) > 1000 for wavs in audio)
+    assert small.alive_at_retry == [False, False], "the halves ran while the failed batch's latents were alive"
+
+
+@pytest.mark.parametrize(
+    ("error", "sticky"),
+    [
+        (RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),  # Xid 13/31
+        (RuntimeError("CUDA error: uncorrectable ECC error encountered"), True),  # Xid 48
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (RuntimeError("CUDA error: out of memory"), False),
+        (RuntimeError("shape '[2, 3]' is invalid for input of size 5"), False),
+        (ValueError("CUDA error: not a RuntimeError, not CUDA's"), False),
+    ],
+)
+def test_a_sticky_cuda_error_is_told_from_one_a_retry_may_cure(error: BaseException, sticky: bool) -> None:
+    reason = sticky_cuda_error(error)
+    assert (reason is not None) == sticky
+    if reason is not None:
+        assert reason == str(error).splitlines()[0]
+
+
+def test_a_sticky_cuda_error_wedges_the_batcher_and_fails_its_requests() -> None:
+    def asserting(items: list[Item]) -> list[np.ndarray]:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    async def scenario() -> Batcher:
+        batcher = _batcher(asserting, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        futures = batcher.submit([_item(5), _item(6)], request_id="r")
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            await asyncio.gather(*futures)
+        await batcher.stop()
+        return batcher
+
+    batcher = _run(scenario())
+    assert batcher.wedged == "CUDA error: device-side assert triggered"
+    assert batcher.requests == set() and batcher.pending == []  # the failed request's second sentence never ran

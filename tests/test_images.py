@@ -132,3 +132,22 @@ def test_the_inference_image_listens_where_told_turns_ready_and_speaks(inference
         assert time.monotonic() - started < 25, "SIGTERM did not stop the server (killed after the timeout?)"
     finally:
         subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=90)
+
+
+def test_an_up_to_date_image_is_not_rebuilt_whoever_asks(operator_image: str) -> None:
+    """`make test` builds the images by a relative path, the fixtures (operator_image) ask again by an
+    absolute one: the inputs' hash must not depend on how the script was called (it once hashed the script's own path,
+    so every run relabelled both images, new IDs, and the real node copied 6 GB again)."""
+    from voxscale.localcluster.harness import REPO
+
+    env = {"VOXSCALE_IMAGE_TAG": "test", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    before = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", operator_image], capture_output=True, text=True
+    )
+    again = subprocess.run(["hack/build-images.sh", "operator"], capture_output=True, text=True, env=env, cwd=REPO)
+
+    assert again.returncode == 0 and again.stderr == "", again.stderr  # silent: nothing built
+    after = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", operator_image], capture_output=True, text=True
+    )
+    assert before.stdout == after.stdout

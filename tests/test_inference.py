@@ -466,3 +466,33 @@ def test_a_voice_store_that_fails_under_the_server_is_a_507_naming_it(
         pipeline.voices = kept
     assert r.status_code == 507
     assert f"voice store {store_dir}: cannot write" in r.json()["error"]["message"]
+
+
+def test_bf16_is_refused_on_a_gpu_without_it_and_allowed_where_it_is_native() -> None:
+    """The decision alone: emulated bfloat16 (T4, V100) is slower than fp32, so it is no choice to accept."""
+    from voxscale.inference.pipeline import vocoder_dtype
+    from voxscale.settings_contract import SettingError
+
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+
+    def lacking(_: torch.device) -> bool:
+        return False
+
+    with pytest.raises(SettingError, match=r"VOXSCALE_PRECISION=bf16: this GPU \(cuda:0\) has no native bfloat16"):
+        vocoder_dtype("bf16", cuda, lacking)
+    assert vocoder_dtype("bf16", cuda, lambda _: True) is torch.bfloat16
+    assert vocoder_dtype("fp16", cuda, lacking) is torch.float16
+    assert vocoder_dtype("bf16", cpu, lambda _: pytest.fail("not asked on the CPU")) is torch.float32
+
+
+def test_a_server_asked_for_bf16_on_a_gpu_without_it_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused at load, naming the setting and the fix (before any weights move to the device)."""
+    import contextlib
+
+    from voxscale.settings_contract import SettingError
+
+    # No GPU here: CUDA's answers are a T4's.
+    monkeypatch.setattr(torch.cuda, "device", lambda _: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.raises(SettingError, match=r"spec\.model\.precision / VOXSCALE_PRECISION to fp16 or fp32"):
+        TTSPipeline.load(precision="bf16", device="cuda")

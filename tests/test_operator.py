@@ -58,7 +58,7 @@ def test_examples_create_deployment_service_and_pdb(
         assert pod["spec"]["terminationGracePeriodSeconds"] >= 30
         assert pod["metadata"]["labels"]["voxscale.io/ttsdeployment"] == name
         # No claim named: each pod keeps registered voices in its own emptyDir, handed to the server.
-        assert pod["spec"]["volumes"] == [{"name": "voices", "emptyDir": {"sizeLimit": "1Gi"}}]
+        assert pod["spec"]["volumes"][0] == {"name": "voices", "emptyDir": {"sizeLimit": "1Gi"}}
         assert {"name": "VOXSCALE_VOICE_STORE", "value": "/var/lib/voxscale/voices"} in container["env"]
         assert container["volumeMounts"][0]["mountPath"] == "/var/lib/voxscale/voices"
         svc = get_json(cluster, "service", name, "-n", namespace)
@@ -186,6 +186,24 @@ def test_bad_manifest_is_refused_at_admission_naming_the_field(
     assert message in result.stderr, f"{why}: {result.stderr}"
 
 
+def test_a_name_its_pods_would_truncate_is_refused_at_admission_with_the_limit(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """47 characters: the pods' names (<name>-<hash>-<5>) would be cut at 63 and lose the owner."""
+    from voxscale.operator.crd import MAX_NAME_LENGTH
+
+    too_long = minimal("t" * (MAX_NAME_LENGTH + 1))
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(too_long), check=False)
+    assert result.returncode != 0 and f"at most {MAX_NAME_LENGTH} characters" in result.stderr, result.stderr
+    longest = minimal("t" * MAX_NAME_LENGTH)
+    apply(cluster, namespace, longest)
+    dep = wait_for(
+        "the longest name's Deployment",
+        functools.partial(get_json, cluster, "deployment", longest["metadata"]["name"], "-n", namespace),
+    )
+    assert dep["metadata"]["name"] == longest["metadata"]["name"]
+
+
 def test_a_claimed_voice_store_is_shared_by_every_replica(
     cluster: LocalCluster, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -196,7 +214,7 @@ def test_a_claimed_voice_store_is_shared_by_every_replica(
         "Deployment shared-voices", functools.partial(get_json, cluster, "deployment", "shared-voices", "-n", namespace)
     )
     pod = dep["spec"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "voices", "persistentVolumeClaim": {"claimName": "tts-voices"}}]
+    assert pod["volumes"][0] == {"name": "voices", "persistentVolumeClaim": {"claimName": "tts-voices"}}
     assert pod["securityContext"]["fsGroup"] == 10001  # the image's user can write the claim
 
 
@@ -287,6 +305,41 @@ def test_children_deleted_by_hand_are_recreated(
 
     again = wait_for(f"{kind} recreated", recreated, timeout=60)
     assert again["metadata"]["ownerReferences"][0]["name"] == "heal"
+
+
+def test_network_policy_follows_the_spec_and_is_restored(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """spec.networkPolicy.enabled: applied with the other children under the chart's RBAC, put back when
+    deleted by hand, removed when turned off; the pods run read-only with a memory request and limit."""
+    obj = minimal("fenced", networkPolicy={"enabled": True}, scaling={"interval": "2s"})
+    apply(cluster, namespace, obj)
+    first = wait_for("NetworkPolicy", lambda: get_json(cluster, "networkpolicy", "fenced", "-n", namespace))
+    assert first["metadata"]["ownerReferences"][0]["name"] == "fenced"
+    assert first["spec"]["ingress"] == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    assert first["spec"]["policyTypes"] == ["Ingress", "Egress"] and not first["spec"].get("egress")
+    pod = get_json(cluster, "deployment", "fenced", "-n", namespace)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == "8Gi"  # the CRD's default
+    cluster.kubectl("delete", "networkpolicy", "fenced", "-n", namespace)
+
+    def recreated() -> Any:
+        found = get_json(cluster, "networkpolicy", "fenced", "-n", namespace)
+        return found["metadata"]["uid"] != first["metadata"]["uid"] and found
+
+    wait_for("NetworkPolicy recreated", recreated, timeout=60)
+    obj["spec"]["networkPolicy"]["enabled"] = False
+    apply(cluster, namespace, obj)
+    wait_for(
+        "NetworkPolicy removed",
+        lambda: cluster.kubectl("get", "networkpolicy", "fenced", "-n", namespace, check=False).returncode != 0,
+        timeout=60,
+    )
+    explained = cluster.kubectl("explain", "ttsd.spec.networkPolicy.enabled").stdout
+    assert "serving" in explained and "port" in explained
+    assert "precedence" in cluster.kubectl("explain", "ttsd.spec.resources.memory").stdout
 
 
 def test_operator_rbac_is_the_charts_not_cluster_admin(cluster: LocalCluster, operator: OperatorProcess) -> None:

@@ -14,9 +14,12 @@ import random
 import socket
 import threading
 import time
+import urllib.parse
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hst
 from kubernetes import config as k8s_config
 
 from tests.engine_helpers import T0, Run, policy
@@ -225,8 +228,81 @@ def test_a_prometheus_url_outside_the_allowlist_is_refused_before_any_secret_is_
         scaler.endpoints.resolve(ttsd_body(evil))
     assert err.value.field == "spec.scaling.prometheus.url" and "allowedPrometheusUrls" in str(err.value)
     assert scaler.endpoints.resolve(ttsd_body({})).url == "http://prom:9090"
-    assert scaler.endpoints.resolve(ttsd_body({"url": "http://prom-team-a:9090"})).url == "http://prom-team-a:9090"
+    assert scaler.endpoints.resolve(ttsd_body({"url": "http://prom/api"})).url == "http://prom/api"
+    with pytest.raises(SpecError):  # a longer host with the entry's prefix is another host
+        scaler.endpoints.resolve(ttsd_body({"url": "http://prom-team-a:9090"}))
     assert Scaler(cast(Kube, None)).endpoints.resolve(ttsd_body({"url": "http://any:9090"})).url == "http://any:9090"
+
+
+ALLOWED = ("http://prom:9090", "https://thanos.example/team-a")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://prom:9090@evil.example/",  # userinfo: the host is evil.example
+        "http://prom:9090@evil.example:9090/",
+        "http://user@prom:9090/",  # credentials belong in the auth Secret
+        "http://prom:9090.evil.example/",  # not a port: a bad URL
+        "http://prom.evil.example:9090/",  # a longer host with the same prefix
+        "http://prom:90901/",  # a longer port
+        "http://prom:9091/",
+        "https://prom:9090/",  # another scheme
+        "https://thanos.example/team-ab",  # a longer last segment
+        "https://thanos.example/team-a/../team-b",  # dot segments
+        "https://thanos.example/team-a/%2e%2e/team-b",  # encoded dot segments
+        "https://thanos.example/team-a/%2E%2E%2Fteam-b",
+        "https://thanos.example/team-a\\..\\team-b",
+        "https://thanos.example/team-a/..%5cteam-b",
+        "https://thanos.example\t.evil.example/team-a",  # control characters urlsplit would drop
+        "https://thanos.example/",  # above the entry's path
+        "http://[::1]:9090/",
+    ],
+)
+def test_the_prometheus_allowlist_refuses_urls_that_pass_a_string_prefix_check(url: str) -> None:
+    from voxscale.operator.endpoints import allowlist_refusal
+
+    assert allowlist_refusal(url, ALLOWED) is not None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://prom:9090",
+        "http://prom:9090/",
+        "HTTP://PROM:9090/api/v1",  # scheme and host are case-insensitive
+        "https://thanos.example/team-a",
+        "https://thanos.example/team-a/",
+        "https://thanos.example:443/team-a/query",  # the scheme's default port, written out
+    ],
+)
+def test_the_prometheus_allowlist_admits_its_entries_and_paths_under_them(url: str) -> None:
+    from voxscale.operator.endpoints import allowlist_refusal
+
+    assert allowlist_refusal(url, ALLOWED) is None
+
+
+@given(
+    host=hst.from_regex(r"[a-z][a-z0-9-]{0,10}(\.[a-z][a-z0-9-]{0,10}){0,2}", fullmatch=True),
+    suffix=hst.text("abcdefghijklmnopqrstuvwxyz0123456789.-@:", min_size=1, max_size=12),
+    path=hst.lists(hst.from_regex(r"[a-zA-Z0-9_-]{1,8}", fullmatch=True), max_size=3),
+)
+def test_an_allowlist_entry_admits_only_its_own_host_whatever_is_appended(
+    host: str, suffix: str, path: list[str]
+) -> None:
+    """Appending anything to the host part never keeps a URL allowed unless it is still the same
+    host and port (the userinfo and longer-host tricks of a prefix check); any path under it is fine."""
+    from voxscale.operator.endpoints import allowlist_refusal
+
+    entry = f"http://{host}:9090"
+    assert allowlist_refusal(f"{entry}/{'/'.join(path)}", (entry,)) is None
+    tricked = f"http://{host}{suffix}/x"
+    parts = urllib.parse.urlsplit(tricked)
+    try:
+        same = (parts.hostname, parts.port) == (host, 9090) and parts.username is None
+    except ValueError:
+        same = False
+    assert (allowlist_refusal(tricked, (entry,)) is None) == same
 
 
 @pytest.mark.cluster

@@ -48,6 +48,9 @@ def test_standby_takes_over_when_the_active_operator_is_killed(
         first.wait_leader()
         second.start(tmp_path)
         wait_for("the second replica to stand by", lambda: "standing by" in second.log())
+        # The chart probes every replica: a standby that does not answer is restarted every ~30 s.
+        assert second.healthz() == 200, second.log()[-2000:]
+        assert first.healthz() == 200
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=ttsd("before"))
         wait_for("the leader reconciles", lambda: get_json(cluster, "deployment", "before", "-n", ns))
         assert not second.is_leader()
@@ -63,6 +66,7 @@ def test_standby_takes_over_when_the_active_operator_is_killed(
         takeover = time.monotonic() - killed
         print(f"takeover after SIGKILL: {takeover:.2f}s (lease {LEASE_SECONDS}s); {_phases(second.log(), killed_wall)}")
         assert second.is_leader()
+        wait_for("kopf's liveness endpoint on the new leader", lambda: second.healthz() == 200, timeout=10)
         # Bounded: the lease duration, one poll, kopf's start-up and one reconcile.
         assert takeover <= LEASE_SECONDS + 15, takeover
         holder = get_json(cluster, "lease", "voxscale-ha", "-n", "voxscale-system")["spec"]["holderIdentity"]

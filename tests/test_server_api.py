@@ -7,10 +7,12 @@ processes - logs, a store shared by two replicas - runs against real `voxscale s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
+import socket
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
@@ -325,6 +328,59 @@ def test_an_upload_is_cut_off_at_the_limit_not_read_whole() -> None:
     assert small == b"\1" * 50_000
 
 
+def _silence(seconds: float, rate: int, channels: int = 1, fmt: str = "FLAC") -> bytes:
+    """A recording of digital silence, written a second at a time (never held whole in memory)."""
+    buf = io.BytesIO()
+    block = np.zeros((rate, channels), dtype=np.int16)
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=channels, format=fmt, subtype="PCM_16") as f:
+        for _ in range(int(seconds)):
+            f.write(block)
+    return buf.getvalue()
+
+
+def test_a_flac_bomb_is_refused_from_its_header_without_decoding_it() -> None:
+    """10 min of FLAC silence is ~0.2 MB uploaded and 115 MB as float32: refused before decoding."""
+    import tracemalloc
+
+    from voxscale.inference import audio
+
+    bomb = _silence(600, 48_000)
+    assert len(bomb) < 1_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(audio.AudioError, match=r"too long: 600\.0 s"):
+            audio.decode(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000, f"{peak / 1e6:.0f} MB allocated to refuse it"
+
+
+def test_a_header_that_understates_the_length_still_decodes_at_most_the_limit() -> None:
+    """A wav whose header claims 1 s while 60 s follow: libsndfile reads what the header says, and
+    the bounded read never takes more than the limit either way."""
+    from voxscale.inference import audio
+
+    wav = bytearray(_silence(60, 16_000, fmt="WAV"))
+    data_at = wav.index(b"data")
+    wav[data_at + 4 : data_at + 8] = (16_000 * 2).to_bytes(4, "little")  # 1 s of 16-bit mono
+    samples, rate = audio.decode(bytes(wav))
+    assert rate == 16_000 and len(samples) <= audio.MAX_REFERENCE_S * rate + 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rate", "channels", "says"),
+    [(5, 192_000, 1, "sample rate 192000 Hz"), (5, 16_000, 6, "6 channels"), (31, 16_000, 1, "too long: 31.0 s")],
+)
+def test_an_upload_that_would_decode_to_too_much_is_a_422_naming_the_limit(
+    client: TestClient, seconds: int, rate: int, channels: int, says: str
+) -> None:
+    upload = _silence(seconds, rate, channels)
+    r = client.post("/v1/voices", files={"file": ("big.flac", upload, "audio/flac")})
+    assert r.status_code == 422, r.text
+    assert _error(r)["param"] == "file" and says in _error(r)["message"], r.text
+
+
 # ---------------------------------------------------------------------------------------------------- NVML
 def test_gpu_gauges_are_absent_on_the_cpu(client: TestClient) -> None:
     samples = [
@@ -404,15 +460,14 @@ def test_the_request_id_and_the_pod_are_in_the_servers_log(replicas: tuple[Serve
     headers = {"X-Request-Id": "log-check-1"}
     r = requests.post(f"{a.url}/v1/audio/speech", json={"input": "Hi.", "priority": "batch"}, headers=headers)
     assert r.status_code == 200 and r.headers["x-request-id"] == "log-check-1"
-    requests.post(f"{a.url}/v1/audio/speech", json={"input": "Hi."}, headers={"traceparent": TRACEPARENT})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = a.log.read_text().splitlines()
-        mine = [line for line in lines if "request_id=log-check-1" in line]
-        if mine and any(f"request_id={TRACE}" in line for line in lines):
-            break
-        time.sleep(0.1)
+    traced = requests.post(f"{a.url}/v1/audio/speech", json={"input": "Hi."}, headers={"traceparent": TRACEPARENT})
+    assert traced.status_code == 200 and traced.headers["x-request-id"] == TRACE
+    lines = a.log.read_text().splitlines()  # both answered, so both logged (stderr is line-buffered)
+    mine = [line for line in lines if "request_id=log-check-1" in line]
     assert any("POST /v1/audio/speech 200" in line and "pod=tts/pod-a" in line for line in mine), lines[-10:]
+    batches = [line for line in lines if "voxscale.inference.batcher:" in line]
+    for rid in ("log-check-1", TRACE):  # the batch that synthesised each request names it, at INFO
+        assert any(rid in line for line in batches), f"no batcher line names {rid}: {batches[-5:] or lines[-10:]}"
 
 
 def test_a_job_posted_to_one_replica_is_polled_and_fetched_on_another(
@@ -444,3 +499,110 @@ def test_a_voice_deleted_through_one_replica_is_gone_on_every_replica(
     gone = requests.post(f"{a.url}/v1/audio/speech", json=speak, timeout=60)
     assert gone.status_code == 404 and _error(gone)["param"] == "voice"
     assert requests.delete(f"{a.url}/v1/voices/{voice_id}", timeout=30).status_code == 404
+
+
+# ------------------------------------------------------------------------- work nobody waits for, wedged GPUs
+def _eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+class SynthesisSpy:
+    """Records the sentences the batcher hands the pipeline, then lets the real pipeline synthesise them."""
+
+    def __init__(self, batcher: Any) -> None:
+        self.real = batcher.synthesize
+        self.items: list[Any] = []
+        batcher.synthesize = self
+
+    def __call__(self, items: list[Any]) -> Any:
+        self.items += items
+        return self.real(items)
+
+
+def test_a_request_that_timed_out_is_never_synthesised(pipeline: TTSPipeline) -> None:
+    """A 504 withdraws the request: its queued sentences leave the batcher before they cost anything."""
+    queued_text = "This request waits in the queue. It has three sentences. Nobody hears them."
+    with TestClient(create_app(Settings(precision="fp32", request_timeout_s=0.5), preloaded=pipeline)) as c:
+        state = c.app.state.voxscale  # type: ignore[attr-defined]
+        spy = SynthesisSpy(state.batcher)
+        value = state.metrics.registry.get_sample_value
+
+        def speak(text: str) -> int:
+            return c.post("/v1/audio/speech", json={"input": text, "response_format": "pcm"}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with pipeline._lock:  # synthesis held: the first request stays in its batch, the second queued
+                first = pool.submit(speak, "The first request is being spoken.")
+                _eventually(lambda: value(mc.INFLIGHT.name) == 1, "the first request in flight")
+                second = pool.submit(speak, queued_text)
+                assert second.result() == 504
+                assert value(mc.QUEUE_DEPTH.name) == 0  # it left the queue when its client was answered
+            assert first.result() == 504  # its batch ran to the end: synthesis already under way is not cut
+        _eventually(lambda: value(mc.INFLIGHT.name) == 0, "the first request's batch done")
+    assert len(spy.items) == 1, f"{len(spy.items)} sentences synthesised; only the first request's one was due"
+
+
+def _sample(url: str, name: str) -> float:
+    """One unlabelled sample of a server's /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return 0.0
+
+
+def _admitted(url: str) -> float:
+    return _sample(url, mc.QUEUE_DEPTH.name) + _sample(url, mc.INFLIGHT.name)
+
+
+def test_a_request_whose_client_went_away_is_not_synthesised(
+    replicas: tuple[ServerProcess, ServerProcess, Path], pipeline: TTSPipeline
+) -> None:
+    """A client that hangs up withdraws its request, as a timeout does (a real socket, closed)."""
+    a, _, _ = replicas
+    busy_text = " ".join(f"Sentence number {n} keeps this replica busy for a while." for n in range(1, 13))
+    busy_sentences = len(pipeline.prepare(busy_text, (0.667, 1.0, 0.8)))
+    synthesised = f"{mc.BATCH_SIZE.name}_sum"  # sentences in the batches run
+    before = _sample(a.url, synthesised)
+    body = b'{"input": "Nobody will listen to this.", "response_format": "pcm"}'
+    head = f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        speech = {"input": busy_text, "response_format": "pcm"}
+        busy = pool.submit(requests.post, f"{a.url}/v1/audio/speech", json=speech, timeout=300)
+        _eventually(lambda: _admitted(a.url) == 1, "the busy request admitted")
+        with socket.create_connection(("127.0.0.1", a.port)) as client:
+            client.sendall(f"{head}\r\n\r\n".encode() + body)
+            _eventually(lambda: _admitted(a.url) == 2, "the second request admitted behind it")
+        # closed: the client went away while its request waited behind the busy one's sentences
+        assert busy.result().status_code == 200
+    _eventually(lambda: _admitted(a.url) == 0, "the replica idle")
+    assert _sample(a.url, synthesised) - before == busy_sentences, "the abandoned request was synthesised"
+
+
+class DeviceAssert(torch.nn.Module):
+    """A vocoder whose kernel trips a device-side assert, reported as CUDA reports it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # the pipeline reads the vocoder's dtype from it
+
+    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        raise RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA` to debug")
+
+
+def test_a_sticky_cuda_error_fails_liveness_and_readiness_with_the_reason(
+    pipeline: TTSPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wedged GPU fails every request until the process restarts: the probes say so, so the pod
+    leaves the Service and the kubelet restarts it."""
+    with TestClient(create_app(Settings(precision="fp32"), preloaded=pipeline), raise_server_exceptions=False) as c:
+        assert c.get("/healthz").status_code == c.get("/readyz").status_code == 200
+        monkeypatch.setattr(pipeline.voice, "vocoder", DeviceAssert())
+        assert c.post("/v1/audio/speech", json={"input": "Hi."}).status_code == 500
+        for probe in ("/healthz", "/readyz"):
+            r = c.get(probe)
+            assert r.status_code == 503, f"{probe}: {r.status_code} {r.text}"
+            assert "CUDA error: device-side assert triggered" in r.json()["reason"], r.text

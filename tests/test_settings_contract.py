@@ -56,6 +56,29 @@ def test_the_operators_values_come_from_the_spec_and_read_back_as_such() -> None
     assert refs == {sc.POD_NAME.env: "metadata.name", sc.POD_NAMESPACE.env: "metadata.namespace"}
 
 
+def test_an_api_keys_secret_is_mounted_where_the_servers_setting_reads_it(tmp_path: Any) -> None:
+    """spec.service.apiKeysSecret: the Secret's directory, read-only, named by VOXSCALE_API_KEYS; the
+    server loads a directory shaped like a mounted Secret (Kubernetes' ..data links skipped)."""
+    from voxscale.inference.tenants import load_keys
+
+    ttsd = {"metadata": {"name": "tts", "namespace": "speech", "uid": "u"}, "spec": crd.default_spec(SPEC)}
+    ttsd["spec"]["service"]["apiKeysSecret"] = "tts-keys"
+    pod = children.deployment(ttsd)["spec"]["template"]["spec"]
+    assert {"name": children.API_KEYS_VOLUME, "secret": {"secretName": "tts-keys"}} in pod["volumes"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert {"name": children.API_KEYS_VOLUME, "mountPath": children.API_KEYS_PATH, "readOnly": True} in mounts
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert Settings.from_env({sc.API_KEYS.env: env[sc.API_KEYS.env]}).api_keys == children.API_KEYS_PATH
+    # A Secret as the kubelet mounts it: the item is a link into a ..data folder.
+    (tmp_path / "..data").mkdir()
+    (tmp_path / "..data" / "keys.yaml").write_text("team-a: {key: a-key-of-sixteen-chars, requestsPerMinute: 60}\n")
+    (tmp_path / "keys.yaml").symlink_to(tmp_path / "..data" / "keys.yaml")
+    assert [k.id for k in load_keys(str(tmp_path), None)] == ["team-a"]
+    plain = children.deployment({**ttsd, "spec": crd.default_spec(SPEC)})["spec"]["template"]["spec"]
+    assert all(v["name"] != children.API_KEYS_VOLUME for v in plain["volumes"])
+    assert sc.API_KEYS.env not in {e["name"] for e in plain["containers"][0]["env"]}
+
+
 def test_a_users_own_variable_wins_over_the_operators() -> None:
     spec = {**SPEC, "model": {**SPEC["model"], "env": [{"name": sc.MAX_QUEUE.env, "value": "5"}]}}
     env = children.server_env(spec)

@@ -142,17 +142,28 @@ def test_cron_is_a_metric_under_tolerance_and_behavior_not_a_floor() -> None:
     assert keda([QUEUE], schedules=[sched]).recommend(opened, 11, 11, sig(queue=0.0)) == 11
 
 
-def test_ignore_null_values_during_an_outage_reads_zero_and_scales_down_after_the_window() -> None:
+def test_an_unreachable_prometheus_holds_the_hpa_as_its_metric_errors_do() -> None:
+    """KEDA's Prometheus scaler errors when Prometheus cannot be reached (only an empty result reads 0
+    with ignoreNullValues); the HPA then keeps the current count rather than scale down on the cron
+    metric alone. The old model read the outage as zero load and scaled an overloaded fleet to 3."""
     sched = {"name": "day", "cron": "0 6 * * *", "duration": "12h", "minReplicas": 3}
     model = keda([GPU, QUEUE], schedules=[sched])
     noon = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.UTC)
     assert model.desired(noon, 8, 8, sig(gpu=60.0, queue=32.0)) == 8
-    blind = sig(gpu=95.0, queue=400.0, up=False)  # the truth is overload; the queries come back empty
-    assert model.recommend(noon, 8, 8, blind) == 3  # every Prometheus metric reads 0; cron still says 3
+    blind = sig(gpu=95.0, queue=400.0, up=False)  # the truth is overload; the queries fail
+    assert model.recommend(noon, 8, 8, blind) is None  # invalid metrics and a scale-down: the HPA holds
     n = 8
     for k in range(1, 21):
         n = model.desired(noon + dt.timedelta(seconds=15 * k), n, n, blind)
-    assert n == 3  # once the 300 s window has passed, down to the cron metric
+    assert n == 8
+    # The cron scaler is still valid and may scale up through the outage.
+    assert model.desired(noon, 2, 2, blind) == 3
+
+
+def test_an_empty_result_still_reads_zero_under_ignore_null_values() -> None:
+    model = keda([GPU])
+    noon = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.UTC)
+    assert model.recommend(noon, 8, 8, sig(gpu=None)) == model.policy.min_replicas  # no data: read as 0
 
 
 # --- the oracle -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,27 @@ def test_a_directory_that_cannot_be_written_fails_at_once_naming_it(tmp_path: Pa
     blocker.write_text("")
     with pytest.raises(VoiceStoreError, match=f"voice store {blocker}/voices: not a writable directory"):
         VoiceStore(blocker / "voices")
+
+
+# ------------------------------------------------------------------------------ owners (API keys)
+def test_a_voices_owner_is_stored_and_read_back_by_any_replica(tmp_path: Path) -> None:
+    owned = StoredVoice(VOICE_ID, voice().embedding, 6.5, owner="team-a")
+    VoiceStore(tmp_path).put(owned)
+    back = VoiceStore(tmp_path).get(VOICE_ID)  # another replica, or the next process
+    assert back is not None and back.owner == "team-a"
+    assert json.loads((tmp_path / f"{VOICE_ID}.json").read_text())["owner"] == "team-a"
+
+
+def test_a_voice_file_from_before_owners_reads_as_nobodys_and_stays_that_way(tmp_path: Path) -> None:
+    legacy = {"version": 1, "id": VOICE_ID, "seconds": 6.5, "embedding": [float(x) for x in voice().embedding]}
+    (tmp_path / f"{VOICE_ID}.json").write_text(json.dumps(legacy))
+    back = VoiceStore(tmp_path).get(VOICE_ID)
+    assert back is not None and back.owner is None
+    VoiceStore(tmp_path).put(back)  # rewritten without an owner: older replicas still read it as before
+    assert set(json.loads((tmp_path / f"{VOICE_ID}.json").read_text())) == set(legacy)
+
+
+def test_an_owner_that_is_not_a_key_id_makes_the_file_unreadable_not_anyones(tmp_path: Path) -> None:
+    record = json.loads(StoredVoice(VOICE_ID, voice().embedding, 6.5, owner="team-a").to_json())
+    (tmp_path / f"{VOICE_ID}.json").write_text(json.dumps({**record, "owner": ["team-a", "team-b"]}))
+    assert VoiceStore(tmp_path).get(VOICE_ID) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,7 +115,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """A demo stopped with SIGTERM (a CI job cancelled, a test's timeout) takes the same way out as
+    Ctrl-C, so its clusters are torn down: their daemons run in sessions of their own and would
+    outlive it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
     if args.real_pods:
         from voxscale import demo_real
 

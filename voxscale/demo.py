@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import signal
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from voxscale.localcluster.cluster import LocalCluster
@@ -104,10 +102,6 @@ def _banner() -> None:
     )
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def operator_gauges(url: str) -> dict[str, float]:
     """The operator's per-object gauges for the demo's TTSDeployment, from its own /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -129,7 +123,6 @@ def run(fast: bool = False, plot_path: Path | None = None, cluster_name: str = D
     from voxscale.localcluster.harness import OperatorProcess, free_port, get_json, install_operator_rbac
     from voxscale.localcluster.pod_exporter import PodMetricsExporter
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     scale = 0.6 if fast else 1.0
     total = 190 * scale
     plot_path = plot_path or Path("out") / "demo.png"

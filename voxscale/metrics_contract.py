@@ -104,6 +104,28 @@ SERVER_METRICS: tuple[Metric, ...] = (
     GPU_MEMORY_USED,
 )
 
+# Per API key (inference/tenants.py), labelled by the key's id, never the key; created by request_context.py.
+KEY_LABEL = "key"
+KEY_REQUESTS = Metric(
+    "voxscale_key_requests_total",
+    Kind.COUNTER,
+    "API requests by key id and status code (probes and /metrics excluded; `anonymous` without keys).",
+    labels=(KEY_LABEL, "code"),
+)
+KEY_INPUT_CHARACTERS = Metric(
+    "voxscale_key_input_characters_total",
+    Kind.COUNTER,
+    "Characters of speech input admitted, by key id (what charactersPerDay counts, on this replica).",
+    labels=(KEY_LABEL,),
+)
+QUOTA_REFUSALS = Metric(
+    "voxscale_quota_refusals_total",
+    Kind.COUNTER,
+    "Requests refused with 429 by a key's own quota (requestsPerMinute, charactersPerDay), by key id.",
+    labels=(KEY_LABEL, "quota"),
+)
+TENANT_METRICS: tuple[Metric, ...] = (KEY_REQUESTS, KEY_INPUT_CHARACTERS, QUOTA_REFUSALS)
+
 # NVIDIA dcgm-exporter's series. It labels each with the pod/namespace/container using the GPU
 # (its Kubernetes pod-resources mapping), which is how GPU load is joined to a TTSDeployment.
 DCGM_GPU_UTIL = Metric("DCGM_FI_DEV_GPU_UTIL", Kind.GAUGE, "GPU utilisation in percent (0-100).", ("pod", "namespace"))

@@ -130,7 +130,19 @@ DRAIN_TIMEOUT_S: Setting[float] = Setting(
     minimum=0,
 )
 API_TOKEN: Setting[str | None] = Setting(
-    "VOXSCALE_API_TOKEN", "api_token", str, None, "Bearer token required on the API (not on probes or /metrics)."
+    "VOXSCALE_API_TOKEN",
+    "api_token",
+    str,
+    None,
+    "One bearer token for the API (not probes or /metrics): the API key `default`, an admin without quotas.",
+)
+API_KEYS: Setting[str | None] = Setting(
+    "VOXSCALE_API_KEYS",
+    "api_keys",
+    str,
+    None,
+    "API keys file (YAML/JSON: key id -> sha256 or key, admin, requestsPerMinute, charactersPerDay) or a "
+    "directory of them, e.g. a mounted Secret; each key sees only its own voices. See inference/tenants.py.",
 )
 VOICE_STORE: Setting[str | None] = Setting(
     "VOXSCALE_VOICE_STORE",
@@ -189,6 +201,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     REQUEST_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
     API_TOKEN,
+    API_KEYS,
     VOICE_STORE,
     STAGE_WEIGHTS,
     PORT,

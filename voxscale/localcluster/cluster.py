@@ -41,6 +41,9 @@ FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 _NO_HONOR_DIR = "default-labels"  # file-sd targets scraped with honor_labels: false
 
 
+OWNER_ENV = "VOXSCALE_CLUSTER_OWNER"
+
+
 def state_root() -> Path:
     env = os.environ.get("VOXSCALE_STATE_DIR")
     return Path(env) if env else Path(tempfile.gettempdir()) / f"voxscale-{os.getuid()}"
@@ -76,6 +79,9 @@ class ClusterState:
     kube_proxy_metrics_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
+    # Who started it ($VOXSCALE_CLUSTER_OWNER, inherited by subprocesses): a test session finds the
+    # clusters it left behind by this, and never mistakes a neighbour's cluster for its own.
+    owner: str = ""
 
     @property
     def dir(self) -> Path:
@@ -538,6 +544,7 @@ class LocalCluster:
             prometheus_port=_free_port(),
             gpu_nodes=gpu_nodes,
             real_node=real_node,
+            owner=os.environ.get(OWNER_ENV, ""),
         )
         if real_node:
             st.kubelet_port, st.kubelet_healthz_port = _free_port(), _free_port()

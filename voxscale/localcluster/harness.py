@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,9 +116,23 @@ class OperatorProcess:
     lease_seconds: int = 15
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    health_port: int = 0  # set by start(): where /healthz answers, as the chart's liveness probe asks
+    metrics_port: int = 0  # set by start(): where the operator's own /metrics answers
+
+    def healthz(self) -> int:
+        """The liveness probe's view: the HTTP status of GET /healthz (0 when nothing answers)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            return 0
 
     def start(self, log_dir: Path, metrics_port: int | None = None) -> OperatorProcess:
         self.log_path = log_dir / f"{self.identity}.log"
+        self.health_port = free_port()
+        self.metrics_port = metrics_port or free_port()
         cmd = [
             sys.executable,
             "-m",
@@ -127,8 +143,8 @@ class OperatorProcess:
             f"--lease-name={self.lease_name}",
             f"--lease-seconds={self.lease_seconds}",
             f"--identity={self.identity}",
-            f"--metrics-port={metrics_port or free_port()}",
-            f"--health-port={free_port()}",
+            f"--metrics-port={self.metrics_port}",
+            f"--health-port={self.health_port}",
             "--bind=127.0.0.1",
         ]
         cmd += [f"--namespace={ns}" for ns in self.namespaces]

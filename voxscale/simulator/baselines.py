@@ -62,11 +62,13 @@ class HpaMetric:
     read: Reader
     prometheus: bool = True
 
-    def value(self, now: dt.datetime, s: Signals, ready: int) -> float:
+    def value(self, now: dt.datetime, s: Signals, ready: int) -> float | None:
+        """The metric's value, or None when it cannot be had: Prometheus unreachable makes KEDA's
+        scaler fail (an error, not an empty result), and the HPA marks the metric invalid."""
         if self.prometheus and not s.metrics_up:
-            return 0.0  # the query comes back empty during an outage, and empty reads 0
+            return None
         v = self.read(now, s, ready)
-        return 0.0 if v is None else v
+        return 0.0 if v is None else v  # ignoreNullValues: an empty result reads 0
 
 
 def hpa_replicas(metric_type: TargetType, value: float, threshold: float, current: int, tolerance: float) -> int:
@@ -173,9 +175,11 @@ class KedaHpaModel:
     - Tolerance 0.1 per metric; the highest count over metrics wins; clamped to [min, max].
     - Behavior defaults: scale-up without stabilisation, at most max(4 pods, 100 %) per 15 s; scale-down
       to the highest recommendation of the last 300 s, at most 100 % per 15 s.
-    - ignoreNullValues: true (KEDA's default): an empty result reads 0. During a metrics outage every
-      Prometheus metric reads 0 (the cron scaler is unaffected); with no ready pod GPU and p95 read 0.
-      Empty results are not errors, so KEDA's `fallback` never engages and is not modelled.
+    - ignoreNullValues: true (KEDA's default): an empty result reads 0; with no ready pod GPU and p95
+      read 0. An unreachable Prometheus is different: KEDA's Prometheus scaler returns an error, the
+      HPA marks that metric invalid and, as its replica calculator does, keeps the current count when
+      every metric is invalid or when the valid ones would scale down (the cron scaler stays valid and
+      may still scale up). KEDA's `fallback` is off by default and not modelled.
     """
 
     policy: ScalingPolicy
@@ -198,19 +202,26 @@ class KedaHpaModel:
     def desired(self, now: dt.datetime, replicas: int, ready: int, signals: Signals) -> int:
         t = now.timestamp()
         rec = self.recommend(now, replicas, ready, signals)
+        if rec is None:
+            return replicas  # the HPA's reconcile stops at the metrics error: nothing recorded, no change
         stable = self._stabilise(t, rec, replicas)
         final = self._rate_limit(t, stable, replicas)
         if final != replicas:
             self._events.append((t, final - replicas))
         return final
 
-    def recommend(self, now: dt.datetime, replicas: int, ready: int, signals: Signals) -> int:
-        """The metrics' count before behavior: the highest over metrics (current with none), clamped."""
+    def recommend(self, now: dt.datetime, replicas: int, ready: int, signals: Signals) -> int | None:
+        """The metrics' count before behavior: the highest over valid metrics (current with none),
+        clamped; None where the HPA gives up on invalid metrics (all invalid, or some invalid while
+        the valid ones would scale down)."""
+        values = [(m, m.value(now, signals, ready)) for m in self.metrics]
         counts = [
-            hpa_replicas(m.target_type, m.value(now, signals, ready), m.threshold, replicas, self.tolerance)
-            for m in self.metrics
+            hpa_replicas(m.target_type, v, m.threshold, replicas, self.tolerance) for m, v in values if v is not None
         ]
+        invalid = len(values) - len(counts)
         rec = max(counts, default=replicas)
+        if values and (invalid == len(values) or (invalid and rec < replicas)):
+            return None
         return min(max(rec, self.policy.min_replicas), self.policy.max_replicas)
 
     def _stabilise(self, t: float, rec: int, current: int) -> int:

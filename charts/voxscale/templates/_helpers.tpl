@@ -43,6 +43,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "create", "patch", "delete"]
+# The inference pods' NetworkPolicy (spec.networkPolicy.enabled); removed when turned off.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # Another autoscaler on our Deployment (an HPA, or KEDA's, which is one) is detected, not fought.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
