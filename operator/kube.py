@@ -11,6 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import urllib3
@@ -56,6 +57,19 @@ def retrying(call: Callable[[], T], what: str, attempts: int = 6) -> T:
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class _Child:
+    """One object a TTSDeployment owns: how to render it from the spec (None: the spec does not ask
+    for it), apply it, and - for optional ones - find and remove it."""
+
+    kind: str
+    render: Callable[[dict[str, Any]], dict[str, Any] | None]
+    patch: Callable[..., Any]
+    read: Callable[..., Any] | None = None
+    delete: Callable[..., Any] | None = None
+    removed_when: str = ""
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         self.api = api_client or client.ApiClient()
@@ -67,32 +81,41 @@ class Kube:
 
     # ------------------------------------------------------------------ children
     def apply_children(self, ttsd: dict[str, Any]) -> list[str]:
-        """Create or update the Deployment, Service, PDB and NetworkPolicy; returns what was applied or removed."""
+        """Create or update the Deployment, Service, PDB and NetworkPolicy; returns what was applied or
+        removed. A child the spec no longer asks for is deleted, but only if voxscale made it."""
         ns, name = ttsd["metadata"]["namespace"], ttsd["metadata"]["name"]
-        wanted: list[tuple[str, Callable[..., Any], dict[str, Any] | None]] = [
-            ("Deployment", self.apps.patch_namespaced_deployment, children.deployment(ttsd)),
-            ("Service", self.core.patch_namespaced_service, children.service(ttsd)),
-            (
-                "PodDisruptionBudget",
-                self.policy.patch_namespaced_pod_disruption_budget,
-                children.pod_disruption_budget(ttsd),
-            ),
-            (
-                "NetworkPolicy",
-                self.networking.patch_namespaced_network_policy,
-                children.network_policy(ttsd),
-            ),
-        ]
         done = []
-        for kind, patch, body in wanted:
+        for child in self._children():
+            body = child.render(ttsd)
             if body is not None:
-                retrying(functools.partial(self._apply, patch, name, ns, body), f"apply {kind} {ns}/{name}")
-                done.append(kind)
-        if wanted[2][2] is None and self._delete_pdb_if_ours(ns, name):
-            done.append("PodDisruptionBudget (removed: min < 2)")
-        if wanted[3][2] is None and self._delete_network_policy_if_ours(ns, name):
-            done.append("NetworkPolicy (removed: spec.networkPolicy.enabled is false)")
+                apply = functools.partial(self._apply, child.patch, name, ns, body)
+                retrying(apply, f"apply {child.kind} {ns}/{name}")
+                done.append(child.kind)
+            elif child.delete is not None and self._delete_if_ours(child, ns, name):
+                done.append(f"{child.kind} (removed: {child.removed_when})")
         return done
+
+    def _children(self) -> tuple[_Child, ...]:
+        return (
+            _Child("Deployment", children.deployment, self.apps.patch_namespaced_deployment),
+            _Child("Service", children.service, self.core.patch_namespaced_service),
+            _Child(
+                "PodDisruptionBudget",
+                children.pod_disruption_budget,
+                self.policy.patch_namespaced_pod_disruption_budget,
+                self.policy.read_namespaced_pod_disruption_budget,
+                self.policy.delete_namespaced_pod_disruption_budget,
+                "min < 2",
+            ),
+            _Child(
+                "NetworkPolicy",
+                children.network_policy,
+                self.networking.patch_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+                self.networking.delete_namespaced_network_policy,
+                "spec.networkPolicy.enabled is false",
+            ),
+        )
 
     @staticmethod
     def _apply(patch: Callable[..., Any], name: str, ns: str, body: dict[str, Any]) -> Any:
@@ -105,32 +128,21 @@ class Kube:
             _content_type="application/apply-patch+yaml",
         )
 
-    def _delete_pdb_if_ours(self, ns: str, name: str) -> bool:
+    @staticmethod
+    def _delete_if_ours(child: _Child, ns: str, name: str) -> bool:
+        """Delete the child if it exists and carries voxscale's managed-by label (never a user's own)."""
+        assert child.read is not None and child.delete is not None
         try:
-            pdb = self.policy.read_namespaced_pod_disruption_budget(name, ns)
+            found = child.read(name, ns)
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        labels = (pdb.metadata.labels if pdb.metadata else None) or {}
+        labels = (found.metadata.labels if found.metadata else None) or {}
         if labels.get("app.kubernetes.io/managed-by") != children.MANAGED_BY:
             return False
-        retrying(lambda: self.policy.delete_namespaced_pod_disruption_budget(name, ns), f"delete PDB {ns}/{name}")
-        return True
-
-    def _delete_network_policy_if_ours(self, ns: str, name: str) -> bool:
-        try:
-            policy = self.networking.read_namespaced_network_policy(name, ns)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        labels = (policy.metadata.labels if policy.metadata else None) or {}
-        if labels.get("app.kubernetes.io/managed-by") != children.MANAGED_BY:
-            return False
-        retrying(
-            lambda: self.networking.delete_namespaced_network_policy(name, ns), f"delete NetworkPolicy {ns}/{name}"
-        )
+        delete = child.delete
+        retrying(lambda: delete(name, ns), f"delete {child.kind} {ns}/{name}")
         return True
 
     # ------------------------------------------------------------------ scaling

@@ -1,7 +1,7 @@
 """A test killed midway leaves nothing behind (issue 20): the real-pods demo test, run by a pytest of
 its own with pytest-timeout forced low, is interrupted while its real-node cluster runs; afterwards
 no process, mount, link, iptables chain or cgroup of that cluster is left, and the next real-node
-cluster starts (this file sorts before test_real_pods_e2e.py, which needs the node too)."""
+cluster starts and imports the images (this file sorts before test_real_pods_e2e.py, which needs the node too)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FORCED_TIMEOUT_S = 75  # the cluster is up at ~15 s, the demo's load runs from ~
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_a_timed_out_real_pods_test_leaves_nothing_behind_and_the_next_real_node_starts(
     operator_image: str, inference_image: str, reap_clusters: Callable[[str], None]
 ) -> None:
@@ -50,10 +50,13 @@ def test_a_timed_out_real_pods_test_leaves_nothing_behind_and_the_next_real_node
     assert "session-end check" not in out, out[-3000:]
     assert leftovers_of(CLUSTER) == []
 
-    # The machine's one real node is free again: a new real-node cluster starts and stops cleanly.
+    # The machine's one real node is free again: a new real-node cluster starts, takes the images
+    # (the kill may have landed mid-import: containerd's store must not be left unusable; the copy
+    # is kept for the real-node tests after this one), and stops cleanly.
     after = LocalCluster("after-kill")
     reap_clusters(after.name)
     after.up(gpu_nodes=1, real_node=True, timeout=300)
+    after.load_images([operator_image, inference_image])
     after.down(quiet=True)
     assert leftovers_of(after.name) == []
     assert not (state_root() / CLUSTER).exists()

@@ -88,3 +88,39 @@ def test_a_cluster_refused_the_real_node_cleans_up_nothing_of_the_one_that_runs_
         cleanup(st)
     assert calls == []
     assert not realnode.owns_the_node(st)
+
+
+def test_an_image_store_that_was_not_stopped_cleanly_starts_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd killed mid-import can leave its two metadata databases disagreeing; the next run
+    must not inherit that (it failed every import with 'parent snapshot ... does not exist')."""
+    monkeypatch.setenv("VOXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    root = realnode.containerd_root()
+    (root / "io.containerd.snapshotter.v1.overlayfs").mkdir(parents=True)
+    realnode._open_image_store()
+    assert not any(root.iterdir())  # no mark: the last containerd was killed, or never stopped
+
+    (root / "io.containerd.content.v1.content").mkdir()
+    (root / realnode.CLEAN_STOP_MARK).touch()
+    realnode._open_image_store()
+    assert (root / "io.containerd.content.v1.content").exists()  # stopped cleanly: kept
+    assert not (root / realnode.CLEAN_STOP_MARK).exists()  # in use again until the next clean stop
+
+
+def test_only_a_containerd_stopped_by_sigterm_marks_its_store_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(realnode, "owns_the_node", lambda st: True)
+    monkeypatch.setattr(realnode, "_kill_where", lambda match: None)
+    monkeypatch.setattr(realnode, "_remove_kubepods_cgroups", lambda: None)
+    monkeypatch.setattr(realnode, "_restore_sysctls", lambda st: None)
+    monkeypatch.setattr(realnode.subprocess, "run", lambda *a, **k: None)
+    realnode.containerd_root().mkdir(parents=True)
+    st = state(tmp_path / "node")
+    realnode.cleanup_containerd(st)
+    assert not (realnode.containerd_root() / realnode.CLEAN_STOP_MARK).exists()
+    st.stopped_cleanly.append("containerd")
+    realnode.cleanup_containerd(st)
+    assert (realnode.containerd_root() / realnode.CLEAN_STOP_MARK).exists()

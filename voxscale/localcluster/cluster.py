@@ -82,6 +82,9 @@ class ClusterState:
     # Who started it ($VOXSCALE_CLUSTER_OWNER, inherited by subprocesses): a test session finds the
     # clusters it left behind by this, and never mistakes a neighbour's cluster for its own.
     owner: str = ""
+    # Processes `down` stopped with SIGTERM alone (not SIGKILL after the grace period): a cleanup
+    # may trust what such a process left on disk.
+    stopped_cleanly: list[str] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
@@ -642,7 +645,8 @@ class LocalCluster:
             return False
         if name.split("-")[0] not in _cmdline(pid) and name not in _cmdline(pid):
             return False  # the pid was reused by something that is not ours
-        self._terminate(pid)
+        if self._terminate(pid):
+            st.stopped_cleanly.append(name)
         return True
 
     # ----------------------------------------------------------------- internals
@@ -663,7 +667,8 @@ class LocalCluster:
         st.save()
 
     @staticmethod
-    def _terminate(pid: int, grace: float = 10.0) -> None:
+    def _terminate(pid: int, grace: float = 30.0) -> bool:
+        """SIGTERM, then SIGKILL after `grace` seconds. True when SIGTERM alone stopped it."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -671,12 +676,13 @@ class LocalCluster:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             if not _pid_alive(pid):
-                return
+                return True
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+        return False
 
     def _wait(self, st: ClusterState, what: str, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout

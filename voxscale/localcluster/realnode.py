@@ -31,6 +31,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,11 +121,36 @@ def prepare_containerd(ctx: ClusterContext) -> None:
     node = _node_dir(st)
     (node / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
     _owner_mark(st).touch()  # from here on, the machine-wide pieces are this cluster's to clean up
-    containerd_root().mkdir(parents=True, exist_ok=True)
+    _open_image_store()
     _save_sysctls(st)
     _make_bridge()
     (node / "containerd.toml").write_text(_containerd_config(st))
     (node / "cni" / "net.d" / "10-voxscale.conflist").write_text(json.dumps(_cni_config(st), indent=1))
+
+
+# In containerd's root while no containerd uses it and the last one stopped on SIGTERM alone.
+CLEAN_STOP_MARK = ".voxscale-stopped-cleanly"
+
+
+def _open_image_store() -> None:
+    """Start from an empty image store unless the last containerd stopped cleanly. containerd keeps
+    its metadata and the overlay snapshotter's in two databases; a containerd killed mid-import (a
+    run interrupted, SIGKILL after the grace period) can leave them disagreeing, and every later
+    import then fails with "parent snapshot ... does not exist". The store is a cache: re-importing
+    costs minutes, a corrupt one costs every real-node run after it."""
+    root = containerd_root()
+    mark = root / CLEAN_STOP_MARK
+    if root.exists() and not mark.exists() and any(root.iterdir()):
+        print(
+            f"[voxscale cluster] containerd's image store {root} was not stopped cleanly last time "
+            "(an interrupted run); starting it empty, images are copied again",
+            file=sys.stderr,
+            flush=True,
+        )
+        _unmount_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    mark.unlink(missing_ok=True)
 
 
 def _make_bridge() -> None:
@@ -239,6 +265,8 @@ def cleanup_containerd(st: ClusterState) -> None:
     """After containerd stopped: its shims and any container left, mounts, the bridge, sysctls."""
     if not owns_the_node(st):
         return
+    if "containerd" in st.stopped_cleanly:
+        (containerd_root() / CLEAN_STOP_MARK).touch()
     _kill_where(lambda pid: str(socket_path(st)) in _cmdline(pid) or _in_kubepods(pid))
     _unmount_under(st.dir)
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
