@@ -57,11 +57,13 @@ NOT_YET = {
 
 
 def test_every_bench_has_a_smoke_run() -> None:
-    """A bench added to bench/ without a smoke run here fails, so none can rot unseen."""
+    """A bench added to bench/ without a smoke run in tests/ fails, so none can rot unseen (here, or
+    beside the tests of what it measures, as test_proxy.py runs bench.proxy_bench)."""
     benches = {p.stem for p in (REPO / "bench").glob("*.py")} - {"__init__"}
-    smoked = set(re.findall(r'run_bench\(\s*"(\w+)"', Path(__file__).read_text()))
-    missing = sorted(benches - smoked - set(NOT_YET))
-    assert not missing, f"bench/ modules with no smoke run in {Path(__file__).name}: {missing}"
+    sources = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    smoked = set(re.findall(r'run_bench\(\s*"(\w+)"|"bench\.(\w+)"', sources))
+    missing = sorted(benches - {name for pair in smoked for name in pair if name} - set(NOT_YET))
+    assert not missing, f"bench/ modules with no smoke run in tests/: {missing}"
 
 
 # ------------------------------------------------------------------------------------------ sim_bench
@@ -79,16 +81,49 @@ def test_sim_bench_smoke(tmp_path: Path) -> None:
     assert {(e["scenario"], e["manifest"]) for e in doc["summary"]} == expected
     assert len(doc["cases"]) == len(expected)
     for case in doc["cases"]:
-        assert set(case["runs"]) == {"voxscale", "static_peak", "keda", "oracle"}
+        assert set(case["runs"]) == {"voxscale", "static_peak", "keda", "oracle", "kpa"}
         for summary in case["runs"].values():
             assert positive(summary["gpu_hours"]), case
             assert 0 <= summary["within_slo_percent"] <= 100, case
     for entry in doc["summary"]:
         assert entry["seeds"] == 1 and positive(entry["hours"])
-        for role in ("voxscale", "static_peak", "keda", "oracle"):
+        for role in ("voxscale", "static_peak", "keda", "oracle", "kpa"):
             assert positive(entry[f"{role}_gpu_hours"]), entry
         assert positive(entry["voxscale_over_keda_gpu_hours"]), entry
         assert positive(entry["voxscale_over_oracle_gpu_hours"]), entry
+
+
+# ------------------------------------------------------------------------------------------ generalize
+def test_generalize_smoke(tmp_path: Path) -> None:
+    """Seven pairs (every trace kind, six manifest kinds) of 0.05 days on two worker processes: the
+    report, the pass/fail lines of issue 21 and every figure of the JSON (not whether they pass)."""
+    out = tmp_path / "generalize.json"
+    res = run_bench("generalize", "--quick", "--jobs", "2", "--out", str(out), timeout=300)
+    completed(res)
+    assert res.stdout.startswith("# Generalization bench: 7 pairs"), res.stdout[:500]
+    assert len(re.findall(r"^- (PASS|FAIL) \[(keda|kpa)\]", res.stdout, re.M)) == 9, res.stdout
+    doc = json.loads(out.read_text())
+    assert doc["pairs"] == len(doc["rows"]) == 7 and positive(doc["cpu_seconds_per_simulated_day"])
+    assert {r["trace_kind"] for r in doc["rows"]} == {
+        "on-off",
+        "diurnal",
+        "flash-crowd",
+        "slow-ramp",
+        "mix-shift",
+        "outages",
+        "weekly",
+    }
+    for row in doc["rows"]:
+        assert set(row["runs"]) == {"voxscale", "keda", "kpa", "oracle"}, row["index"]
+        for summary in row["runs"].values():
+            assert positive(summary["gpu_hours"]) and 0 <= summary["within_slo_percent"] <= 100, row["index"]
+            assert summary["reversals"] >= 0 and finite(summary["reversals_per_day"]), row["index"]
+    for peer in ("keda", "kpa"):
+        dist = doc["distributions"][peer]
+        assert 0 <= dist["slo_win_rate"] <= 1 and 0 <= dist["gpu_win_rate"] <= 1, dist
+        assert all(finite(v) for v in dist["gpu_hours_ratio"].values()), dist
+        assert all(isinstance(c["passed"], bool) for c in doc["checks"][peer]), doc["checks"]
+    assert all(p["failed"] for p in doc["losing"]), doc["losing"]
 
 
 # ------------------------------------------------------------------------------------------ forecast_bench

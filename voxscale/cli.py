@@ -247,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(handler=_serve)
 
+    from voxscale.proxy import cli as proxy_cli
+
+    door = sub.add_parser(
+        "proxy", help="the door sidecar: a reverse proxy in front of any HTTP TTS server, publishing its door signals"
+    )
+    proxy_cli.add_arguments(door)
+    door.set_defaults(handler=proxy_cli.run)
+
     demo = sub.add_parser("demo", help="what `make demo` runs: voxscale at work on a local cluster")
     demo.add_argument("--fast", action="store_true", help="a shorter run (about 2 minutes)")
     demo.add_argument(

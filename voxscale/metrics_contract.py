@@ -40,7 +40,8 @@ QUEUE_CAPACITY = Metric("voxscale_queue_capacity", Kind.GAUGE, "The bounded queu
 REQUEST_LATENCY = Metric(
     "voxscale_request_duration_seconds",
     Kind.HISTOGRAM,
-    "End-to-end time of a synthesis request, from acceptance to the last audio byte.",
+    "End-to-end time of an admitted synthesis request, from acceptance to its end: the last audio byte, "
+    "or the failure, the timeout or the client leaving (each timed like a success, never left out).",
     buckets=_LATENCY_BUCKETS,
 )
 QUEUE_WAIT = Metric(
@@ -54,9 +55,10 @@ AUDIO_SECONDS = Metric("voxscale_audio_seconds_total", Kind.COUNTER, "Seconds of
 REQUESTS_RECEIVED = Metric(
     "voxscale_requests_received_total",
     Kind.COUNTER,
-    "Well-formed speech requests, counted at the door before admission: those then refused (429, 503) "
-    "or rejected (400, 404) included, so demand stays visible when the queue is full; bodies failing "
-    "validation (422) and unauthenticated calls (401) are not counted.",
+    "Speech requests that could be served, counted at the door before admission: those then refused for "
+    "want of room (429) or by a replica not ready (503) included, so demand stays visible when the queue is "
+    "full; malformed ones (400, 404, 422), unauthenticated calls (401) and a key's own quota (429) are not "
+    "demand and are not counted.",
 )
 INPUT_CHARACTERS = Metric(
     "voxscale_input_characters_total", Kind.COUNTER, "Characters of input text in received speech requests."
@@ -76,7 +78,13 @@ COMPLETED_REQUESTS = Metric(
     "Speech requests whose synthesis finished; with busy seconds this gives a replica's measured capacity.",
     labels=(GPU_PRODUCT_LABEL,),
 )
-REQUESTS = Metric("voxscale_requests_total", Kind.COUNTER, "Finished requests by outcome.", labels=("code",))
+REQUESTS = Metric(
+    "voxscale_requests_total",
+    Kind.COUNTER,
+    "Speech requests by how they ended: 200, 429 (queue full), 503 (not ready, draining), 504 (timeout), "
+    "499 (client gone), 500 (synthesis failed).",
+    labels=("code",),
+)
 ERRORS = Metric("voxscale_errors_total", Kind.COUNTER, "Failed or refused requests by kind.", labels=("kind",))
 # Published by the server from NVML when it runs on CUDA (inference/server_metrics.py NvmlGauges; absent
 # elsewhere). Never seen on a real GPU yet (no GPU lent to the project), so the CRD does not offer it
@@ -135,3 +143,48 @@ DCGM_ENGINE_ACTIVE = Metric(
 
 # Labels the operator puts on every inference pod, so any series carrying `pod` can be joined back.
 POD_LABEL_TTSDEPLOYMENT = "voxscale.io/ttsdeployment"
+
+# --- The door sidecar (`voxscale proxy`, voxscale/proxy/) -------------------------------------------------
+# In front of a server that publishes no door signals, the sidecar publishes them under the server's own
+# names where the meaning is the same (arrivals incl. refused, input characters, busy seconds, completions,
+# in flight, waiting, queue size, latency, queue wait), so the operator's queries read either alike; a pod
+# runs one or the other, never both. "In flight" there means "at the server", and "waiting" the door's queue.
+# One difference: the door cannot tell a malformed request before the server answers it, so its arrivals
+# include those the server then rejects (their share: DOOR_RESPONSES{class="4xx",by="server"}).
+DOOR_RESPONSES = Metric(
+    "voxscale_door_responses_total",
+    Kind.COUNTER,
+    "Requests the door sidecar answered, by status class (1xx-5xx, `aborted` when the client or the server "
+    "broke off mid-answer) and by who answered (`server`, or `door` for its own 429, 502, 503 and 504).",
+    labels=("class", "by"),
+)
+DOOR_CONCURRENCY_SECONDS = Metric(
+    "voxscale_door_concurrency_seconds_total",
+    Kind.COUNTER,
+    "Seconds the door sidecar had exactly `concurrency` requests at the server: summed over the label it is "
+    "the busy seconds; sum(concurrency * seconds) / busy seconds is the concurrency the busy time ran at.",
+    labels=("concurrency",),
+)
+DOOR_CONCURRENCY_LIMIT = Metric(
+    "voxscale_door_concurrency_limit", Kind.GAUGE, "Requests the door sidecar sends the server at once (--concurrency)."
+)
+DOOR_SERVER_READY = Metric(
+    "voxscale_door_server_ready",
+    Kind.GAUGE,
+    "1 while the door sidecar reports ready (the server answers its health path and the pod is not draining).",
+)
+DOOR_METRICS: tuple[Metric, ...] = (
+    REQUESTS_RECEIVED,
+    INPUT_CHARACTERS,
+    BUSY_SECONDS,
+    COMPLETED_REQUESTS,
+    INFLIGHT,
+    QUEUE_DEPTH,
+    QUEUE_CAPACITY,
+    REQUEST_LATENCY,
+    QUEUE_WAIT,
+    DOOR_RESPONSES,
+    DOOR_CONCURRENCY_SECONDS,
+    DOOR_CONCURRENCY_LIMIT,
+    DOOR_SERVER_READY,
+)
