@@ -1,6 +1,6 @@
 """Simulator benchmark: every built-in scenario, each with its example manifest and with
 examples/minimal.yaml, Poisson arrivals, several seeds (the median is reported), against a static
-fleet for the peak, the KEDA + HPA model and the clairvoyant oracle.
+fleet for the peak, the KEDA + HPA model, the clairvoyant oracle and the Knative KPA model.
 
     .venv/bin/python -m bench.sim_bench [--scenarios daily-dst,course-launch] [--seeds 3] [--jobs 2]
 
@@ -24,11 +24,10 @@ from voxscale.operator.policy import ScalingPolicy, SpecError
 from voxscale.simulator import traces
 from voxscale.simulator.cli import EXAMPLES, capacity_from_manifest, load_manifest, scenario_trace
 from voxscale.simulator.policies import VoxscaleAutoscaler
-from voxscale.simulator.run import compare
+from voxscale.simulator.run import ROLES, compare
 
 MINIMAL = "minimal.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "sim-bench.json"
-ROLES = ("voxscale", "static_peak", "keda", "oracle")  # compare()'s order of contenders
 
 
 def say(msg: str) -> None:
@@ -126,7 +125,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"scenario": scenario, "manifest": manifest, "seeds": len(group)}
         entry["hours"] = group[0]["hours"]
         for role in ROLES:
-            for key in ("gpu_hours", "within_slo_percent", "gpu_hours_after_day1", "within_slo_after_day1_percent"):
+            for key in (
+                "gpu_hours",
+                "within_slo_percent",
+                "gpu_hours_after_day1",
+                "within_slo_after_day1_percent",
+                "reversals_per_day",
+            ):
                 entry[f"{role}_{key}"] = _median(group, role, key)
         entry["voxscale_over_keda_gpu_hours"] = _median_ratio(group, "gpu_hours", "keda")
         entry["voxscale_over_oracle_gpu_hours"] = _median_ratio(group, "gpu_hours", "oracle")
@@ -153,6 +158,9 @@ def table(summary: list[dict[str, Any]]) -> str:
         "day 2+ voxscale in SLO %",
         "day 2+ KEDA in SLO %",
         "day 2+ voxscale/oracle",
+        "KPA GPU-h",
+        "KPA in SLO %",
+        "reversals/day voxscale / KEDA / KPA",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in summary:
@@ -169,6 +177,9 @@ def table(summary: list[dict[str, Any]]) -> str:
             _f(e["voxscale_within_slo_after_day1_percent"], ".2f"),
             _f(e["keda_within_slo_after_day1_percent"], ".2f"),
             _f(e["voxscale_over_oracle_gpu_hours_after_day1"], ".2f"),
+            _f(e["kpa_gpu_hours"], ".1f"),
+            _f(e["kpa_within_slo_percent"], ".2f"),
+            " / ".join(_f(e[f"{r}_reversals_per_day"], ".1f") for r in ("voxscale", "keda", "kpa")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

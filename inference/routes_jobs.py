@@ -45,8 +45,9 @@ async def create_job(
     rid: str = request.state.request_id
     priority = req.priority or "batch"
     with tenancy.characters(caller, len(req.input)):
+        if state.serving:  # another key's voice is refused like an unknown one, before it counts as demand
+            await require_own_voice(state, caller, req.voice)
         prepared = await speech.prepare(state, req)
-        await require_own_voice(state, caller, req.voice)
         futures = speech.submit(state, prepared.items, priority, rid)
     sample_rate = audio.output_rate(req.response_format, state.pipeline.sample_rate)
     create = state.jobs.create

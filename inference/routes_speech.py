@@ -36,9 +36,10 @@ async def _raw_stream(
 ) -> AsyncIterator[bytes]:
     """`stream: true`: the file's bytes sentence by sentence; the first leaves before the rest is done."""
     wavs = []
-    for fut in futures:
-        wavs.append(await asyncio.wait_for(fut, state.settings.request_timeout_s))
-        yield await asyncio.to_thread(encoder.piece, wavs[-1])
+    with speech.outcome(state, started):
+        for fut in futures:
+            wavs.append(await asyncio.wait_for(fut, state.settings.request_timeout_s))
+            yield await asyncio.to_thread(encoder.piece, wavs[-1])
     speech.finished(state, wavs, started)
 
 
@@ -50,10 +51,11 @@ async def _sse_stream(
     timeout = state.settings.request_timeout_s
     wavs: list[np.ndarray] = []
     try:
-        for fut in futures:
-            wavs.append(await asyncio.wait_for(fut, timeout))
-            if encoder.incremental:
-                yield audio_delta(await asyncio.to_thread(encoder.piece, wavs[-1]))
+        with speech.outcome(state, started):
+            for fut in futures:
+                wavs.append(await asyncio.wait_for(fut, timeout))
+                if encoder.incremental:
+                    yield audio_delta(await asyncio.to_thread(encoder.piece, wavs[-1]))
     except TimeoutError:
         yield stream_error(f"synthesis took longer than {timeout:g} s", "timeout")
         return
@@ -70,8 +72,9 @@ async def create_speech(
     req: SpeechRequest, request: Request, state: State, caller: Caller, tenancy: Tenants
 ) -> Response:
     with tenancy.characters(caller, len(req.input)):
+        if state.serving:  # another key's voice is refused like an unknown one, before it counts as demand
+            await require_own_voice(state, caller, req.voice)
         prepared = await speech.prepare(state, req)
-        await require_own_voice(state, caller, req.voice)
         started = time.monotonic()
         futures = speech.submit(state, prepared.items, req.priority or "realtime", request.state.request_id)
     fmt, headers = req.response_format, prepared.headers
@@ -84,7 +87,8 @@ async def create_speech(
         return StreamingResponse(_raw_stream(state, futures, encoder, started), media_type=media, headers=headers)
     timeout = state.settings.request_timeout_s
     try:
-        wavs = await speech.wait_for_audio(futures, timeout, request.receive)
+        with speech.outcome(state, started):
+            wavs = await speech.wait_for_audio(futures, timeout, request.receive)
     except TimeoutError:
         raise ApiError(504, f"synthesis took longer than {timeout:g} s", None, "timeout") from None
     speech.finished(state, wavs, started)

@@ -69,8 +69,8 @@ def visible_voice(p: TTSPipeline, caller: ApiKey, voice_id: str) -> StoredVoice 
 async def require_own_voice(state: ServerState, caller: ApiKey, name: str) -> None:
     """A speech request naming a registered voice the caller may not use gets the unknown voice's 404.
 
-    Checked after speech.prepare has resolved the voice, so another key's voice and a missing one are
-    refused, counted and worded the same."""
+    Checked before speech.prepare counts the request as demand, with the same 404 as a missing voice,
+    so another key's voice and a missing one are refused, counted and worded the same."""
     if is_voice_id(name) and await asyncio.to_thread(visible_voice, state.pipeline, caller, name) is None:
         raise unknown_registered_voice(state, name, "voice")
 

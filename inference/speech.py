@@ -3,13 +3,18 @@
 HTTP-free so the synchronous endpoint and the jobs share it: every refusal is an ApiError naming the
 field, raised before any synthesis is spent, and demand is counted at the door. Audio nobody waits for
 any more (past the timeout, or the client gone) is cancelled, so the batcher never synthesises it.
+
+What the autoscaler reads from here must not lie: demand counts only requests that could be served
+(a malformed one buys no GPU), and every admitted request's end is counted and timed, failures and
+timeouts included (a fleet where every request fails must not read as fast, or as idle).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +48,14 @@ class Prepared:
 
 
 async def prepare(state: ServerState, req: SpeechRequest) -> Prepared:
-    """Count the demand, then refuse what cannot be served (not ready, format, voice, nothing to say)."""
-    # Demand is counted at the door, before any refusal, so a full queue does not hide it.
-    state.metrics.counter(mc.REQUESTS_RECEIVED).inc()
-    state.metrics.counter(mc.INPUT_CHARACTERS).inc(len(req.input))
+    """Refuse what cannot be served (format, voice, nothing to say), then count the demand.
+
+    Counted before admission, so a full queue (429) does not hide demand, and a replica not ready
+    (503) counts what it turns away; a malformed request (400, 404, 422) is not demand: more GPUs
+    would not serve it, and counting it would let cheap invalid requests buy them."""
     if not state.serving:
+        received(state, req)
+        state.metrics.counter(mc.REQUESTS).labels("503").inc()
         raise not_ready()
     check_format(req)
     speaker, headers = await resolve_voice(state, req.voice)
@@ -60,7 +68,14 @@ async def prepare(state: ServerState, req: SpeechRequest) -> Prepared:
         raise ApiError(400, "input: nothing speakable in the text", "input")
     rate = str(audio.output_rate(req.response_format, p.sample_rate))
     headers["X-Voxscale-Sample-Rate"] = headers["X-Sample-Rate"] = rate
+    received(state, req)
     return Prepared(items, headers)
+
+
+def received(state: ServerState, req: SpeechRequest) -> None:
+    """Count a request that could be served at the door: the demand the autoscaler sizes for."""
+    state.metrics.counter(mc.REQUESTS_RECEIVED).inc()
+    state.metrics.counter(mc.INPUT_CHARACTERS).inc(len(req.input))
 
 
 async def resolve_voice(state: ServerState, name: str) -> tuple[int | None, dict[str, str]]:
@@ -145,6 +160,7 @@ def submit(
         state.metrics.counter(mc.REQUESTS).labels("429").inc()
         raise ApiError(429, str(exc), None, "rate_limit_exceeded", {"Retry-After": f"{exc.retry_after:.0f}"}) from None
     except Draining:
+        state.metrics.counter(mc.REQUESTS).labels("503").inc()
         raise ApiError(
             503, "the server is shutting down; retry on another replica", None, "unavailable", {"Retry-After": "1"}
         ) from None
@@ -182,9 +198,35 @@ def finished(state: ServerState, wavs: list[np.ndarray], started: float | None) 
     """Count a request's audio and outcome; its latency too when `started` (jobs wait on purpose: not theirs)."""
     seconds = sum(len(w) for w in wavs) / state.pipeline.sample_rate
     state.metrics.counter(mc.AUDIO_SECONDS).inc(seconds)
+    ended(state, 200, started)
+
+
+def ended(state: ServerState, code: int, started: float | None) -> None:
+    """Count an admitted request's outcome, and time it when `started`: a failure or a timeout is
+    timed like a success (the time until it ended), so p95 over a failing fleet is not its few successes."""
     if started is not None:
         state.metrics.histogram(mc.REQUEST_LATENCY).observe(time.monotonic() - started)
-    state.metrics.counter(mc.REQUESTS).labels("200").inc()
+    state.metrics.counter(mc.REQUESTS).labels(str(code)).inc()
+
+
+@contextmanager
+def outcome(state: ServerState, started: float) -> Iterator[None]:
+    """Counts and times an admitted request that does not end with its audio: 504 past the timeout,
+    499 when the client went, 500 when synthesis failed (the success is counted by `finished`)."""
+    try:
+        yield
+    except TimeoutError:
+        ended(state, 504, started)
+        raise
+    except ApiError as exc:
+        ended(state, exc.status, started)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):  # a stream's client went mid-answer
+        ended(state, CLIENT_GONE, started)
+        raise
+    except Exception:
+        ended(state, 500, started)
+        raise
 
 
 async def encode(state: ServerState, wavs: list[np.ndarray], fmt: str) -> bytes:

@@ -88,12 +88,12 @@ def drain_seconds(spec: dict[str, Any]) -> int:
 
 
 def _assumed_capacity(full_spec: dict[str, Any]) -> float:
-    """The slo trigger's replicaCapacity, or the CRD's default for it when the spec has no slo trigger."""
-    for source in (full_spec, crd.default_spec({"model": {}})):
-        for trigger in source.get("scaling", {}).get("triggers", []):
-            if trigger.get("type") == "slo":
-                return float(trigger["slo"]["replicaCapacity"])
-    raise AssertionError("the CRD's default triggers include a slo trigger")
+    """The slo trigger's replicaCapacity, or else spec.scaling.slo's (which the CRD's default fills in)."""
+    scaling = full_spec["scaling"]
+    for trigger in scaling.get("triggers", []):
+        if trigger.get("type") == "slo" and "replicaCapacity" in (trigger.get("slo") or {}):
+            return float(trigger["slo"]["replicaCapacity"])
+    return float(scaling["slo"]["replicaCapacity"])
 
 
 def termination_grace_seconds(spec: dict[str, Any]) -> int:

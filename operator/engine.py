@@ -4,20 +4,29 @@ No I/O and no clock of its own: the operator, the simulator and the tests all ca
 the time they choose, and carry the returned history into the next call. Like the HPA's replica
 calculator, everything that talks to the API server or Prometheus lives outside this module.
 
-`decide()` runs these phases in order (each a function below):
+`decide()` runs these phases in order (each a function below). Its backbone is the SLO model - the
+user's slo trigger, or else the implicit objective of spec.scaling.slo that every TTSDeployment gets:
+demand counted at the pods' door -> the replicas it needs within the objective -> the guard no
+scale-down passes. Triggers are modifiers on it: they may ask for more, never hold the fleet below
+what demand needs.
 1. floors: active schedule windows, and the forecast floor (demand learnt from history over the
-   look-ahead of a pod start, sized with the slo trigger's model); both only ever raise the count;
+   look-ahead of a pod start, sized with the SLO model); both only ever raise the count;
 2. clocks: how long each trigger has been above its scale-up / below its scale-down threshold;
 3. learning: a replica's capacity measured under load, and the P90 pod start time;
-4. recommendations: each trigger kind (operator/triggers/) recommends a count; the largest wins.
-   Pods still starting count as capacity on its way;
+4. recommendations: the SLO model's first (and whether the fleet is overloaded: p95 beyond the
+   objective, requests refused, or demand at twice the ready capacity), then each trigger kind's
+   (operator/triggers/), a threshold that fires stepping at least to what demand needs; the
+   largest wins. Pods still starting count as capacity on its way;
 5. commitments: bounds, schedule and forecast floors are reached at once;
 6. missing data: never read as zero, never a reason to scale down (hold, or the fallback count);
-7. scale-up: stabilisation window, cooldown, and step limits for ratio-based triggers (a count sized
-   from demand has no feedback on itself and is reached in one step);
+7. scale-up: stabilisation window, cooldown, and step limits for ratio-based triggers; a count sized
+   from demand has no feedback on itself and is reached in one step, under overload past the window
+   and the cooldown too;
 8. scale-down: complete data for the whole window, every trigger below its scaleDownBelow, the
-   highest recommendation over the window lower, outside the cooldown, step by step, never below the
-   floors, and never below what carries the current and forecast demand within the SLO.
+   highest recommendation over the window lower (schedule floors included, so a window's end is a
+   scale-down like any other), no overload, outside the cooldown, step by step, never below the
+   floors nor what carries the current and forecast demand within the SLO (N-1), and never to a
+   count at which some trigger would ask to scale up again (its reading predicted there: WouldFlap).
 `paused` freezes the count; the result is always within [min, max].
 """
 
@@ -33,6 +42,7 @@ from voxscale.operator import forecast as fc
 from voxscale.operator.policy import FallbackMode, ScalingMode, ScalingPolicy, StepPolicy, Trigger, format_duration
 from voxscale.operator.triggers import Context, kind
 from voxscale.operator.triggers import slo as slo_kind
+from voxscale.operator.triggers.base import fights
 from voxscale.operator.triggers.slo import demand as demand_now
 from voxscale.operator.triggers.slo import size
 
@@ -55,6 +65,8 @@ class Reason(StrEnum):
     STEP_LIMIT = "StepLimit"
     SCALE_DOWN = "ScaleDown"
     SLO_GUARD = "SloGuard"
+    OVERLOAD = "Overload"  # demand beyond what the fleet serves within the SLO: no scale-down
+    WOULD_FLAP = "WouldFlap"  # a scale-down some trigger would answer with a scale-up
 
 
 @dataclass(frozen=True)
@@ -65,10 +77,12 @@ class Observed:
     ready: int  # pods passing readiness
     # Seconds from creation to Ready of the pods that are Ready now: the fleet's measured cold start.
     ready_seconds: tuple[float, ...] = ()
+    # Pods not Ready for longer than the cold start (ImagePullBackOff...): not capacity on its way.
+    stuck: int = 0
 
     @property
     def starting(self) -> int:
-        return max(0, self.replicas - self.ready)
+        return max(0, self.replicas - self.ready - self.stuck)
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,9 @@ class Demand:
     forecast_note: str
     lookahead: dt.timedelta
     last_forecast: tuple[float, float] | None  # (predicted, actual) of the last closed window
+    # Why the fleet is overloaded now (p95 beyond the objective, requests refused, demand at twice the
+    # ready capacity), None when it is not: the count is then sized from demand at once, never lowered.
+    overload: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +292,9 @@ class _Tick:
     policy: ScalingPolicy
     now: dt.datetime
     current: int
-    readings: tuple[TriggerReading, ...]
+    ready: int
+    readings: tuple[TriggerReading, ...]  # the user's triggers
+    model: TriggerReading | None  # the SLO model's (the slo trigger's or the implicit objective's)
     active: str | None
     schedule_floor: int
     forecast_floor: int
@@ -285,6 +304,11 @@ class _Tick:
     next_history: History  # bookkeeping for this tick, before the scale event (if any) is added
     demand: Demand | None
     guard: int  # the fewest replicas that carry current and forecast demand within the SLO (0: no model)
+    sized: int  # the highest count sized from demand (reached at once, past step limits), 0 with none
+
+    @property
+    def overload(self) -> str | None:
+        return self.demand.overload if self.demand is not None else None
 
     @property
     def floor(self) -> int:
@@ -391,16 +415,17 @@ def _readings(
     capacity: float | None,
     headroom: float,
     trend: float,
-) -> list[TriggerReading]:
+) -> tuple[list[TriggerReading], TriggerReading | None]:
+    """Each user trigger's reading, and the SLO model's (the slo trigger's, or the implicit objective's).
+    The model is read first: a threshold trigger that fires then steps at least to what demand needs."""
     step_up = _step_limit(policy.scale_up, max(observed.replicas, 1), up=True)
-    readings: list[TriggerReading] = []
-    for trig in policy.triggers:
+
+    def read(trig: Trigger, needed: int | None) -> TriggerReading:
         value = metrics.values.get(trig.name)
         if value is None:
             idle = "no pods to measure (scaled to zero)" if observed.replicas == 0 and kind(trig).reads_pods else None
             why = metrics.error or metrics.invalid.get(trig.name) or idle or "no data (empty result)"
-            readings.append(TriggerReading(trig.name, None, None, why))
-            continue
+            return TriggerReading(trig.name, None, None, why)
         ctx = Context(
             replicas=observed.replicas,
             ready=observed.ready,
@@ -411,10 +436,16 @@ def _readings(
             capacity_measured=capacity is not None,
             headroom=headroom,
             trend=trend,
+            needed=needed,
+            stuck=observed.stuck,
         )
         rec = kind(trig).recommend(trig, value, ctx)
-        readings.append(TriggerReading(trig.name, value, rec.replicas, rec.note, rec.sized))
-    return readings
+        return TriggerReading(trig.name, value, rec.replicas, rec.note, rec.sized)
+
+    model = read(policy.slo, None) if policy.slo is not None else None
+    needed = model.recommendation if model is not None else None
+    readings = [model if t.sized and model is not None else read(t, needed) for t in policy.triggers]
+    return readings, model
 
 
 def _forecast(
@@ -466,27 +497,31 @@ def decide(
     lookahead += policy.interval
 
     headroom, trend = _growth(slo, metrics, now, lookahead)
-    readings = _readings(policy, observed, metrics, now, above_since, capacity, headroom, trend)
-    opinions = [r for r in readings if r.recommendation is not None]
+    readings, model = _readings(policy, observed, metrics, now, above_since, capacity, headroom, trend)
+    prediction = _forecast(policy, metrics, now, lookahead)
+    demand, forecast_floor, guard, pending, last_fc = _demand(
+        policy, observed, metrics, hist, now, lookahead, capacity, prediction, headroom
+    )
+    extra = (model,) if model is not None and policy.objective is not None else ()  # the implicit objective
+    opinions = [r for r in (*readings, *extra) if r.recommendation is not None]
     best = max(opinions, key=lambda r: r.recommendation or 0) if opinions else None
     # Nobody asking for capacity means "as few as allowed"; the scale-down rules make that gradual.
     reactive = best.recommendation if best is not None and best.recommendation is not None else lo
-    prediction = _forecast(policy, metrics, now, lookahead)
-    demand, forecast_floor, guard, pending, last_fc = _demand(
-        policy, metrics, hist, now, lookahead, capacity, prediction, headroom
-    )
-    floor = max(schedule_floor, forecast_floor)
-    raw = min(max(reactive, floor, lo), hi)
+    sized = max((r.recommendation or 0 for r in opinions if r.sized), default=0)
+    raw = min(max(reactive, schedule_floor, forecast_floor, lo), hi)
 
-    # Stabilisation looks at what the load asked for; floors are applied on top, so the end of a
-    # window is not mistaken for a load that might come back.
+    # Stabilisation looks at what the load and the schedules asked for, so the end of a window lowers
+    # the count no faster than the scale-down rules allow (the HPA's cron metric does the same).
     window = max(policy.scale_up.stabilization_window, policy.scale_down.stabilization_window)
-    recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, min(max(reactive, lo), hi)))
+    asked = min(max(reactive, schedule_floor, lo), hi)
+    recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, asked))
     tick = _Tick(
         policy=policy,
         now=now,
         current=current,
+        ready=observed.ready,
         readings=tuple(readings),
+        model=model,
         active=active,
         schedule_floor=schedule_floor,
         forecast_floor=forecast_floor,
@@ -507,12 +542,14 @@ def decide(
         ),
         demand=demand,
         guard=guard,
+        sized=min(sized, hi),
     )
     return _normalize(tick, raw, best)
 
 
 def _demand(
     policy: ScalingPolicy,
+    observed: Observed,
     metrics: Metrics,
     hist: History,
     now: dt.datetime,
@@ -521,7 +558,7 @@ def _demand(
     prediction: fc.Forecast | fc.NoForecast | None,
     headroom: float,
 ) -> tuple[Demand | None, int, int, PendingForecast | None, tuple[float, float] | None]:
-    """The slo model's view: demand, forecast floor, scale-down guard, and forecast bookkeeping."""
+    """The SLO model's view: demand, forecast floor, scale-down guard, and forecast bookkeeping."""
     slo = policy.slo
     if slo is None:
         return None, 0, 0, hist.pending_forecast, hist.last_forecast
@@ -547,6 +584,7 @@ def _demand(
         forecast_note=note,
         lookahead=lookahead,
         last_forecast=last,
+        overload=slo_kind.overload(slo, metrics.inputs(slo), observed.ready * cap, arrivals),
     )
     return demand, forecast_needed or 0, guard, pending, last
 
@@ -579,7 +617,7 @@ def _normalize(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
         return tick.decide(hi, Reason.BOUNDS, "bounds", f"above max {hi}: {current} -> {hi}")
     must = max(lo, tick.floor)
     if current < must:
-        return _commit(tick, must, raw, best)
+        return _commit(tick, must, raw)
     if not tick.complete:
         without = _without_data(tick, must, raw)
         if without is not None:
@@ -588,17 +626,19 @@ def _normalize(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
         return _scale_up(tick, raw, best)
     if raw < current:
         return _scale_down(tick, must)
-    return tick.decide(
-        current, Reason.STEADY, "steady", f"steady at {current}: {best.note if best else 'nothing asks for more'}"
-    )
+    return tick.decide(current, Reason.STEADY, "steady", f"steady at {current}: {_said(best)}")
 
 
-def _commit(tick: _Tick, must: int, raw: int, best: TriggerReading | None) -> Decision:
+def _said(best: TriggerReading | None) -> str:
+    return best.note if best is not None else "nothing asks for more"
+
+
+def _commit(tick: _Tick, must: int, raw: int) -> Decision:
     """Bounds and floors are commitments: reached at once, past cooldowns and step limits; a sized
     recommendation above them is reached at once too, a ratio-based one within the step limit."""
     current = tick.current
     step_up = _step_limit(tick.policy.scale_up, max(current, 1), up=True)
-    target = max(must, raw if best is not None and best.sized else min(raw, current + step_up))
+    target = max(must, min(raw, max(tick.sized, current + step_up)))
     lo = tick.policy.min_replicas
     if tick.forecast_floor >= tick.schedule_floor and tick.forecast_floor > lo and tick.demand is not None:
         note = tick.demand.forecast_note
@@ -633,24 +673,43 @@ def _without_data(tick: _Tick, must: int, raw: int) -> Decision | None:
     return tick.decide(hold, Reason.FALLBACK, "fallback", message)
 
 
+def _won(tick: _Tick, best: TriggerReading | None) -> tuple[str, str]:
+    """(who decided, why) for a scale-up: the winning trigger's note, or - where the implicit SLO
+    model outbids the user's rules - what each rule asks beside what demand needs."""
+    model, slo, d = tick.model, tick.policy.objective, tick.demand
+    if best is None or slo is None or d is None or model is None or best is not model:
+        return (best.name, best.note) if best is not None else ("bounds", "bounds")
+    asks = [f"rule {r.name} asks {'nothing' if r.recommendation is None else r.recommendation}" for r in tick.readings]
+    need = (
+        f"demand {d.arrival_rps or 0:.3g} rps needs {model.recommendation} for "
+        f"p{slo.quantile * 100:g} {slo.latency_seconds:g}s"
+    )
+    over = f" ({tick.overload})" if tick.overload else ""
+    return "slo", "; ".join((*asks, need + over))
+
+
 def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
+    """Stabilisation window, cooldown, step limits. A count sized from demand has no feedback on
+    itself and is reached in one step; under overload it is reached past the window and the cooldown
+    too, so no clock delays the answer to requests being refused or served late."""
     up, now, current = tick.policy.scale_up, tick.now, tick.current
     recs = tick.next_history.recommendations
     stabilised = min(n for t, n in recs if now - t <= up.stabilization_window)
-    who, why = (best.name, best.note) if best is not None else ("bounds", "bounds")
-    if stabilised <= current:
+    who, why = _won(tick, best)
+    urgent = tick.overload is not None and tick.sized > current
+    last = tick.history.last_event()
+    if urgent:
+        stabilised = max(stabilised, tick.sized)
+    elif stabilised <= current:
         window = format_duration(up.stabilization_window)
         message = f"{why}: wants {raw}, waiting out the {window} scale-up window"
         return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
-    last = tick.history.last_event()
-    if last is not None and now - last.time < up.cooldown:
+    elif last is not None and now - last.time < up.cooldown:
         left = format_duration(up.cooldown - (now - last.time))
         message = f"{why}: wants {stabilised}, scale-up cooldown {left} left"
         return tick.decide(current, Reason.COOLDOWN, "cooldown", message)
-    if best is not None and best.sized:
-        return tick.decide(stabilised, Reason.TRIGGER, who, f"{why}: {current} -> {stabilised}")
     base = _period_base(tick.history, now, up.period, current)
-    target = min(stabilised, max(base + _step_limit(up, max(base, 1), up=True), current))
+    target = min(stabilised, max(base + _step_limit(up, max(base, 1), up=True), current, tick.sized))
     if target <= current:
         period = format_duration(up.period)
         message = f"{why}: wants {stabilised}, step limit reached for this {period}"
@@ -660,8 +719,39 @@ def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
 
 
 def _scale_down(tick: _Tick, must: int) -> Decision:
+    """Every trigger calm for the whole window, complete data, the window's highest recommendation
+    lower, no overload, outside the cooldown, within the step limit; then never below what demand
+    needs (N-1) nor to a count some trigger would answer with a scale-up (no flapping)."""
+    held = _calm(tick)
+    if held is not None:
+        return held
     down, now, current = tick.policy.scale_down, tick.now, tick.current
-    window = down.stabilization_window
+    span = format_duration(down.stabilization_window)
+    stabilised = max(n for t, n in tick.next_history.recommendations if now - t <= down.stabilization_window)
+    if stabilised >= current:
+        message = f"a recommendation of {stabilised} in the last {span} holds {current}"
+        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
+    if tick.overload is not None:
+        return tick.decide(current, Reason.OVERLOAD, "overload", f"{tick.overload}: holding {current}")
+    last = tick.history.last_event()
+    if last is not None and now - last.time < down.cooldown:
+        left = format_duration(down.cooldown - (now - last.time))
+        return tick.decide(current, Reason.COOLDOWN, "cooldown", f"scale-down cooldown {left} left")
+    base = _period_base(tick.history, now, down.period, current)
+    target = max(stabilised, must, base - _step_limit(down, base, up=False))
+    if target >= current:
+        message = f"scale-down step limit reached for this {format_duration(down.period)}"
+        return tick.decide(current, Reason.STEP_LIMIT, "step-limit", message)
+    if tick.guard > target:
+        return _guarded(tick, target)
+    return _unfought(tick, target, span)
+
+
+def _calm(tick: _Tick) -> Decision | None:
+    """A hold while a trigger is not calm (above its scale-up threshold, or not below its scale-down
+    one for the whole window) or the data has not been complete that long; None: calm enough."""
+    now, current = tick.now, tick.current
+    window = tick.policy.scale_down.stabilization_window
     span = format_duration(window)
     above_since, below_since = tick.next_history.above_since, tick.next_history.below_since
     for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
@@ -678,21 +768,30 @@ def _scale_down(tick: _Tick, must: int) -> Decision:
     if data_since is None or now - data_since < window:
         message = f"metrics complete for less than the {span} window: holding {current}"
         return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
-    stabilised = max(n for t, n in tick.next_history.recommendations if now - t <= window)
-    if stabilised >= current:
-        message = f"a recommendation of {stabilised} in the last {span} holds {current}"
-        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
-    last = tick.history.last_event()
-    if last is not None and now - last.time < down.cooldown:
-        left = format_duration(down.cooldown - (now - last.time))
-        return tick.decide(current, Reason.COOLDOWN, "cooldown", f"scale-down cooldown {left} left")
-    base = _period_base(tick.history, now, down.period, current)
-    target = max(stabilised, must, base - _step_limit(down, base, up=False))
-    if target >= current:
-        message = f"scale-down step limit reached for this {format_duration(down.period)}"
-        return tick.decide(current, Reason.STEP_LIMIT, "step-limit", message)
-    if tick.guard > target:
-        return _guarded(tick, target)
+    return None
+
+
+def _fighters(tick: _Tick, to: int) -> list[str]:
+    """What the triggers that would ask to scale up again at `to` replicas would read there."""
+    out = []
+    for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
+        if r.value is None or t.sized:
+            continue
+        fight = fights(t, r.value, kind(t).summed, tick.current, tick.ready, tick.current - to)
+        if fight is not None:
+            out.append(fight)
+    return out
+
+
+def _unfought(tick: _Tick, target: int, span: str) -> Decision:
+    """Scale down to the lowest count from `target` up that no trigger would answer with a
+    scale-up; hold, naming the rules that would fight, when even one pod fewer would be answered."""
+    current = tick.current
+    to = next((n for n in range(target, current) if not _fighters(tick, n)), current)
+    if to == current:
+        fighting = "; ".join(_fighters(tick, current - 1))
+        message = f"at {current - 1} {fighting}, a scale-up again: holding {current}"
+        return tick.decide(current, Reason.WOULD_FLAP, "would-flap", message)
     quiet = ", ".join(
         f"{r.name} {r.value:.3g} < {t.scale_down_below:g}{t.unit}"
         for t, r in zip(tick.policy.triggers, tick.readings, strict=True)
@@ -700,13 +799,14 @@ def _scale_down(tick: _Tick, must: int) -> Decision:
     )
     if not quiet and tick.demand is not None and tick.demand.needed is not None:
         quiet = f"demand {tick.demand.arrival_rps:.3g} rps needs {tick.demand.needed}"
+    fought = f" (not {target}: {'; '.join(_fighters(tick, to - 1))})" if to > target else ""
     return tick.decide(
-        target, Reason.SCALE_DOWN, "scale-down", f"{quiet or 'load low'} for {span}: {current} -> {target}"
+        to, Reason.SCALE_DOWN, "scale-down", f"{quiet or 'load low'} for {span}: {current} -> {to}{fought}"
     )
 
 
 def _guarded(tick: _Tick, target: int) -> Decision:
-    """Remove pods only while the rest still carry current and forecast demand within the SLO."""
+    """Remove pods only while the rest still carry current and forecast demand within the SLO (N-1)."""
     current, guard = tick.current, tick.guard
     d = tick.demand
     assert d is not None
@@ -716,5 +816,7 @@ def _guarded(tick: _Tick, target: int) -> Decision:
     if guard >= current:
         message = f"{current - 1} replica(s) would miss the SLO at {what}: holding {current}"
         return tick.decide(current, Reason.SLO_GUARD, "slo-guard", message)
+    if _fighters(tick, guard):
+        return _unfought(tick, guard, format_duration(tick.policy.scale_down.stabilization_window))
     message = f"{what} needs {guard}: {current} -> {guard} (not {target})"
     return tick.decide(guard, Reason.SCALE_DOWN, "scale-down", message)

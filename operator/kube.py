@@ -209,22 +209,21 @@ class Kube:
                 out[(ns, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
         return out
 
-    def pod_start_seconds(self, namespaces: list[str] | None) -> dict[tuple[str, str], tuple[float, ...]]:
-        """Creation-to-Ready seconds of each TTSDeployment's Ready pods, one list call per scope."""
+    def pod_starts(self, namespaces: list[str] | None) -> dict[tuple[str, str], PodStarts]:
+        """Each TTSDeployment's pod starts (see `starts_of`), one list call per scope."""
         selector = POD_LABEL_TTSDEPLOYMENT
         calls: list[Callable[[], Any]] = (
             [functools.partial(self.core.list_namespaced_pod, ns, label_selector=selector) for ns in namespaces]
             if namespaces
             else [functools.partial(self.core.list_pod_for_all_namespaces, label_selector=selector)]
         )
-        out: dict[tuple[str, str], list[float]] = {}
+        by_owner: dict[tuple[str, str], list[Any]] = {}
         for call in calls:
             for pod in retrying(call, "list pods").items:
                 owner = (pod.metadata.labels or {}).get(selector)
-                started = _ready_after(pod)
-                if owner and started is not None:
-                    out.setdefault((pod.metadata.namespace, owner), []).append(started)
-        return {k: tuple(v) for k, v in out.items()}
+                if owner:
+                    by_owner.setdefault((pod.metadata.namespace, owner), []).append(pod)
+        return {k: starts_of(pods) for k, pods in by_owner.items()}
 
     def secret_data(self, ns: str, name: str) -> dict[str, str]:
         """A Secret's data, base64-encoded as the API holds it (raises ApiException)."""
@@ -291,11 +290,78 @@ class Kube:
             log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
 
-def _ready_after(pod: Any) -> float | None:
-    """Seconds from the pod's creation to its Ready condition turning True (None: not Ready)."""
-    created = pod.metadata.creation_timestamp
+@dataclass(frozen=True)
+class NotReady:
+    """A pod of the fleet that is not Ready: since when, and what its containers wait on."""
+
+    name: str
+    since: dt.datetime  # its creation, or its Ready condition's last turn to False
+    why: str  # a container's waiting reason (ImagePullBackOff, CrashLoopBackOff...) or the pod's phase
+
+
+@dataclass(frozen=True)
+class PodStarts:
+    """What a TTSDeployment's pods say about starting: the learnt cold start's samples, and the
+    pods on their way (the scaler decides which of them are stuck)."""
+
+    ready_seconds: tuple[float, ...] = ()  # creation -> first Ready of the pods Ready now
+    not_ready: tuple[NotReady, ...] = ()
+
+
+def starts_of(pods: list[Any]) -> PodStarts:
+    """The start samples and the not-Ready pods among `pods` (kubernetes client V1Pod objects).
+    Pods on their way out (deleted, Succeeded, Failed) are neither."""
+    ready: list[float] = []
+    not_ready: list[NotReady] = []
+    for pod in pods:
+        if pod.metadata.deletion_timestamp is not None or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
+            continue
+        condition = _ready_condition(pod)
+        if condition is not None and condition.status == "True":
+            started = _first_ready_after(pod, condition)
+            if started is not None:
+                ready.append(started)
+            continue
+        since = condition.last_transition_time if condition is not None else None
+        created = pod.metadata.creation_timestamp
+        if since or created:
+            not_ready.append(NotReady(pod.metadata.name, since or created, _waiting_on(pod)))
+    return PodStarts(tuple(ready), tuple(not_ready))
+
+
+def _ready_condition(pod: Any) -> Any:
     for cond in (pod.status.conditions if pod.status else None) or []:
-        if cond.type == "Ready" and cond.status == "True" and cond.last_transition_time and created:
-            seconds = float((cond.last_transition_time - created).total_seconds())
-            return seconds if seconds >= 0 else None
+        if cond.type == "Ready":
+            return cond
     return None
+
+
+def _first_ready_after(pod: Any, ready: Any) -> float | None:
+    """Seconds from the pod's creation to its FIRST Ready (None: not known).
+
+    Kubernetes keeps only the Ready condition's last transition: after a container restart that is
+    the restart, and the sample would be the pod's age (one such pod of ten becomes the learnt P90,
+    hours of look-ahead). A pod whose containers restarted has no honest sample: it is skipped. The
+    server's readiness turns False only while loading or draining, so without a restart the last
+    transition is the first."""
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    if any((s.restart_count or 0) > 0 for s in statuses):
+        return None
+    created = pod.metadata.creation_timestamp
+    if not created or not ready.last_transition_time:
+        return None
+    seconds = float((ready.last_transition_time - created).total_seconds())
+    return seconds if seconds >= 0 else None
+
+
+def _waiting_on(pod: Any) -> str:
+    """Why a pod is not Ready, in Kubernetes' own words: a container's waiting reason, else the phase."""
+    statuses = [
+        *((pod.status.init_container_statuses if pod.status else None) or []),
+        *((pod.status.container_statuses if pod.status else None) or []),
+    ]
+    for status in statuses:
+        waiting = status.state.waiting if status.state else None
+        if waiting is not None and waiting.reason:
+            return str(waiting.reason)
+    return str(pod.status.phase if pod.status and pod.status.phase else "Pending")

@@ -178,10 +178,20 @@ class ScalingPolicy:
     mode: ScalingMode
     predictive: Predictive
 
+    # The SLO model for a policy without an slo trigger (spec.scaling.slo); None when it has one, or
+    # when spec.scaling.slo.enabled is false.
+    objective: Trigger | None = None
+
     @property
     def slo(self) -> Trigger | None:
-        """The slo trigger, if any (at most one): the model the forecast floor and safe scale-down use."""
-        return next((t for t in self.triggers if t.sized), None)
+        """The SLO model every decision keeps: the slo trigger if the user wrote one (at most one), else
+        the implicit objective. The demand floor, the forecast floor and the safe scale-down use it."""
+        return next((t for t in self.triggers if t.sized), self.objective)
+
+    @property
+    def queried(self) -> tuple[Trigger, ...]:
+        """Every trigger whose inputs are read from Prometheus: the user's, and the implicit objective."""
+        return (*self.triggers, self.objective) if self.objective is not None else self.triggers
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> ScalingPolicy:
@@ -198,8 +208,10 @@ class ScalingPolicy:
         if lo == 0 and not replicas.get("allowScaleToZero", False):
             raise SpecError("spec.replicas.min", "0 requires spec.replicas.allowScaleToZero: true")
         slots = int(spec["model"]["maxBatchSize"]) if int(spec["resources"]["gpus"]) > 0 else 1
+        objective = scaling["slo"]
         triggers = tuple(
-            _parse_trigger(t, f"spec.scaling.triggers[{i}]", slots) for i, t in enumerate(scaling.get("triggers", []))
+            _parse_trigger(t, f"spec.scaling.triggers[{i}]", slots, objective)
+            for i, t in enumerate(scaling.get("triggers", []))
         )
         names = [t.name for t in triggers]
         if len(set(names)) != len(names):
@@ -231,7 +243,21 @@ class ScalingPolicy:
             fallback=fallback,
             mode=ScalingMode(scaling["mode"]),
             predictive=_parse_predictive(scaling["predictive"], "spec.scaling.predictive"),
+            objective=None if any(t.sized for t in triggers) else _implicit_objective(objective, slots),
         )
+
+
+# The key the implicit objective's inputs are read under in Metrics.values ("(slo)", "(slo).capacity",
+# ...): outside the trigger name pattern, so no user trigger can take it.
+IMPLICIT_SLO = "(slo)"
+
+
+def _implicit_objective(raw: dict[str, Any], slots: int) -> Trigger | None:
+    """spec.scaling.slo as an slo trigger of its own, unless opted out (enabled: false)."""
+    if not raw.get("enabled", True):
+        return None
+    settings = _slo_settings({}, "spec.scaling.slo", slots, raw)
+    return Trigger(name=IMPLICIT_SLO, type=TriggerType.SLO, **settings)
 
 
 def _parse_predictive(raw: dict[str, Any], field: str) -> Predictive:
@@ -261,7 +287,7 @@ def _parse_step(v: dict[str, Any], field: str) -> StepPolicy:
     )
 
 
-def _parse_trigger(raw: dict[str, Any], field: str, slots: int) -> Trigger:
+def _parse_trigger(raw: dict[str, Any], field: str, slots: int, objective: dict[str, Any]) -> Trigger:
     try:
         kind = TriggerType(str(raw.get("type")))
     except ValueError:
@@ -277,7 +303,7 @@ def _parse_trigger(raw: dict[str, Any], field: str, slots: int) -> Trigger:
         scale_down_below=_opt_float(raw.get("scaleDownBelow")),
         gpu_metric=str(raw.get("gpuMetric", "DCGM_FI_DEV_GPU_UTIL")),
         query=raw.get("query"),
-        **(_slo_settings(raw, field, slots) if kind is TriggerType.SLO else {}),
+        **(_slo_settings(raw.get("slo"), f"{field}.slo", slots, objective) if kind is TriggerType.SLO else {}),
     )
     if not trig.sized and trig.target is None and trig.scale_up_above is None:
         raise SpecError(field, "a trigger needs target (proportional) or scaleUpAbove (threshold)")
@@ -289,17 +315,19 @@ def _parse_trigger(raw: dict[str, Any], field: str, slots: int) -> Trigger:
     return trig
 
 
-def _slo_settings(raw: dict[str, Any], field: str, slots: int) -> dict[str, Any]:
-    slo = raw.get("slo")
-    if not isinstance(slo, dict):
-        raise SpecError(f"{field}.slo", "a slo trigger needs slo settings, e.g. slo: {latencyP95: 2s}")
-    latency = parse_duration(slo.get("latencyP95", ""), f"{field}.slo.latencyP95").total_seconds()
+def _slo_settings(raw: Any, field: str, slots: int, objective: dict[str, Any]) -> dict[str, Any]:
+    """An slo trigger's settings: each one it leaves out is spec.scaling.slo's (the one table of
+    defaults, filled in from the CRD), so the objective is stated once."""
+    if not isinstance(raw, dict):
+        raise SpecError(field, "a slo trigger needs slo settings, e.g. slo: {latencyP95: 2s}")
+    slo = {**objective, **raw}
+    latency = parse_duration(slo.get("latencyP95", ""), f"{field}.latencyP95").total_seconds()
     if latency <= 0:
-        raise SpecError(f"{field}.slo.latencyP95", "must be longer than 0s")
+        raise SpecError(f"{field}.latencyP95", "must be longer than 0s")
     capacity = float(slo.get("replicaCapacity", 0))
     if capacity <= 0:
-        raise SpecError(f"{field}.slo.replicaCapacity", "requests/s one replica serves; must be > 0")
-    window = parse_duration(slo.get("rateWindow", ""), f"{field}.slo.rateWindow")
+        raise SpecError(f"{field}.replicaCapacity", "requests/s one replica serves; must be > 0")
+    window = parse_duration(slo.get("rateWindow", ""), f"{field}.rateWindow")
     return {"latency_seconds": latency, "capacity_rps": capacity, "slots": slots, "rate_window": window}
 
 

@@ -1,7 +1,9 @@
 """Prometheus adapter: one query per metric kind per tick for every TTSDeployment it serves.
 
 A thin shell around `queries.py` on `prometheus-api-client`. An error, a timeout or an empty result
-is reported as such (never as zero); the engine decides what missing data means.
+is reported as such (never as zero); the engine decides what missing data means. So is a sample too
+old to describe now: an instant query answers with the last sample within Prometheus' 5-minute
+look-back, so right after a Prometheus outage it serves the gauges from before it as if current.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from voxscale.operator.policy import ScalingPolicy
 Key = tuple[str, str]  # (namespace, name)
 HISTORY_STEP_SECONDS = 60
 LABELS_LOOKBACK_SECONDS = 300  # series seen this recently explain an empty result
+# A sample older than this many scrape intervals is missing data; never judged on less than
+# STALE_MIN_SECONDS (query latency and clock skew on a 1 s scrape). The interval is read from how many
+# samples a pod sent over each of SCRAPE_WINDOWS; SCRAPE_INTERVAL_UNKNOWN (Prometheus' default) when they cannot tell.
+STALE_SCRAPES = 3
+STALE_MIN_SECONDS = 10.0
+SCRAPE_WINDOWS = (60, 600)  # seconds: the short one for young pods, the long one across an outage
+SCRAPE_INTERVAL_UNKNOWN = 60.0
 
 
 @dataclass(frozen=True)
@@ -263,18 +272,19 @@ class PrometheusSource:
         namespaces = sorted({t.namespace for t in group})
         needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
         for t in group:
-            for trig in t.policy.triggers:
+            for trig in t.policy.queried:  # the implicit SLO objective's door counters too
                 for role, key in triggers.kind(trig).inputs(trig).items():
                     slot = trig.name if role == "value" else f"{trig.name}.{role}"
                     if key is not None:
                         needed[key].append((t, slot))
                     else:
                         self._custom(ep, t, slot, trig.query or "", values, invalid, errors)
+        idle_latency: list[tuple[Target, str]] = []
         for batch, users in needed.items():
             try:
                 result = self._query(ep, triggers.batch_query(batch, namespaces))
                 # The lowest capacity of any GPU product the pods run on: sized for the slowest.
-                samples = _by_owner(result, nan_means=0.0 if batch == "latency" else None, combine=min)
+                samples = _by_owner(result, combine=min)
             except QueryError as exc:
                 for t, slot in users:
                     if "." not in slot:  # a secondary input's failure leaves its trigger usable
@@ -286,9 +296,67 @@ class PrometheusSource:
                     values[t.key][slot] = samples[t.key]
                 elif t.key in garbage and "." not in slot:
                     invalid[t.key][slot] = f"returned {garbage[t.key]!r}, which is not a number (no data)"
+                    if batch == "latency" and garbage[t.key].lower() == "nan":
+                        idle_latency.append((t, slot))
             missing = [(t, s) for t, s in users if t.key not in samples and t.key not in garbage]
             self._explain_missing(ep, batch, missing, invalid)
+        self._read_idle_latency(ep, namespaces, idle_latency, values, invalid)
+        if needed:
+            self._drop_stale(ep, namespaces, [u for users in needed.values() for u in users], values, invalid)
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in group}
+
+    def _read_idle_latency(
+        self,
+        ep: Endpoint,
+        namespaces: Sequence[str],
+        users: Sequence[tuple[Target, str]],
+        values: dict[Key, dict[str, float]],
+        invalid: dict[Key, dict[str, str]],
+    ) -> None:
+        """A p95 of NaN means no request ended in the window. Where none arrived either, nobody waited:
+        no latency pressure (0 s), so an idle fleet may scale down. Where requests arrived and none
+        ended (refused, hung), or arrivals cannot be read, it stays missing data, said so - never 0 s."""
+        if not users:
+            return
+        window = queries.LATENCY_WINDOW
+        try:
+            arrived = _by_owner(self._query(ep, queries.arrival_rate(namespaces, _seconds(window))), combine=max)
+        except QueryError:
+            arrived = {}
+        for t, slot in users:
+            rps = arrived.get(t.key)
+            if rps == 0:
+                values[t.key][slot] = 0.0
+                invalid[t.key].pop(slot, None)
+            elif rps is None:
+                invalid[t.key][slot] = f"returned 'NaN': no request ended in the last {window} (no data)"
+            else:
+                invalid[t.key][slot] = (
+                    f"returned 'NaN': {rps:.3g} requests/s arrived but none ended in the last {window} (no data)"
+                )
+
+    def _drop_stale(
+        self,
+        ep: Endpoint,
+        namespaces: Sequence[str],
+        users: Sequence[tuple[Target, str]],
+        values: dict[Key, dict[str, float]],
+        invalid: dict[Key, dict[str, str]],
+    ) -> None:
+        """Take out every batched value of an object whose pods' newest samples are too old to describe
+        now (missing data, the reason in `invalid`). Ages unknown (the query failed, no pod series)
+        leave the values as they are: this can only take data away, never invent it."""
+        try:
+            ages = freshness(self._query(ep, queries.sample_freshness(namespaces, SCRAPE_WINDOWS, _SAMPLE)))
+        except QueryError:
+            return
+        for t, slot in users:
+            fresh = ages.get(t.key)
+            if fresh is None or not fresh.stale:
+                continue
+            values[t.key].pop(slot, None)
+            if "." not in slot:
+                invalid[t.key][slot] = fresh.reason()
 
     def _explain_missing(
         self, ep: Endpoint, batch: str, missing: Sequence[tuple[Target, str]], invalid: dict[Key, dict[str, str]]
@@ -418,25 +486,78 @@ def _describe(ep: Endpoint, exc: Exception) -> str:
     return f"Prometheus at {ep.url}: {exc}"
 
 
-def _by_owner(
-    result: Iterable[dict[str, Any]],
-    nan_means: float | None = None,
-    combine: Callable[[float, float], float] = min,
-) -> dict[Key, float]:
-    """{(namespace, ttsdeployment): value} from a batched query.
-
-    NaN comes from a quantile over zero requests: the series exist but nothing was served. For
-    latency that means "no latency pressure" (`nan_means=0`); elsewhere it counts as no data.
-    """
+def _by_owner(result: Iterable[dict[str, Any]], combine: Callable[[float, float], float] = min) -> dict[Key, float]:
+    """{(namespace, ttsdeployment): value} from a batched query; NaN, +-Inf and garbage are no data."""
     out: dict[Key, float] = {}
     for key, raw in _owned_samples(result):
         value = sample_value(raw)
-        if value is None:
-            if nan_means is None or raw.lower() != "nan":
-                continue
-            value = nan_means
-        out[key] = combine(out[key], value) if key in out else value
+        if value is not None:
+            out[key] = combine(out[key], value) if key in out else value
     return out
+
+
+def _seconds(window: str) -> float:
+    """A PromQL duration of one unit ("1m", "30s") in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(window[:-1]) * units[window[-1]]
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How old an object's samples are: the age of its stalest pod's newest sample, against the
+    scrape interval its pods' samples show."""
+
+    age: float  # seconds
+    interval: float  # seconds between scrapes
+
+    @property
+    def limit(self) -> float:
+        return max(STALE_SCRAPES * self.interval, STALE_MIN_SECONDS)
+
+    @property
+    def stale(self) -> bool:
+        return self.age > self.limit
+
+    def reason(self) -> str:
+        return (
+            f"has a sample {self.age:.0f}s old, older than {STALE_SCRAPES} scrapes of {self.interval:.3g}s "
+            "(Prometheus restarting, or not scraping the pods): stale, no data"
+        )
+
+
+_SAMPLE = "voxscale_sample"  # which half of the freshness query a series answers
+
+
+def freshness(result: Iterable[dict[str, Any]]) -> dict[Key, Freshness]:
+    """{(namespace, ttsdeployment): Freshness} from the freshness query. The age is measured on
+    Prometheus' own clock (the evaluation time it answers with), from the stalest live pod: an
+    instant query sums every live pod's last sample, so one old one is enough to make the sum old.
+
+    The interval is a window over the most samples any pod sent in it. A pod younger than the window,
+    or an outage inside it, only lowers a count, so every window overestimates the interval; the
+    smallest estimate is the closest."""
+    newest: dict[Key, list[float]] = defaultdict(list)
+    intervals: dict[Key, list[float]] = defaultdict(list)
+    evaluated: dict[Key, float] = {}
+    for series in result:
+        labels = series.get("metric", {})
+        owner, ns, sample = labels.get(queries.OWNER_LABEL), labels.get("namespace"), series.get("value")
+        tag = labels.get(_SAMPLE, "")
+        if not owner or not ns or not isinstance(sample, list | tuple) or len(sample) != 2:
+            continue
+        value = sample_value(str(sample[1]))
+        if value is None:
+            continue
+        key = (ns, owner)
+        if tag == "newest":
+            newest[key].append(value)
+            evaluated[key] = float(sample[0])
+        elif tag.isdigit() and value > 1:
+            intervals[key].append(int(tag) / value)
+    return {
+        key: Freshness(max(0.0, evaluated[key] - min(times)), min(intervals[key], default=SCRAPE_INTERVAL_UNKNOWN))
+        for key, times in newest.items()
+    }
 
 
 def _not_numbers(result: Iterable[dict[str, Any]]) -> dict[Key, str]:

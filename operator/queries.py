@@ -124,3 +124,22 @@ def capacity(namespaces: Iterable[str], seconds: float, min_busy: float) -> str:
     busy_pods = f"count by (namespace, {OWNER_LABEL}{by}) ({_with_owner(_selector(mc.BUSY_SECONDS.name, namespaces))})"
     on = f"on (namespace, {OWNER_LABEL}{by})"
     return f"({done} / {busy}) and {on} (({busy} / {busy_pods}) >= {min_busy:g})"
+
+
+def refused_rate(namespaces: Iterable[str], seconds: float) -> str:
+    """Requests per second each TTSDeployment's pods refused for want of room (429, queue full): the
+    door counters' plainest sign of overload, which a full queue hides from the queue length."""
+    refused = _selector(mc.REQUESTS.name, namespaces, 'code="429"')
+    rate = f"rate({refused}[{seconds:g}s])"
+    return f"sum by (namespace, {OWNER_LABEL}) ({_with_owner(rate)})"
+
+
+def sample_freshness(namespaces: Iterable[str], windows: Iterable[int], tag_label: str) -> str:
+    """Per pod of every object: the timestamp of its newest queue-depth sample (a gauge every scrape
+    of every server pod carries; staleness markers honoured, so a deleted pod is not in it), and how
+    many samples it sent over each window in seconds (its scrape interval). Each series says which
+    half it answers in `tag_label`: "newest", or the window."""
+    series = _selector(mc.QUEUE_DEPTH.name, namespaces)
+    parts = [(_with_owner(f"timestamp({series})"), "newest")]
+    parts += [(_with_owner(f"count_over_time({series}[{w}s])"), str(w)) for w in windows]
+    return " or ".join(f'label_replace({expr}, "{tag_label}", "{tag}", "", "")' for expr, tag in parts)

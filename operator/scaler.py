@@ -31,8 +31,8 @@ from voxscale.operator import status as st
 from voxscale.operator.endpoints import EndpointResolver
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.history import HistoryReader
-from voxscale.operator.kube import Kube
-from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError
+from voxscale.operator.kube import Kube, NotReady, PodStarts
+from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, format_duration
 from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
 from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
 
@@ -98,6 +98,7 @@ class Tracked:
     expected_replicas: int | None = None  # spec.replicas as voxscale last left it
     conflict: str | None = None  # another autoscaler on the Deployment, this round
     reported_conflict: str | None = None
+    reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
 
     @property
     def key(self) -> Key:
@@ -213,7 +214,7 @@ class Scaler:
         gathered = self.source.gather(targets, budget, on_late=self._mark_answered)
         pending |= {k: (Pending.OVER_BUDGET.value, why) for k, why in gathered.pending.items()}
         self.history.request(targets, now)  # in the background: its result is used once it arrives
-        starts = self.kube.pod_start_seconds(self.namespaces)
+        starts = self.kube.pod_starts(self.namespaces)
         present = self.kube.list_children(self.namespaces)
         foreign = self.kube.foreign_autoscalers(self.namespaces)
         for tr in due:
@@ -224,7 +225,7 @@ class Scaler:
             try:
                 self._restore_children(tr, present.get(tr.key, set()))
                 tr.conflict = foreign.get(tr.key)
-                dep, pods = deployments.get(tr.key), starts.get(tr.key, ())
+                dep, pods = deployments.get(tr.key), starts.get(tr.key, PodStarts())
                 if tr.key in pending and dep is not None:
                     self._hold(tr, dep, pending[tr.key], now)
                 else:
@@ -287,9 +288,10 @@ class Scaler:
             self.kube.event(tr.body, "Normal", "ChildrenRecreated", message)
 
     def _evaluate(
-        self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime, starts: tuple[float, ...] = ()
+        self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime, starts: PodStarts | None = None
     ) -> None:
         ns, name = tr.key
+        starts = starts or PodStarts()
         if dep is None:
             # Deleted by hand, or not created yet: make the children again.
             applied = self.kube.apply_children(tr.body)
@@ -303,7 +305,14 @@ class Scaler:
             _export_invalid(tr.key, ready)
             self._write_status(tr, None, replicas, ready, deployment_found=True, now=now)
             return
-        decision = decide(tr.policy, Observed(replicas, ready, starts), metrics, now, tr.history)
+        cold_start = _cold_start(tr.policy, tr.history)
+        stuck = stuck_pods(starts, cold_start, now)[: max(0, replicas - ready)]
+        decision = decide(
+            tr.policy, Observed(replicas, ready, starts.ready_seconds, len(stuck)), metrics, now, tr.history
+        )
+        if stuck:
+            decision = replace(decision, message=f"{decision.message}; {stuck_note(stuck, cold_start, now)}")
+        self._report_stuck(tr, stuck, decision.message)
         DECISIONS.labels(decision.reason.value).inc()
         if metrics.error:
             PROM_ERRORS.inc()
@@ -346,6 +355,13 @@ class Scaler:
             self.kube.set_deletion_costs(ns, deletion_costs(work))
         except (QueryError, SpecError, ApiException, concurrent.futures.TimeoutError) as exc:
             log.warning("%s/%s: could not rank pods for the scale-down (%r)", ns, name, exc)
+
+    def _report_stuck(self, tr: Tracked, stuck: list[NotReady], message: str) -> None:
+        """A Warning Event when a pod newly counts as stuck (once per pod, not every round)."""
+        names = frozenset(p.name for p in stuck)
+        if names - tr.reported_stuck:
+            self.kube.event(tr.body, "Warning", "PodsStuck", message)
+        tr.reported_stuck = names
 
     def _report_conflict(self, tr: Tracked) -> None:
         """Another autoscaler on the same Deployment: stop writing (two writers overwrite each other
@@ -454,6 +470,30 @@ def _export_invalid(key: Key, ready: int) -> None:
     _remove_series(key, _DECISION_GAUGES)
     READY.labels(*key).set(ready)
     SPEC_INVALID.labels(*key).set(1)
+
+
+def _cold_start(policy: ScalingPolicy, history: History) -> float:
+    """Seconds a pod takes to turn Ready: the learnt P90, or the spec's coldStart until there is one."""
+    learnt = history.cold_start_seconds
+    return learnt if learnt is not None else policy.predictive.cold_start.total_seconds()
+
+
+def stuck_pods(starts: PodStarts, cold_start: float, now: dt.datetime) -> list[NotReady]:
+    """The pods not Ready for longer than a pod takes to start (ImagePullBackOff, CrashLoopBackOff,
+    unschedulable...): counted as capacity on its way they would freeze every threshold trigger
+    ("a pod is still starting") for as long as they stay stuck. Longest stuck first."""
+    stuck = [p for p in starts.not_ready if (now - p.since).total_seconds() > cold_start]
+    return sorted(stuck, key=lambda p: p.since)
+
+
+def stuck_note(stuck: list[NotReady], cold_start: float, now: dt.datetime) -> str:
+    """The decision's words for stuck pods, naming the longest stuck and why."""
+    first = stuck[0]
+    others = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    return (
+        f"pod {first.name} not Ready for {format_duration(now - first.since)} ({first.why}){others}, longer than "
+        f"the {format_duration(dt.timedelta(seconds=cold_start))} cold start: not counted as capacity on its way"
+    )
 
 
 def deletion_costs(work: dict[str, float]) -> dict[str, int]:

@@ -166,7 +166,8 @@ def test_night_2_day_5_game_studio_schedule() -> None:
     run.now = dt.datetime(2026, 3, 3, 0, 50, tzinfo=dt.UTC)
     run.run(20 * 60, 10, const(gpu=20))  # 00:50 -> 01:10: the window ends at 01:00
     night = [(t, d) for t, d in run.decisions if d.changed and t.hour == 1]
-    assert night[0][0] == dt.datetime(2026, 3, 3, 1, 0, tzinfo=dt.UTC)
+    # The end of a window lowers the count as the scale-down rules do: after the 5m window, not at once.
+    assert night[0][0] == dt.datetime(2026, 3, 3, 1, 5, tzinfo=dt.UTC)
     assert (night[0][1].current, night[0][1].desired) == (5, 2)
 
 

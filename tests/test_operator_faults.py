@@ -88,7 +88,7 @@ def test_clocks_read_back_after_a_gap_start_again() -> None:
         ({"lastDecision": {"metrics": {"old": 1.0}}}, ("lastDecision", "metrics", "old")),
         ({"engine": {"belowSince": {"gpu": "2026-01-01T00:00:00+00:00"}}}, ("engine", "belowSince", "gpu")),
         ({"advisedReplicas": 4}, ("advisedReplicas",)),
-        ({"demand": {"arrivalRps": 3.0}}, ("demand",)),
+        ({"demand": {"arrivalRps": 3.0}}, ("demand", "arrivalRps")),  # no arrivals this round: none written
     ],
 )
 def test_build_carries_nothing_over_but_scale_time_and_transitions(

@@ -73,7 +73,11 @@ def test_slo_trigger_reads_arrivals_capacity_and_backlog_in_batches() -> None:
         "recent": "arrivals:8",  # a quarter of the window: a burst shows there first
         "capacity": "capacity:30",
         "backlog": "queue",
+        "p95": "latency",  # overload: p95 beyond the objective
+        "refused": "refused:30",  # overload: requests answered 429
     }
+    refused = triggers.batch_query("refused:30", ["ns"])
+    assert "voxscale_requests_total{" in refused and 'code="429"' in refused and "[30s]" in refused
     arrivals = triggers.batch_query("arrivals:30", ["ns"])
     assert "rate(voxscale_requests_received_total{" in arrivals and "[30s]" in arrivals
     cap = triggers.batch_query("capacity:30", ["ns"])
@@ -151,7 +155,8 @@ def test_gpu_query_joins_dcgm_series_with_or_without_honor_labels(cluster: Local
         why = absent.invalid["g"]
         assert "none carries pod/exported_pod of this TTSDeployment's pods (absent-<hash>-<id>" in why
         assert "exported_namespace" in why and "exported_pod" in why  # the labels seen
-        assert source.stats.queries == 2  # one batched query for every object, one look-up of label names
+        # One batched query for every object, one look-up of label names, one of the samples' age.
+        assert source.stats.queries == 3
     finally:
         for suffix in ("honor", "default"):
             cluster.remove_scrape_targets(f"{job}-{suffix}")

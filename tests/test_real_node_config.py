@@ -3,6 +3,7 @@ the CNI bridge, Prometheus' Kubernetes discovery and the demo's ramp are given."
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_only_a_containerd_stopped_by_sigterm_marks_its_store_clean(
     monkeypatch.setattr(realnode, "_kill_where", lambda match: None)
     monkeypatch.setattr(realnode, "_remove_kubepods_cgroups", lambda: None)
     monkeypatch.setattr(realnode, "_restore_sysctls", lambda st: None)
-    monkeypatch.setattr(realnode.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)  # `ip link delete` of the real bridge
     realnode.containerd_root().mkdir(parents=True)
     st = state(tmp_path / "node")
     realnode.cleanup_containerd(st)

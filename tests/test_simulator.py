@@ -172,8 +172,25 @@ def test_cli_runs_a_scenario_with_json_and_plot(tmp_path: Path) -> None:
         check=True,
     )
     data = json.loads(res.stdout)
-    assert {r["autoscaler"] for r in data["results"]} >= {"voxscale", "keda+hpa (model)"}
+    assert {r["autoscaler"] for r in data["results"]} >= {"voxscale", "keda+hpa (model)", "kpa (model)"}
+    assert all(r["reversals"] >= 0 and r["reversals_per_day"] >= 0 for r in data["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_simulates_a_request_log(tmp_path: Path) -> None:
+    """--requests: an access log (timestamp, status, chars) binned into a trace, its table printed;
+    a bad row is refused with its line and field."""
+    log = tmp_path / "access.csv"
+    rows = [f"{i * 0.05:.2f},200,{40 + (i % 7) * 60}" for i in range(12000)]  # 20 rps for 10 minutes
+    log.write_text("timestamp,status,chars\n" + "\n".join(rows) + "\n")
+    manifest = str(Path(__file__).resolve().parents[1] / "examples" / "minimal.yaml")
+    cmd = [sys.executable, "-m", "voxscale.cli", "simulate", "--requests", str(log), "-f", manifest, "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "request log" in res.stdout and "12000 requests with sizes" in res.stdout
+    assert "reversals" in res.stdout and "kpa (model)" in res.stdout
+    log.write_text("timestamp,chars\n1,20\n2,-3\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 2 and f"{log}:3: field chars" in bad.stderr, bad.stderr
 
 
 def test_replica_capacity_can_come_from_the_inference_benchmark(tmp_path: Path) -> None:

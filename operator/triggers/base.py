@@ -29,10 +29,13 @@ class Context:
     capacity_measured: bool = False
     headroom: float = 1.0  # demand's usual rise over a pod start (slo kinds size for demand x this)
     trend: float = 1.0  # the rise under way now, extrapolated over a pod start (slo kinds lean on it a little)
+    needed: int | None = None  # what the SLO model sizes for the demand now (None: no model or no data)
+    stuck: int = 0  # pods not Ready for longer than a cold start (ImagePullBackOff...): not on their way
 
     @property
     def starting(self) -> int:
-        return max(0, self.replicas - self.ready)
+        """Pods on their way to Ready; stuck ones (not Ready for longer than a cold start) are not."""
+        return max(0, self.replicas - self.ready - self.stuck)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class TriggerKind(Protocol):
     # Reads series the inference pods publish: at zero pods it has no data by construction, which is
     # no news (only a trigger on something outside the pods, like a gateway's counter, can wake them).
     reads_pods: bool
+    # The value is a total over the pods (a queue), not an average: what removing pods does to it.
+    summed: bool
 
     def validate(self, trigger: Trigger, field: str) -> None:
         """Raise SpecError naming the field for settings the CRD schema cannot judge."""
@@ -113,9 +118,30 @@ def proportional_and_threshold(trigger: Trigger, value: float, ctx: Context, sum
             pending = f"{above} of {format_duration(trigger.sustain_for)}"
         elif ctx.starting > 0:
             recs.append((ctx.replicas, f"{above}, {ctx.starting} pod(s) still starting"))
+        elif ctx.needed is not None and ctx.needed > ctx.replicas + ctx.step_up:
+            # A step sized by the step limit alone would take several sustain periods to catch up.
+            recs.append((ctx.needed, f"{above}; demand needs {ctx.needed}"))
         else:
             recs.append((ctx.replicas + ctx.step_up, above))
     if not recs:
         return Recommendation(None, pending or f"{named(trigger, value)}, no threshold crossed")
     rec, note = max(recs, key=lambda r: r[0])
     return Recommendation(rec, f"{note}; {pending}" if pending else note)
+
+
+def fights(trigger: Trigger, value: float, summed: bool, replicas: int, ready: int, removed: int) -> str | None:
+    """What `trigger` would read after `removed` pods go, if that reading asks for a scale-up again
+    (None: it would not). Pods not Ready go first (as a ReplicaSet removes them), then the load stays
+    and spreads over the Ready pods left - the HPA's ratio in reverse: an average over the pods grows
+    by ready/left, a total stays as it is. A scale-down this refuses is one flapping would undo."""
+    left, count = ready - max(0, removed - (replicas - ready)), replicas - removed
+    if left <= 0 or count <= 0:
+        return f"{trigger.name} would have no pod to read" if value > 0 else None
+    at = value if summed else value * ready / left
+    if trigger.scale_up_above is not None and at > trigger.scale_up_above:
+        return f"{trigger.name} would read {fmt(trigger, at)} > {fmt(trigger, trigger.scale_up_above)}"
+    if trigger.target is not None:
+        per_pod = at / count if summed else at
+        if per_pod / trigger.target > 1 + trigger.tolerance:
+            return f"{trigger.name} would read {fmt(trigger, at)} against target {fmt(trigger, trigger.target)}"
+    return None

@@ -21,6 +21,7 @@ _POD_LABELS = ("pod", queries.EXPORTED_POD)
 class GpuUtilization:
     prefixes: tuple[str, ...] = ("gpu:",)
     reads_pods = True
+    summed = False  # an average over the pods: it scales with N/(N-k) when k go
 
     def validate(self, trigger: Trigger, field: str) -> None:
         """Objects stored before the CRD narrowed its enum can still carry a series nobody publishes."""
@@ -38,7 +39,7 @@ class GpuUtilization:
         return queries.gpu_utilization(key.removeprefix(_PREFIX), namespaces)
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
-        return proportional_and_threshold(trigger, value, ctx, summed=False)
+        return proportional_and_threshold(trigger, value, ctx, summed=self.summed)
 
     def probe(self, key: str) -> str:
         """The series whose label names explain an empty result (asked once per endpoint and round)."""

@@ -12,6 +12,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 class LatencyP95:
     prefixes: tuple[str, ...] = ("latency",)
     reads_pods = True
+    summed = False  # an average over the pods: it scales with N/(N-k) when k go
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None
@@ -23,4 +24,4 @@ class LatencyP95:
         return queries.latency_p95(namespaces)
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
-        return proportional_and_threshold(trigger, value, ctx, summed=False)
+        return proportional_and_threshold(trigger, value, ctx, summed=self.summed)

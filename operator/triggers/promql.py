@@ -11,6 +11,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 class PromQL:
     prefixes: tuple[str, ...] = ()
     reads_pods = False
+    summed = False  # read as an average over the pods, as the HPA reads a Value metric
 
     def validate(self, trigger: Trigger, field: str) -> None:
         if not trigger.query:
@@ -23,4 +24,4 @@ class PromQL:
         raise ValueError("promql triggers are queried per object, not batched")
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
-        return proportional_and_threshold(trigger, value, ctx, summed=False)
+        return proportional_and_threshold(trigger, value, ctx, summed=self.summed)

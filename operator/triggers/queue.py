@@ -12,6 +12,7 @@ from voxscale.operator.triggers.base import Context, Recommendation, proportiona
 class QueueLength:
     prefixes: tuple[str, ...] = ("queue",)
     reads_pods = True
+    summed = True  # a total over the pods: removing pods leaves it as it is
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None
@@ -23,4 +24,4 @@ class QueueLength:
         return queries.queue_length(namespaces)
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
-        return proportional_and_threshold(trigger, value, ctx, summed=True)
+        return proportional_and_threshold(trigger, value, ctx, summed=self.summed)

@@ -28,6 +28,8 @@ RECENT_FRACTION = 4
 TREND_Z = 6.0
 TREND_CAP = 1.5
 TREND_MAX_EXTRA = 1
+# Demand at this multiple of the ready capacity is overload (Knative's KPA panics at 200 %).
+PANIC_RATIO = 2.0
 # A replica busier than this is near saturation: its completed/busy ratio is its capacity.
 CAPACITY_MIN_BUSY = 0.6
 
@@ -57,6 +59,21 @@ def trend(trigger: Trigger, arrivals: float | None, inputs: Mapping[str, float],
     return min(1.0 + slope * lookahead_seconds / recent, TREND_CAP)
 
 
+def overload(
+    trigger: Trigger, inputs: Mapping[str, float], ready_capacity: float, arrivals: float | None
+) -> str | None:
+    """Why the fleet is overloaded now, from what the pods report at their door (None: it is not).
+    Overload is answered from demand at once and forbids a scale-down until it is over."""
+    p95, refused = inputs.get("p95"), inputs.get("refused")
+    if p95 is not None and p95 > trigger.latency_seconds:
+        return f"p95 {p95:.3g}s beyond the {trigger.latency_seconds:g}s objective"
+    if refused is not None and refused > 0:
+        return f"{refused:.3g} requests/s refused (429)"
+    if arrivals and arrivals >= PANIC_RATIO * ready_capacity:
+        return f"demand {arrivals:.3g} rps at {PANIC_RATIO:g}x or more of the ready capacity ({ready_capacity:.3g} rps)"
+    return None
+
+
 def demand(arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0) -> tuple[float, float]:
     """(requests/s arriving, what the fleet must carry by the time a pod it orders now is Ready):
     arrivals grown by the headroom, plus the backlog to work off."""
@@ -65,8 +82,9 @@ def demand(arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0) 
 
 
 class Slo:
-    prefixes: tuple[str, ...] = ("arrivals:", "capacity:")
+    prefixes: tuple[str, ...] = ("arrivals:", "capacity:", "refused:")
     reads_pods = True
+    summed = False
 
     def validate(self, trigger: Trigger, field: str) -> None:
         return None
@@ -79,6 +97,8 @@ class Slo:
             "recent": f"arrivals:{recent}",
             "capacity": f"capacity:{window}",
             "backlog": "queue",
+            "p95": "latency",  # overload: p95 beyond the objective
+            "refused": f"refused:{window}",  # overload: requests answered 429
         }
 
     def query(self, key: str, namespaces: Iterable[str]) -> str:
@@ -86,6 +106,8 @@ class Slo:
         seconds = float(window)
         if kind == "arrivals":
             return queries.arrival_rate(namespaces, seconds)
+        if kind == "refused":
+            return queries.refused_rate(namespaces, seconds)
         return queries.capacity(namespaces, seconds, CAPACITY_MIN_BUSY)
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class StaticAutoscaler:
     replicas: int
     name: str = "static"
     interval_seconds: float = 60.0
+    reads_latency: ClassVar[bool] = False  # the simulator skips its p95
 
     def desired(self, now: dt.datetime, replicas: int, ready: int, signals: Signals) -> int:
         return self.replicas
@@ -280,7 +282,9 @@ def _highest_rate_served(n: int, capacity_rps: float, slots: int, slo_seconds: f
 @dataclass
 class OracleAutoscaler:
     """A clairvoyant lower bound for GPU-hours: it knows the trace's true rate ahead of time, pays the
-    cold start, and sizes exactly to the SLO. At each evaluation (every 5 s) it asks for the largest
+    cold start, and sizes exactly to the SLO (on a trace with a request mix, for the rate of
+    model-sized requests, rps x cost: optimistic when requests are longer, as a bound should be).
+    At each evaluation (every 5 s) it asks for the largest
     M/M/c sizing over the rates until its next pods could be Ready (now to now + cold start + 5 s), and
     it scales down at once. It keeps to what the manifest's owner fixed - min, max and the schedules'
     floors, which every contender honours - so the gap to it is the autoscaler's own. No real
@@ -291,6 +295,7 @@ class OracleAutoscaler:
     step_seconds: float
     name: str = "oracle"
     interval_seconds: float = 5.0
+    reads_latency: ClassVar[bool] = False  # the simulator skips its p95
 
     @classmethod
     def for_trace(
@@ -304,7 +309,7 @@ class OracleAutoscaler:
         interval_seconds: float = 5.0,
     ) -> OracleAutoscaler:
         """`floors`: the manifest's schedule floor at each step of the trace (see `schedule_floors`)."""
-        need = slo_sizing(trace.rps, capacity.rps_per_replica, capacity.slots, slo_seconds)
+        need = slo_sizing(trace.work, capacity.rps_per_replica, capacity.slots, slo_seconds)
         ahead = math.ceil((capacity.cold_start_seconds + interval_seconds) / trace.step_seconds)
         wanted = forward_max(need, ahead)
         if floors is not None:

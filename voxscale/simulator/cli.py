@@ -29,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CSV with a header `timestamp,rps` (or requests_per_second; seconds or ISO-8601), "
         "optionally a metrics_up column (1, or 0 during a metrics outage)",
     )
+    src.add_argument(
+        "--requests",
+        type=Path,
+        metavar="LOG.csv",
+        help="a per-request log, as an access log has it: a `timestamp` column (seconds or ISO-8601), "
+        "optionally each request's size as `chars` or `audio_seconds`; binned at --step, each request's "
+        "service time in proportion to its size (the log's mean request takes --service-seconds)",
+    )
     p.add_argument(
         "--manifest",
         "-f",
@@ -77,12 +85,18 @@ def load_manifest(path: Path) -> dict[str, Any]:
     found = [d for d in docs if isinstance(d, dict) and d.get("kind") == crd.KIND]
     if len(found) != 1:
         raise SpecError(str(path), f"expected exactly one {crd.KIND}, found {len(found)}")
-    problems = crd.validate(found[0])
+    return checked_manifest(found[0])
+
+
+def checked_manifest(doc: dict[str, Any]) -> dict[str, Any]:
+    """A TTSDeployment document validated against the CRD (as the API server would) and defaulted;
+    a SpecError names the first field at fault."""
+    problems = crd.validate(doc)
     if problems:
         field, _, message = problems[0].partition(": ")
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise SpecError(field, message + more)
-    return crd.apply_defaults(found[0])
+    return crd.apply_defaults(doc)
 
 
 def measured_capacity(path: Path, base: CapacityModel) -> CapacityModel:
@@ -135,9 +149,12 @@ def run(args: argparse.Namespace) -> int:
             if not manifest_path.exists():
                 raise SpecError(str(manifest_path), f"no such file; pass --manifest for scenario {args.scenario}")
         else:
-            trace = traces.load_csv(args.trace, args.step)
+            if args.requests:
+                trace = traces.load_requests(args.requests, args.step)
+            else:
+                trace = traces.load_csv(args.trace, args.step)
             if args.manifest is None:
-                raise SpecError("--manifest", "a CSV trace needs the TTSDeployment manifest to simulate")
+                raise SpecError("--manifest", "a CSV trace or request log needs the TTSDeployment manifest to simulate")
             manifest_path = args.manifest
         ttsd = load_manifest(manifest_path)
         policy = ScalingPolicy.from_spec(ttsd["spec"])

@@ -53,6 +53,7 @@ class Substeps:
     survive_arrival: float  # an arrival (uniform sub-step) still in service at the end of the step
     busy_per_running: float  # mean busy slots over the step per request running at its start
     busy_per_arrival: float  # mean busy slots over the step per arrival (no one waiting)
+    spread: tuple[float, ...]  # each sub-step's share of the arrivals (uniform)
 
 
 @functools.cache
@@ -63,7 +64,11 @@ def _substeps(dt: float, service_seconds: float) -> Substeps:
     # Completions come first in a sub-step, then arrivals; a request counts as busy after both.
     running = sum(q ** (j + 1) for j in range(k)) / k
     arriving = sum((k - m) * q**m for m in range(k)) / k**2
-    return Substeps(k, dt / k, p, q**k, sum(q**m for m in range(k)) / k, running, arriving)
+    return Substeps(k, dt / k, p, q**k, sum(q**m for m in range(k)) / k, running, arriving, (1 / k,) * k)
+
+
+# Mix multipliers are rounded to this grid so the sub-step tables stay a handful (they are cached).
+COST_GRID = 32
 
 
 @dataclass
@@ -91,6 +96,15 @@ class ReplicaQueue:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self.service_seconds = self.capacity.service_seconds  # this step's, with the request mix
+        self.service_sum = 0.0  # service seconds of every request served, for the mean latency
+        self._pending: dict[int, float] = {}  # this step's latency bins, flushed into `recent` once
+
+    def set_cost(self, cost: float) -> None:
+        """The request mix of the coming steps: service time `cost` x the capacity model's (1 = it),
+        rounded to 1/COST_GRID so the stochastic sub-step tables stay few."""
+        cost = max(1, round(cost * COST_GRID)) / COST_GRID
+        self.service_seconds = self.capacity.service_seconds * cost
 
     def step(self, now: float, dt: float, rps: float, ready: int, arrivals: float | None = None) -> StepStats:
         """Advance one step of `dt` seconds with `ready` replicas. `arrivals` (requests this step) may be
@@ -98,20 +112,22 @@ class ReplicaQueue:
         without it they are drawn here (stochastic) or taken as `rps * dt` (fluid)."""
         if self.stochastic:
             drawn = float(self.rng.poisson(rps * dt)) if arrivals is None else arrivals
-            return self._step_stochastic(now, dt, int(drawn), ready)
-        return self._step_fluid(now, dt, rps * dt if arrivals is None else arrivals, ready)
+            stats = self._step_stochastic(now, dt, int(drawn), ready)
+        else:
+            stats = self._step_fluid(now, dt, rps * dt if arrivals is None else arrivals, ready)
+        self._flush(now)
+        return stats
 
     def _step_fluid(self, now: float, dt: float, arrivals: float, ready: int) -> StepStats:
         """Fluid: a slot starts dt/S requests per step (several when S < dt); none carry over."""
-        cap = self.capacity
-        slots = ready * cap.slots
+        slots = ready * self.capacity.slots
         self.in_service = 0.0
-        free = slots * dt / cap.service_seconds
+        free = slots * dt / self.service_seconds
         stats = StepStats(arrivals=arrivals)
         admitted = self._admit(now, arrivals, ready, free)
         stats.rejected = arrivals - admitted
         started = self._start_queued(now, free)
-        stats.busy_slots = min(float(slots), started * cap.service_seconds / dt)
+        stats.busy_slots = min(float(slots), started * self.service_seconds / dt)
         stats.queue = self.queued
         return stats
 
@@ -153,11 +169,11 @@ class ReplicaQueue:
         n = round(self.in_service)
         if not self.queued and n + arrivals <= slots:
             return self._step_unqueued(now, dt, arrivals, n)
-        sub = _substeps(dt, self.capacity.service_seconds)
+        sub = _substeps(dt, self.service_seconds)
         # Where in the step each arrival falls: uniform, as Poisson arrivals are given their count.
         spread = [arrivals] + [0] * (sub.k - 1)
         if arrivals and sub.k > 1:
-            spread = self.rng.multinomial(arrivals, [1 / sub.k] * sub.k).tolist()
+            spread = self.rng.multinomial(arrivals, sub.spread).tolist()
         rejected_before = self.rejected
         binomial, p_done = self.rng.binomial, sub.p_done
         immediate = busy_sum = 0
@@ -165,9 +181,14 @@ class ReplicaQueue:
             if n:
                 n -= binomial(n, p_done)
             free = slots - n if n < slots else 0
-            if a <= free and not self.queued:  # nobody waits: the common case, kept cheap
-                immediate += a
-                n += a
+            if not self.queued:  # nobody waits: the common case, kept cheap
+                if a <= free:
+                    immediate += a
+                    n += a
+                else:  # the free slots start at once (wait 0), the rest queue or are refused
+                    immediate += free
+                    n += free
+                    self._admit(now + j * sub.h, float(a - free), ready, 0.0)
             else:
                 at = now + j * sub.h
                 self._admit(at, float(a), ready, float(free))
@@ -182,7 +203,7 @@ class ReplicaQueue:
         """A step in which every arrival finds a free slot: the requests in service at its end are
         the survivors of those at its start and of the arrivals, each drawn in one binomial; the
         busy slots are their expectation over the sub-steps."""
-        sub = _substeps(dt, self.capacity.service_seconds)
+        sub = _substeps(dt, self.service_seconds)
         left = self.rng.binomial(n, sub.survive_step) if n else 0
         if arrivals:
             left += self.rng.binomial(arrivals, sub.survive_arrival)
@@ -195,13 +216,24 @@ class ReplicaQueue:
         return np.asarray(self.latency_counts)
 
     def _record(self, now: float, wait: float, count: float) -> None:
-        latency = wait + self.capacity.service_seconds
+        """Count `count` requests starting service now after `wait`; the window of recent latencies
+        gets them when the step ends (`_flush`), one entry per bin and step."""
+        latency = wait + self.service_seconds
         idx = min(bisect.bisect_left(_BIN_EDGES, latency), len(_BIN_EDGES) - 1)
         self.latency_counts[idx] += count
         self.served += count
         self.wait_sum += wait * count
-        self.recent.append((now, idx, count))
-        self.recent_counts[idx] += count
+        self.service_sum += self.service_seconds * count
+        self._pending[idx] = self._pending.get(idx, 0.0) + count
+
+    def _flush(self, now: float) -> None:
+        """This step's latencies into the recent window, stamped with the step's start."""
+        if not self._pending:
+            return
+        for idx, count in self._pending.items():
+            self.recent.append((now, idx, count))
+            self.recent_counts[idx] += count
+        self._pending = {}
 
     def p95_recent(self, now: float, window: float = 60.0) -> float | None:
         """p95 latency of requests that started service in the last `window` seconds (None: none did),

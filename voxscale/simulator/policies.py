@@ -49,12 +49,14 @@ class Autoscaler(Protocol):
 def signals_to_metrics(policy: ScalingPolicy, s: Signals, history: RateHistory | None = None) -> Metrics:
     """The engine's input from simulated signals, trigger by trigger (None stays missing, never zero).
 
-    During a metrics outage every query fails, as when Prometheus is unreachable.
+    During a metrics outage every query fails, as when Prometheus is unreachable. The SLO model's
+    inputs are filled in for the implicit objective too (`policy.queried`), as the operator queries
+    the door counters for every TTSDeployment.
     """
     if not s.metrics_up:
         return Metrics(error="Prometheus unreachable (simulated outage)", history=history)
     values: dict[str, float] = {}
-    for t in policy.triggers:
+    for t in policy.queried:
         if t.type is TriggerType.GPU_UTILIZATION and s.gpu_percent is not None:
             values[t.name] = s.gpu_percent
         elif t.type is TriggerType.QUEUE_LENGTH:
@@ -68,6 +70,8 @@ def signals_to_metrics(policy: ScalingPolicy, s: Signals, history: RateHistory |
                 values[f"{t.name}.recent"] = s.arrival_recent_rps
             if s.capacity_rps is not None:
                 values[f"{t.name}.capacity"] = s.capacity_rps
+            if s.p95_seconds is not None:
+                values[f"{t.name}.p95"] = s.p95_seconds
     return Metrics(values, history=history)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import sys
 import time
@@ -13,12 +14,17 @@ import numpy as np
 
 from voxscale.operator.policy import ScalingPolicy
 from voxscale.simulator.baselines import KedaHpaModel, OracleAutoscaler, StaticAutoscaler, schedule_floors
+from voxscale.simulator.kpa import KpaModel
 from voxscale.simulator.model import CapacityModel, Fleet, ReplicaQueue, StepStats
 from voxscale.simulator.policies import Autoscaler, Signals, VoxscaleAutoscaler
 from voxscale.simulator.traces import Trace
 
 SERIES_POINTS = 3000  # time-series samples kept per run, for plots
 CAPACITY_MIN_BUSY = 0.6  # share of busy slots over the window above which a measured capacity is reported
+# A reversal: a scale event in the opposite direction of the one before it, within this window, while
+# the load (the arrival rate over the rate window) changed by less than this share. Flapping, counted.
+REVERSAL_WINDOW_S = 600.0
+REVERSAL_TOLERANCE = 0.2
 
 
 @dataclass
@@ -45,6 +51,30 @@ class Summary:
     # This run's GPU-hours over the KEDA+HPA model's and over the oracle's (set by compare()).
     gpu_hours_vs_keda: float | None = None
     gpu_hours_vs_oracle: float | None = None
+    # Moves undone within REVERSAL_WINDOW_S while the load changed less than REVERSAL_TOLERANCE.
+    reversals: int = 0
+    reversals_per_day: float = 0.0
+
+
+@dataclass(frozen=True)
+class Move:
+    """One scale event: when, which way, and the load (arrival rate over the rate window) then."""
+
+    t: float
+    up: bool
+    load: float
+
+
+def count_reversals(
+    moves: list[Move], window_s: float = REVERSAL_WINDOW_S, tolerance: float = REVERSAL_TOLERANCE
+) -> int:
+    """Moves that undo the move before them within `window_s` while the load changed by less than
+    `tolerance` of the larger of the two loads: the fleet changed its mind, not the traffic."""
+    return sum(
+        1
+        for a, b in itertools.pairwise(moves)
+        if a.up != b.up and b.t - a.t <= window_s and abs(b.load - a.load) <= tolerance * max(a.load, b.load)
+    )
 
 
 @dataclass
@@ -78,7 +108,7 @@ class Progress:
 
 
 class Window:
-    """A running sum over the last `size` steps, O(1) per step."""
+    """A running sum over the last `size` steps, O(1) per step (simulate() keeps its own as prefix sums)."""
 
     def __init__(self, size: int) -> None:
         self.values = [0.0] * max(1, size)
@@ -115,32 +145,64 @@ class _Day1:
     served_within: float
 
 
+@dataclass
+class _Rates:
+    """Running sums over the rate window (and its last quarter) as prefix sums: arrivals are known
+    for the whole trace up front; busy and available slots are appended as the steps run. O(1) a
+    step, and the window is read only when an autoscaler evaluates."""
+
+    width: int
+    arrivals: np.ndarray  # prefix sums of arrivals, one more entry than steps
+    busy: list[float] = field(default_factory=lambda: [0.0])
+    slots: list[float] = field(default_factory=lambda: [0.0])
+
+    def push(self, busy: float, slots: float) -> None:
+        self.busy.append(self.busy[-1] + busy)
+        self.slots.append(self.slots[-1] + slots)
+
+    def arrival_rps(self, i: int, width: int, dt_s: float) -> float:
+        """Mean arrival rate over the `width` steps up to step i (fewer at the start)."""
+        lo = max(0, i + 1 - width)
+        return float(self.arrivals[i + 1] - self.arrivals[lo]) / ((i + 1 - lo) * dt_s)
+
+    def loaded(self) -> bool:
+        """Busy enough over the window (>= CAPACITY_MIN_BUSY of the slots) for a measured capacity."""
+        n = len(self.busy) - 1
+        lo = max(0, n - self.width)
+        slots = self.slots[n] - self.slots[lo]
+        return slots > 0 and (self.busy[n] - self.busy[lo]) / slots >= CAPACITY_MIN_BUSY
+
+
 def _signals(
+    i: int,
     stats: StepStats,
     ready: int,
-    arrivals: Window,
-    recent: Window,
-    busy: Window,
-    slots: Window,
+    rates: _Rates,
+    queue: ReplicaQueue,
     capacity: CapacityModel,
     p95: float | None,
     metrics_up: bool,
     dt_s: float,
 ) -> Signals:
     """What Prometheus would answer now. arrival_rps counts refused requests too (the server counts
-    at the door); capacity_rps is reported only when the fleet was busy enough (>= 60 % of its slots
-    over the window) for a measured capacity to mean something."""
-    loaded = slots.total > 0 and busy.total / slots.total >= CAPACITY_MIN_BUSY
+    at the door); capacity_rps (what the pods measure: slots over this mix's service time) is
+    reported only when the fleet was busy enough (>= 60 % of its slots over the window) for a
+    measured capacity to mean something."""
     return Signals(
         gpu_percent=min(100.0, 100 * stats.busy_slots / (ready * capacity.slots)) if ready else None,
         queue=stats.queue,
         p95_seconds=p95,
-        arrival_rps=arrivals.total / (arrivals.filled * dt_s) if ready else None,
-        arrival_recent_rps=recent.total / (recent.filled * dt_s) if ready else None,
-        capacity_rps=capacity.rps_per_replica if loaded else None,
+        arrival_rps=rates.arrival_rps(i, rates.width, dt_s) if ready else None,
+        arrival_recent_rps=rates.arrival_rps(i, max(1, rates.width // 4), dt_s) if ready else None,
+        capacity_rps=capacity.slots / queue.service_seconds if rates.loaded() else None,
         metrics_up=metrics_up,
         pod_start_seconds=capacity.cold_start_seconds,
     )
+
+
+def _costs(trace: Trace) -> list[float] | None:
+    """The request mix per step (service time over the capacity model's), None for a plain trace."""
+    return None if trace.cost is None else trace.cost.tolist()
 
 
 def simulate(
@@ -157,51 +219,52 @@ def simulate(
     rate_window_seconds: float = 60.0,
 ) -> RunResult:
     """Step the trace through `autoscaler` and the replica model; keep a thinned time series of the
-    load, the replicas asked for and Ready, and p95 latency, and summarise the run."""
+    load, the replicas asked for and Ready, and p95 latency, and summarise the run (scale events and
+    their reversals included). p95 is computed only where it is read: at the autoscaler's ticks when
+    it reads latency (`reads_latency`, True unless it says otherwise) and at the plotted points."""
     dt_s = trace.step_seconds
     queue = ReplicaQueue(capacity, stochastic=stochastic, seed=seed)
     fleet = Fleet(initial_replicas, capacity.cold_start_seconds)
-    width = max(1, round(rate_window_seconds / dt_s))
-    arrivals_w, busy_w, slots_w = Window(width), Window(width), Window(width)
-    recent_w = Window(max(1, width // 4))
     arrivals = draw_arrivals(trace, stochastic, seed)
+    rates = _Rates(max(1, round(rate_window_seconds / dt_s)), np.concatenate([[0.0], np.cumsum(arrivals)]))
     ups = trace.metrics_up.tolist() if trace.metrics_up is not None else None
+    costs = _costs(trace)
+    reads_latency = bool(getattr(autoscaler, "reads_latency", True))
     day_steps = round(86400 / dt_s) if len(trace.rps) > round(86400 / dt_s) else -1
     day1: _Day1 | None = None
     gpu_seconds = under = over = 0.0
-    events = 0
+    moves: list[Move] = []
     next_eval = 0.0
     every = max(1, len(trace.rps) // SERIES_POINTS)
     result = RunResult(summary=None)  # type: ignore[arg-type]
     bar = Progress(autoscaler.name, len(trace.rps), progress)
-    last_p95 = 0.0
     start_ts = trace.start.timestamp()
-    per_replica = capacity.rps_per_replica
+    per_replica, slots_per, gpus = capacity.rps_per_replica, capacity.slots, capacity.gpus_per_replica
+    cost = 1.0
     for i, (rps, arrived) in enumerate(zip(trace.rps.tolist(), arrivals.tolist(), strict=True)):
         now = i * dt_s
         if i == day_steps:
             day1 = _Day1(gpu_seconds, float(arrivals[:i].sum()), queue.served_within(slo_seconds))
+        if costs is not None and costs[i] != cost:
+            cost = costs[i]
+            queue.set_cost(cost)
         ready = fleet.tick(now)
         stats = queue.step(now, dt_s, rps, ready, arrived)
-        arrivals_w.push(arrived)
-        recent_w.push(arrived)
-        busy_w.push(stats.busy_slots)
-        slots_w.push(ready * capacity.slots)
-        gpu_seconds += fleet.replicas * capacity.gpus_per_replica * dt_s
-        ready_capacity = ready * per_replica
+        rates.push(stats.busy_slots, ready * slots_per)
+        gpu_seconds += fleet.replicas * gpus * dt_s
+        ready_capacity = ready * per_replica / cost
         if rps > ready_capacity:
             under += dt_s
         elif ready_capacity > 2 * rps and fleet.replicas > min_replicas:
             over += dt_s
         if now >= next_eval:
-            p95 = queue.p95_recent(now)
-            last_p95 = p95 if p95 is not None else 0.0
+            p95 = queue.p95_recent(now) if reads_latency else None
             up = ups[i] if ups is not None else True
-            signals = _signals(stats, ready, arrivals_w, recent_w, busy_w, slots_w, capacity, p95, up, dt_s)
+            signals = _signals(i, stats, ready, rates, queue, capacity, p95, up, dt_s)
             wall = dt.datetime.fromtimestamp(start_ts + now, dt.UTC)
             want = autoscaler.desired(wall, fleet.replicas, ready, signals)
             if want != fleet.replicas:
-                events += 1
+                moves.append(Move(now, want > fleet.replicas, rates.arrival_rps(i, rates.width, dt_s)))
                 fleet.scale(now, want)
             next_eval += autoscaler.interval_seconds
         if i % every == 0:
@@ -209,20 +272,21 @@ def simulate(
             result.rps.append(float(rps))
             result.desired.append(fleet.replicas)
             result.ready.append(fleet.ready)
-            result.p95.append(last_p95)
+            result.p95.append(queue.p95_recent(now) or 0.0)
             bar.update(i)
     bar.done()
-    result.summary = _summary(autoscaler.name, queue, capacity, gpu_seconds, events, under, over, day1, slo_seconds)
+    result.summary = _summary(autoscaler.name, queue, gpu_seconds, moves, under, over, day1, slo_seconds)
     result.summary.cost = result.summary.gpu_hours * price_per_gpu_hour
+    days = trace.seconds / 86400
+    result.summary.reversals_per_day = result.summary.reversals / days if days else 0.0
     return result
 
 
 def _summary(
     name: str,
     queue: ReplicaQueue,
-    capacity: CapacityModel,
     gpu_seconds: float,
-    events: int,
+    moves: list[Move],
     under: float,
     over: float,
     day1: _Day1 | None,
@@ -246,16 +310,17 @@ def _summary(
         latency_p50_s=queue.percentile(0.50),
         latency_p95_s=queue.percentile(0.95),
         latency_p99_s=queue.percentile(0.99),
-        latency_mean_s=(queue.wait_sum / queue.served + capacity.service_seconds) if queue.served else 0.0,
+        latency_mean_s=(queue.wait_sum + queue.service_sum) / queue.served if queue.served else 0.0,
         within_slo_percent=100 * within / total if total else 100.0,
         requests=total,
         rejected=queue.rejected,
         success_percent=100 * queue.served / total if total else 100.0,
-        scale_events=events,
+        scale_events=len(moves),
         under_provisioned_s=under,
         over_provisioned_s=over,
         within_slo_after_day1_percent=after_day1_within,
         gpu_hours_after_day1=after_day1_gpu,
+        reversals=count_reversals(moves),
     )
 
 
@@ -302,17 +367,23 @@ def contenders(
     trace: Trace, engine: VoxscaleAutoscaler, capacity: CapacityModel, slo_seconds: float
 ) -> list[tuple[Autoscaler, int]]:
     """voxscale, a static fleet for the peak, the KEDA + HPA model given every signal in the manifest,
-    and the clairvoyant oracle; each with the replicas it starts from."""
+    the clairvoyant oracle and the Knative KPA model (in that order: ROLES); each with the replicas
+    it starts from."""
     pol = engine.policy
-    peak = max(1, math.ceil(float(np.max(trace.rps)) / (0.8 * capacity.rps_per_replica)))
+    peak = max(1, math.ceil(float(np.max(trace.work)) / (0.8 * capacity.rps_per_replica)))
     floors = schedule_floors(trace, pol)
     oracle = OracleAutoscaler.for_trace(trace, capacity, slo_seconds, pol.min_replicas, pol.max_replicas, floors)
+    kpa = KpaModel(pol, capacity, floors, trace.start.timestamp(), trace.step_seconds)
     return [
         (engine, pol.min_replicas),
         (StaticAutoscaler(peak, name=f"static peak ({peak})"), peak),
         (KedaHpaModel(pol), pol.min_replicas),
         (oracle, int(oracle.plan[0])),
+        (kpa, pol.min_replicas),
     ]
+
+
+ROLES = ("voxscale", "static_peak", "keda", "oracle", "kpa")  # contenders() order
 
 
 def compare(
@@ -371,6 +442,7 @@ def _row(s: Summary, multi_day: bool) -> list[str]:
         f"{s.within_slo_percent:.1f}%",
         f"{s.rejected:.0f}",
         str(s.scale_events),
+        f"{s.reversals} ({s.reversals_per_day:.1f}/d)",
         f"{s.under_provisioned_s / 60:.0f}m",
         f"{s.over_provisioned_s / 60:.0f}m",
     ]
@@ -388,7 +460,9 @@ def format_table(c: Comparison) -> str:
     )
     multi_day = c.runs[0].summary.gpu_hours_after_day1 is not None
     cols = ["autoscaler", "GPU-h", "cost $", "saved", "vs keda", "vs oracle", "p50 s", "p95 s", "p99 s", "mean s"]
-    cols += ["in SLO", "rejected", "events", "under", "over"] + (["GPU-h d2+", "in SLO d2+"] if multi_day else [])
+    cols += ["in SLO", "rejected", "events", "reversals", "under", "over"] + (
+        ["GPU-h d2+", "in SLO d2+"] if multi_day else []
+    )
     rows = [_row(r.summary, multi_day) for r in c.runs]
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows, strict=True)]
     lines = [
@@ -397,10 +471,13 @@ def format_table(c: Comparison) -> str:
     ]
     foot = (
         "under: time the load exceeded the ready capacity; over: time the ready capacity was more than "
-        "twice the load (above min). vs keda / vs oracle: GPU-hours over theirs. keda+hpa is a model of "
+        "twice the load (above min). reversals: moves undone within "
+        f"{REVERSAL_WINDOW_S / 60:.0f} min while the load changed < {REVERSAL_TOLERANCE:.0%} (per simulated "
+        "day). vs keda / vs oracle: GPU-hours over theirs. keda+hpa is a model of "
         "their documented algorithms given every trigger and schedule of the manifest; the oracle knows "
         "the load ahead and sizes exactly to the SLO within the manifest's min and schedule floors (a lower "
-        "bound on GPU-hours)." + (" d2+: from the second day on." if multi_day else "")
+        "bound on GPU-hours); kpa is a model of Knative's KPA with its defaults."
+        + (" d2+: from the second day on." if multi_day else "")
     )
     return "\n".join([head, "", *lines, "", foot, f"simulated in {c.sim_seconds:.1f} s"])
 

@@ -33,10 +33,20 @@ class Trace:
     description: str = ""
     # Per step, False during a metrics outage (an autoscaler's queries come back empty); None: always up.
     metrics_up: np.ndarray | None = None
+    # Per step, the request mix: a request's service time over the capacity model's (1: the model's;
+    # 2: requests twice as long, as when replies turn into paragraphs). None: always 1.
+    cost: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.metrics_up is not None and self.metrics_up.shape != self.rps.shape:
-            raise ValueError(f"metrics_up has {self.metrics_up.shape} steps, rps {self.rps.shape}: they must match")
+        for name in ("metrics_up", "cost"):
+            values = getattr(self, name)
+            if values is not None and values.shape != self.rps.shape:
+                raise ValueError(f"{name} has {values.shape} steps, rps {self.rps.shape}: they must match")
+
+    @property
+    def work(self) -> np.ndarray:
+        """Load in requests of the capacity model's size per second: rps x cost."""
+        return self.rps if self.cost is None else self.rps * self.cost
 
     @property
     def seconds(self) -> float:
@@ -144,6 +154,86 @@ def load_csv(path: Path, step_seconds: float = 1.0) -> Trace:
     start = dt.datetime.fromtimestamp(times[0], dt.UTC) if times[0] > 1e9 else dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
     up = None if ups is None else np.asarray(ups, dtype=bool)[idx]
     return Trace(path.stem, start, step_seconds, np.asarray(rates)[idx], f"CSV trace {path}", up)
+
+
+# --- per-request logs ----------------------------------------------------------------------------
+# Accepted names of a request log's optional size column: input characters or seconds of audio.
+SIZE_COLUMNS = ("chars", "characters", "input_chars", "audio_seconds")
+_LOG_HELP = "a header with `timestamp` and optionally one size column (chars or audio_seconds)"
+
+
+def _log_columns(header: list[str], where: str) -> tuple[int, int | None, str | None]:
+    """(timestamp column, size column or None, its name) of a request log's header."""
+    cols = [h.strip().lower() for h in header]
+    if "timestamp" not in cols:
+        raise TraceError(where, f"expected {_LOG_HELP}; got {','.join(header)!r}")
+    size = next((c for c in SIZE_COLUMNS if c in cols), None)
+    return cols.index("timestamp"), (cols.index(size) if size else None), size
+
+
+def _parse_size(text: str, where: str) -> float:
+    try:
+        size = float(text)
+    except ValueError:
+        raise TraceError(where, f"{text!r} is not a number; give the request's size, or drop the column") from None
+    if not math.isfinite(size) or size <= 0:
+        raise TraceError(
+            where,
+            f"must be a finite number > 0, got {text!r}; drop requests with no text (malformed ones are not demand)",
+        )
+    return size
+
+
+def _read_requests(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(arrival times, sizes or None) of every request in the log, each row checked where it stands."""
+    times: list[float] = []
+    sizes: list[float] = []
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise TraceError(f"{path}:1", f"empty file; expected {_LOG_HELP}")
+        ts, size, size_name = _log_columns(header, f"{path}:1")
+        needed = max(ts, -1 if size is None else size) + 1
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            where = f"{path}:{lineno}"
+            if len(row) < needed:
+                raise TraceError(where, f"expected at least {needed} fields as in the header, got {len(row)}")
+            times.append(_parse_time(row[ts].strip(), f"{where}: field timestamp"))
+            if size is not None:
+                sizes.append(_parse_size(row[size].strip(), f"{where}: field {size_name}"))
+    return np.asarray(times), (np.asarray(sizes) if size is not None else None)
+
+
+def load_requests(path: Path, step_seconds: float = 1.0) -> Trace:
+    """A per-request log (an access log's timestamp, optionally each request's size) binned into a
+    trace at `step_seconds`. With a size column each step's requests cost their mean size over the
+    log's mean (Trace.cost): a request's service time grows with its size, and the log's mean
+    request takes the capacity model's service time. Rows may come in any order (several workers
+    write one log); they are sorted."""
+    if not path.exists():
+        raise TraceError(str(path), "no such file")
+    times, sizes = _read_requests(path)
+    if len(times) < 2:
+        raise TraceError(str(path), "need at least 2 requests")
+    order = np.argsort(times, kind="stable")
+    times = times[order]
+    if times[-1] - times[0] < step_seconds:
+        raise TraceError(str(path), f"the requests span less than one step ({step_seconds:g} s); pass a smaller --step")
+    origin = math.floor(times[0] / step_seconds) * step_seconds  # whole steps, as a log's seconds are
+    bins = ((times - origin) // step_seconds).astype(np.int64)
+    counts = np.bincount(bins)
+    cost = None
+    if sizes is not None:
+        sizes = sizes[order]
+        total = np.bincount(bins, weights=sizes)
+        mean = np.divide(total, counts, out=np.full(len(counts), float(np.mean(sizes))), where=counts > 0)
+        cost = mean / float(np.mean(sizes))
+    start = dt.datetime.fromtimestamp(origin, dt.UTC) if origin > 1e9 else dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+    desc = f"request log {path}: {len(times)} requests" + (" with sizes" if sizes is not None else "")
+    return Trace(path.stem, start, step_seconds, counts / step_seconds, desc, cost=cost)
 
 
 # --- built-in scenarios from the seed documents -------------------------------------------------
