@@ -140,7 +140,8 @@ def test_gpu_query_joins_dcgm_series_with_or_without_honor_labels(cluster: Local
     # As a ServiceMonitor without honorLabels scrapes it: the exporter pod's own pod/namespace are target labels.
     exporter_pod = {"pod": "dcgm-exporter-k2x4z", "namespace": "gpu-operator"}
     cluster.set_scrape_targets(f"{job}-default", [f"127.0.0.1:{renamed_port}"], exporter_pod, honor_labels=False)
-    gpu = policy({"triggers": [{"name": "g", "type": "gpuUtilization", "target": 60}]})
+    # The GPU query alone: without the SLO model's door queries, which these exporters do not feed.
+    gpu = policy({"triggers": [{"name": "g", "type": "gpuUtilization", "target": 60}], "slo": {"enabled": False}})
     ep = Endpoint(prometheus_url)
     targets = [Target(ns, name, gpu, ep) for name in ("kept", "renamed", "absent")]
     try:
