@@ -5,7 +5,8 @@
 # 3.11 in a venv first on PATH, as python:3.11-slim has it) and tagged with that name; the builds
 # then run with pulls disabled. Elsewhere podman or docker simply pull the real base image.
 #
-#   hack/build-images.sh [operator|inference ...]   (default: both)
+#   hack/build-images.sh [operator|inference|piper ...]   (default: operator and inference)
+#   (piper: Piper's own HTTP server, a server nobody here wrote, for the tests that attach to it)
 #   VOXSCALE_IMAGE_TAG=dev  VOXSCALE_IMAGE_PREFIX=localhost/voxscale
 #
 # Quiet and instant when an image is up to date: each image carries the label
@@ -54,11 +55,15 @@ base_image() {
     --change 'CMD ["python3"]' "$tmp/rootfs.tar" "docker.io/library/$ref" >/dev/null
 }
 
-# The build context as the Dockerfiles use it: pyproject.toml, README.md and the four package folders.
+# The build context as the Dockerfiles use it: pyproject.toml, README.md and the four package folders
+# (Dockerfile.piper copies nothing in: its Dockerfile is its only input).
 inputs_hash() {
   local file="$1" listed
-  if listed=$(git ls-files -co --exclude-standard -- pyproject.toml README.md voxscale operator inference crds 2>/dev/null); then :
-  else listed=$(find pyproject.toml README.md voxscale operator inference crds -type f -not -path '*/__pycache__/*'); fi
+  local context=(pyproject.toml README.md voxscale operator inference crds)
+  [ "$file" != Dockerfile.piper ] || context=()
+  if [ ${#context[@]} -eq 0 ]; then listed=""
+  elif listed=$(git ls-files -co --exclude-standard -- "${context[@]}" 2>/dev/null); then :
+  else listed=$(find "${context[@]}" -type f -not -path '*/__pycache__/*'); fi
   { sha256sum "$file" hack/build-images.sh  # names relative to the repository root: the same from make and pytest
     while IFS= read -r f; do if [ -f "$f" ]; then sha256sum "$f"; fi; done < <(LC_ALL=C sort <<<"$listed")
   } | sha256sum | cut -c1-16
@@ -66,7 +71,7 @@ inputs_hash() {
 
 for target in "${targets[@]}"; do
   file="Dockerfile.$target"
-  [ -f "$file" ] || { say "unknown image '$target' (operator or inference)"; exit 2; }
+  [ -f "$file" ] || { say "unknown image '$target' (operator, inference or piper)"; exit 2; }
   inputs=$(inputs_hash "$file")
   label=$(podman image inspect --format '{{index .Labels "voxscale.dev/inputs"}}' "$prefix/$target:$tag" 2>/dev/null || true)
   [ "$label" = "$inputs" ] && continue

@@ -9,6 +9,7 @@ the scale subresource under its own field manager, so re-applying the spec can n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from voxscale.metrics_contract import POD_LABEL_TTSDEPLOYMENT
@@ -19,6 +20,12 @@ from voxscale.operator.policy import parse_duration
 MANAGED_BY = "voxscale"
 CONTAINER = "tts"
 PORT_NAME = "http"
+# With spec.proxy: the door sidecar's container, its admin port's name and the user's server's port name.
+DOOR_CONTAINER = "door"
+DOOR_METRICS_PORT_NAME = "door-metrics"
+SERVER_PORT_NAME = "server"
+# The door is a small asyncio process (bench/proxy_bench.py: about 1 ms of CPU per request).
+DOOR_RESOURCES = {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 # The pod's grace period covers the preStop pause, the server's drain of accepted requests
 # (drain_seconds) and a margin for the process to exit.
 PRESTOP_PAUSE_SECONDS = 5
@@ -193,6 +200,8 @@ def volumes(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The voice store, then the scratch emptyDirs the read-only root filesystem leaves writable, then
     the API keys Secret when spec.service.apiKeysSecret names one."""
     scratch = [{"name": n, "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}} for n in SCRATCH_VOLUMES]
+    if proxied(spec):  # a server of the user's own: only /tmp is ours to offer
+        return scratch[:1]
     secret = _api_keys_secret(spec)
     keys = [{"name": API_KEYS_VOLUME, "secret": {"secretName": secret}}] if secret else []
     return [voice_store_volume(spec), *scratch, *keys]
@@ -204,12 +213,122 @@ def volume_mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, "mountPath": path} for name, path in mounts.items()] + keys
 
 
+def _restricted() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _get(path: str, port: int | str = PORT_NAME) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}}
+
+
+def _own_server(spec: dict[str, Any], port: int) -> dict[str, Any]:
+    """voxscale's inference server: its settings from the spec, its own probes and metrics."""
+    model = spec["model"]
+    return {
+        "name": CONTAINER,
+        "image": model["image"],
+        "imagePullPolicy": model.get("imagePullPolicy", "IfNotPresent"),
+        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "env": server_env(spec),
+        "resources": container_resources(spec),
+        "volumeMounts": volume_mounts(spec),
+        # Model loading can take minutes: the startup probe holds the others off until it is done.
+        "startupProbe": {**_get("/healthz"), "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {**_get("/readyz"), "periodSeconds": 2, "failureThreshold": 2},
+        "livenessProbe": {**_get("/healthz"), "periodSeconds": 10, "failureThreshold": 3},
+        # Give Endpoints time to drop the pod before SIGTERM; the server then drains accepted work.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_SECONDS}}},
+        "securityContext": _restricted(),
+    }
+
+
+def proxied(spec: dict[str, Any]) -> bool:
+    """Whether spec.model.image is a server of the user's own, behind the door sidecar (spec.proxy)."""
+    return bool(spec.get("proxy", {}).get("enabled"))
+
+
+def metrics_port(spec: dict[str, Any]) -> int:
+    """Where Prometheus scrapes the pod: the door's metrics port when proxied, else the serving port."""
+    from voxscale.proxy.settings import METRICS_PORT
+
+    return METRICS_PORT.default if proxied(spec) else int(crd.default_spec(spec)["service"]["port"])
+
+
+def _foreign_server(spec: dict[str, Any]) -> dict[str, Any]:
+    """The user's own TTS server behind the door: only the user's env (our settings mean nothing to it)
+    and a preStop that holds its SIGTERM until the door has answered everything it accepted (the
+    kubelet signals every container at once).
+
+    No kubelet probes: a server that listens on 127.0.0.1 (so that nothing bypasses the door) cannot be
+    reached from the kubelet, which probes the pod's IP. The door polls the health path (or the port)
+    from inside the pod, and its readiness, the pod's, follows it."""
+    from voxscale.proxy.settings import METRICS_PORT
+
+    full = crd.default_spec(spec)
+    return {
+        "name": CONTAINER,
+        "image": full["model"]["image"],
+        "imagePullPolicy": full["model"]["imagePullPolicy"],
+        "ports": [{"name": SERVER_PORT_NAME, "containerPort": int(full["proxy"]["serverPort"]), "protocol": "TCP"}],
+        "env": list(full["model"].get("env", [])),
+        "resources": container_resources(spec),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "lifecycle": {"preStop": {"httpGet": {"path": "/wait-for-drain", "port": METRICS_PORT.default}}},
+        "securityContext": _restricted(),
+    }
+
+
+def door_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The door's VOXSCALE_PROXY_* variables (names and defaults from voxscale/proxy/settings.py): it
+    listens on the Service's port, forwards to the server's, queues spec.model.maxQueueLength and drains
+    within the pod's drain time; concurrency and the health path only where the spec names them."""
+    from voxscale.proxy import settings as ps
+
+    full = crd.default_spec(spec)
+    door = full["proxy"]
+    drain = str(drain_seconds(spec))
+    values: dict[Any, Any] = {
+        ps.LISTEN: f"0.0.0.0:{int(full['service']['port'])}",
+        ps.UPSTREAM: f"127.0.0.1:{int(door['serverPort'])}",
+        ps.QUEUE: int(full["model"]["maxQueueLength"]),
+        ps.METRICS_PORT: ps.METRICS_PORT.default,
+        ps.REQUEST_TIMEOUT_S: drain,
+        ps.DRAIN_TIMEOUT_S: drain,
+    }
+    if door.get("healthPath"):
+        values[ps.HEALTH_PATH] = door["healthPath"]
+    if "concurrency" in door:
+        values[ps.CONCURRENCY] = int(door["concurrency"])
+    return [{"name": setting.env, "value": str(value)} for setting, value in values.items()]
+
+
+def _door(spec: dict[str, Any], port: int) -> dict[str, Any]:
+    """`voxscale proxy` from spec.proxy.image: the Service's port and the pod's readiness are its."""
+    from voxscale.proxy.settings import METRICS_PORT
+
+    admin = METRICS_PORT.default
+    return {
+        "name": DOOR_CONTAINER,
+        "image": spec["proxy"]["image"],
+        "imagePullPolicy": spec["model"].get("imagePullPolicy", "IfNotPresent"),
+        "command": ["voxscale", "proxy"],
+        "ports": [
+            {"name": PORT_NAME, "containerPort": port, "protocol": "TCP"},
+            {"name": DOOR_METRICS_PORT_NAME, "containerPort": admin, "protocol": "TCP"},
+        ],
+        "env": door_env(spec),
+        "resources": DOOR_RESOURCES,
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": admin}, "periodSeconds": 2, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": admin}, "periodSeconds": 10, "failureThreshold": 3},
+        "securityContext": _restricted(),
+    }
+
+
 def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     name = ttsd["metadata"]["name"]
     spec = ttsd["spec"]
-    model = spec["model"]
     port = int(spec.get("service", {}).get("port", 8000))
-    probe_base = {"httpGet": {"path": "/readyz", "port": PORT_NAME}}
+    containers = [_foreign_server(spec), _door(spec, port)] if proxied(spec) else [_own_server(spec, port)]
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         # The server never calls the Kubernetes API: no ServiceAccount token in its filesystem.
@@ -223,36 +342,7 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
             "fsGroupChangePolicy": "OnRootMismatch",
         },
         "volumes": volumes(spec),
-        "containers": [
-            {
-                "name": CONTAINER,
-                "image": model["image"],
-                "imagePullPolicy": model.get("imagePullPolicy", "IfNotPresent"),
-                "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
-                "env": server_env(spec),
-                "resources": container_resources(spec),
-                "volumeMounts": volume_mounts(spec),
-                # Model loading can take minutes: the startup probe holds the others off until it is done.
-                "startupProbe": {
-                    "httpGet": {"path": "/healthz", "port": PORT_NAME},
-                    "periodSeconds": 5,
-                    "failureThreshold": 120,
-                },
-                "readinessProbe": {**probe_base, "periodSeconds": 2, "failureThreshold": 2},
-                "livenessProbe": {
-                    "httpGet": {"path": "/healthz", "port": PORT_NAME},
-                    "periodSeconds": 10,
-                    "failureThreshold": 3,
-                },
-                # Give Endpoints time to drop the pod before SIGTERM; the server then drains accepted work.
-                "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_PAUSE_SECONDS}}},
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-            }
-        ],
+        "containers": containers,
     }
     for key in ("nodeSelector", "tolerations", "affinity"):
         if spec.get(key):
@@ -260,8 +350,10 @@ def deployment(ttsd: dict[str, Any]) -> dict[str, Any]:
     annotations = {
         **spec.get("podAnnotations", {}),
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(port),
+        "prometheus.io/port": str(metrics_port(spec)),
         "prometheus.io/path": "/metrics",
+        # `kubectl logs` and `exec` go to the server, not the door, when no container is named.
+        "kubectl.kubernetes.io/default-container": CONTAINER,
     }
     pod_labels = {**spec.get("podLabels", {}), **common_labels(name)}
     return {
@@ -308,11 +400,12 @@ def pod_disruption_budget(ttsd: dict[str, Any]) -> dict[str, Any] | None:
 
 def network_policy(ttsd: dict[str, Any]) -> dict[str, Any] | None:
     """With spec.networkPolicy.enabled: ingress to the pods on the serving port only (clients, probes,
-    Prometheus' scrape all use it), and no egress (the server calls nothing). None when off."""
+    Prometheus' scrape all use it; with the door sidecar its metrics port too), and no egress (the
+    server calls nothing). None when off."""
     full = crd.default_spec(ttsd["spec"])
     if not full["networkPolicy"]["enabled"]:
         return None
-    port = int(full["service"]["port"])
+    ports = sorted({int(full["service"]["port"]), metrics_port(ttsd["spec"])})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -320,7 +413,7 @@ def network_policy(ttsd: dict[str, Any]) -> dict[str, Any] | None:
         "spec": {
             "podSelector": {"matchLabels": selector_labels(ttsd["metadata"]["name"])},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": port} for port in ports]}],
             "egress": [],
         },
     }
@@ -328,10 +421,92 @@ def network_policy(ttsd: dict[str, Any]) -> dict[str, Any] | None:
 
 def expected_kinds(ttsd: dict[str, Any]) -> set[str]:
     """The kinds of child a TTSDeployment should have now (a PDB only with min >= 2, a NetworkPolicy
-    only when spec.networkPolicy.enabled)."""
+    only when spec.networkPolicy.enabled; none when it is attached to a workload through spec.targetRef)."""
+    if target_ref(ttsd) is not None:
+        return set()
     kinds = {"Deployment", "Service"}
     if pod_disruption_budget(ttsd) is not None:
         kinds.add("PodDisruptionBudget")
     if network_policy(ttsd) is not None:
         kinds.add("NetworkPolicy")
     return kinds
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    """spec.targetRef: a workload voxscale did not create, in the TTSDeployment's namespace, that it scales
+    through the scale subresource (and nothing else)."""
+
+    namespace: str
+    api_version: str
+    kind: str
+    name: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies the workload, whatever refers to it (the API version may differ)."""
+        return (self.namespace, self.group, self.kind, self.name)
+
+    @property
+    def ordinal_pods(self) -> bool:
+        """Pods named <name>-<ordinal> (a StatefulSet), rather than <name>-<hash>-<5 characters>."""
+        return self.kind == "StatefulSet"
+
+    @property
+    def replica_set_pods(self) -> bool:
+        """Pods of a ReplicaSet (an apps/v1 Deployment): pod-deletion-cost ranks them for a scale-down."""
+        return self.group == "apps" and self.kind == "Deployment"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def target_ref(ttsd: dict[str, Any]) -> TargetRef | None:
+    """The workload a TTSDeployment is attached to (None: it runs its own, from spec.model)."""
+    ref = (ttsd.get("spec") or {}).get("targetRef")
+    if not isinstance(ref, dict) or not ref:
+        return None
+    fields = (str(ref.get(k) or "") for k in ("apiVersion", "kind", "name"))
+    return TargetRef(ttsd["metadata"]["namespace"], *fields)
+
+
+def created_by_voxscale(labels: dict[str, str] | None, owners: list[tuple[str, str, str]]) -> str | None:
+    """The TTSDeployment that created a workload, from its labels and owners ((apiVersion, kind, name)
+    each); None if none did. A workload a TTSDeployment created is scaled by that one already."""
+    for api_version, kind, name in owners:
+        if kind == KIND and api_version.startswith(f"{GROUP}/"):
+            return name
+    labels = labels or {}
+    if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY and labels.get(POD_LABEL_TTSDEPLOYMENT):
+        return labels[POD_LABEL_TTSDEPLOYMENT]
+    return None
+
+
+def attached_writers(ttsds: list[dict[str, Any]], writes: dict[tuple[str, str], bool]) -> dict[tuple[str, str], str]:
+    """(namespace, name) of each attached TTSDeployment that another one, attached earlier to the same
+    workload and writing its scale (`writes`: not advisory), keeps from writing -> that one, named for a
+    person. The oldest writer keeps the workload (creation time, then name), so exactly one scales it."""
+    by_target: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for body in ttsds:
+        ref = target_ref(body)
+        if ref is not None:
+            by_target.setdefault(ref.key, []).append(body)
+    out: dict[tuple[str, str], str] = {}
+    for bodies in by_target.values():
+        metas = sorted((b["metadata"] for b in bodies), key=lambda m: (str(m.get("creationTimestamp", "")), m["name"]))
+        keys = [(m["namespace"], m["name"]) for m in metas]
+        first = next((k for k in keys if writes.get(k)), None)
+        if first is None:
+            continue
+        for key in keys:
+            if key != first:
+                out[key] = f"{KIND} {first[0]}/{first[1]} (attached first)"
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from voxscale.operator import children
 from voxscale.operator.crd import GROUP, PLURAL, VERSION
 from voxscale.operator.kube import Kube
 from voxscale.operator.scaler import Scaler
@@ -61,7 +62,8 @@ def _track(type: str, body: kopf.Body, memo: Runtime, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def _reconcile(body: kopf.Body, reason: str, memo: Runtime, **_: Any) -> None:
-    """Make the children match the spec (never touching the replica count)."""
+    """Make the children match the spec (never touching the replica count); an attached TTSDeployment
+    (spec.targetRef) has none."""
     obj = _plain(dict(body))
     try:
         applied = memo.kube.apply_children(obj)
@@ -71,7 +73,15 @@ def _reconcile(body: kopf.Body, reason: str, memo: Runtime, **_: Any) -> None:
             memo.kube.event(obj, "Warning", "ReconcileFailed", msg)
             raise kopf.PermanentError(msg) from exc
         raise kopf.TemporaryError(f"API error {exc.status}; retrying", delay=5) from exc
-    if reason == "create":
+    ref = children.target_ref(obj)
+    if ref is not None and reason in ("create", "update"):
+        # Attached (spec.targetRef): nothing is created; say what voxscale will and will not touch.
+        message = (
+            f"attached to {ref.describe()}: voxscale creates nothing and writes only its scale subresource "
+            "(the replica count); deleting this TTSDeployment leaves it as it is"
+        )
+        memo.kube.event(obj, "Normal", "Attached", message)
+    elif reason == "create":
         memo.kube.event(obj, "Normal", "Created", f"created {', '.join(applied)}")
     elif reason == "update":
         memo.kube.event(obj, "Normal", "Updated", f"applied the new spec to {', '.join(applied)}")

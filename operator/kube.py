@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import logging
 import random
 import time
@@ -78,11 +79,15 @@ class Kube:
         self.policy = client.PolicyV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self._plurals: dict[tuple[str, str], str] = {}  # (apiVersion, kind) -> resource, from discovery
 
     # ------------------------------------------------------------------ children
     def apply_children(self, ttsd: dict[str, Any]) -> list[str]:
         """Create or update the Deployment, Service, PDB and NetworkPolicy; returns what was applied or
-        removed. A child the spec no longer asks for is deleted, but only if voxscale made it."""
+        removed. A child the spec no longer asks for is deleted, but only if voxscale made it. A
+        TTSDeployment attached to a workload (spec.targetRef) has no children: nothing is applied."""
+        if children.target_ref(ttsd) is not None:
+            return []
         ns, name = ttsd["metadata"]["namespace"], ttsd["metadata"]["name"]
         done = []
         for child in self._children():
@@ -188,25 +193,25 @@ class Kube:
                     out.setdefault((item.metadata.namespace, item.metadata.name), set()).add(kind)
         return out
 
-    def foreign_autoscalers(self, namespaces: list[str] | None) -> dict[tuple[str, str], str]:
-        """(namespace, Deployment name) -> the HorizontalPodAutoscaler that also scales it, named for
-        a person (KEDA's ScaledObject shows as the owner of the HPA it creates)."""
+    def foreign_autoscalers(self, namespaces: list[str] | None) -> dict[WorkloadKey, str]:
+        """(namespace, API group, kind, name) of every workload an HorizontalPodAutoscaler scales -> that
+        HPA, named for a person (KEDA's ScaledObject shows as the owner of the HPA it creates). A
+        TTSDeployment's own Deployment is (namespace, "apps", "Deployment", its name)."""
         autoscaling = client.AutoscalingV2Api(self.api)
         calls: list[Callable[[], Any]] = (
             [functools.partial(autoscaling.list_namespaced_horizontal_pod_autoscaler, ns) for ns in namespaces]
             if namespaces
             else [autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces]
         )
-        out: dict[tuple[str, str], str] = {}
+        out: dict[WorkloadKey, str] = {}
         for call in calls:
             for hpa in retrying(call, "list HorizontalPodAutoscalers").items:
                 ref = hpa.spec.scale_target_ref
-                if ref.kind != "Deployment" or not (ref.api_version or "apps/v1").startswith("apps/"):
-                    continue
                 ns = hpa.metadata.namespace
+                group = (ref.api_version or "apps/v1").rpartition("/")[0]
                 owners = [f"{o.kind} {ns}/{o.name}" for o in hpa.metadata.owner_references or []]
                 owned = f" (created by {', '.join(owners)})" if owners else ""
-                out[(ns, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
+                out[(ns, group, ref.kind, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
         return out
 
     def pod_starts(self, namespaces: list[str] | None) -> dict[tuple[str, str], PodStarts]:
@@ -224,6 +229,117 @@ class Kube:
                 if owner:
                     by_owner.setdefault((pod.metadata.namespace, owner), []).append(pod)
         return {k: starts_of(pods) for k, pods in by_owner.items()}
+
+    # ------------------------------------------------------------------ attached workloads (spec.targetRef)
+    def read_target(self, ref: children.TargetRef) -> Workload | None:
+        """The replica count, ready pods and pod selector of a workload voxscale did not create (None: it
+        does not exist). apps/v1 Deployments and StatefulSets are read as themselves (get, which the
+        chart grants); any other kind through its scale subresource (status.selector), its ready pods
+        counted from that selector."""
+        what = f"read {ref.describe()}"
+        try:
+            if ref.group == "apps" and ref.kind in ("Deployment", "StatefulSet"):
+                read = (
+                    self.apps.read_namespaced_deployment
+                    if ref.kind == "Deployment"
+                    else self.apps.read_namespaced_stateful_set
+                )
+                obj = retrying(lambda: read(ref.name, ref.namespace), what)
+                return Workload(
+                    replicas=int(obj.spec.replicas if obj.spec.replicas is not None else 1),
+                    ready=int((obj.status.ready_replicas if obj.status else None) or 0),
+                    selector=selector_string(obj.spec.selector),
+                    created_by=children.created_by_voxscale(
+                        obj.metadata.labels if obj.metadata else None,
+                        [
+                            (o.api_version, o.kind, o.name)
+                            for o in (obj.metadata and obj.metadata.owner_references) or []
+                        ],
+                    ),
+                )
+            path = self._scale_path(ref)
+            scale = retrying(lambda: self._call(path, "GET"), what)
+            meta = retrying(lambda: self._call(path.rpartition("/scale")[0], "GET"), what).get("metadata", {})
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        selector = str((scale.get("status") or {}).get("selector") or "")
+        spec_replicas = (scale.get("spec") or {}).get("replicas")
+        ready = sum(1 for pod in self.pods_of(ref.namespace, selector) if _is_ready(pod)) if selector else 0
+        owners = [
+            (o.get("apiVersion", ""), o.get("kind", ""), o.get("name", "")) for o in meta.get("ownerReferences") or []
+        ]
+        created_by = children.created_by_voxscale(meta.get("labels"), owners)
+        return Workload(int(spec_replicas if spec_replicas is not None else 1), ready, selector, created_by)
+
+    def pods_of(self, ns: str, selector: str) -> list[Any]:
+        """The pods a label selector matches in one namespace (an attached workload's)."""
+        if not selector:
+            return []
+        items: list[Any] = retrying(
+            lambda: self.core.list_namespaced_pod(ns, label_selector=selector).items, f"list pods {ns} {selector}"
+        )
+        return items
+
+    def scale_target(self, ref: children.TargetRef, replicas: int) -> None:
+        """Write an attached workload's replica count through its scale subresource, under the scaler's
+        field manager: nothing else of the workload is written."""
+        body = {"spec": {"replicas": replicas}}
+        what = f"scale {ref.describe()}"
+        if ref.group == "apps" and ref.kind == "Deployment":
+            self.scale(ref.namespace, ref.name, replicas)
+        elif ref.group == "apps" and ref.kind == "StatefulSet":
+            retrying(
+                lambda: self.apps.patch_namespaced_stateful_set_scale(
+                    ref.name, ref.namespace, body, field_manager=SCALE_MANAGER
+                ),
+                what,
+            )
+        else:
+            path = self._scale_path(ref)
+            retrying(lambda: self._call(path, "PATCH", body), what)
+
+    def _scale_path(self, ref: children.TargetRef) -> str:
+        """/apis/<group>/<version>/namespaces/<ns>/<plural>/<name>/scale, the plural found by discovery
+        (a kind without a scale subresource is an ApiException 422 naming it)."""
+        plural = self._plural(ref.api_version, ref.kind)
+        root = f"/apis/{ref.api_version}" if ref.group else f"/api/{ref.api_version}"
+        return f"{root}/namespaces/{ref.namespace}/{plural}/{ref.name}/scale"
+
+    def _plural(self, api_version: str, kind: str) -> str:
+        cached = self._plurals.get((api_version, kind))
+        if cached is not None:
+            return cached
+        root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+        listed = retrying(lambda: self._call(root, "GET"), f"discover {api_version}")
+        names = {r["name"] for r in listed.get("resources", [])}
+        for res in listed.get("resources", []):
+            if res.get("kind") == kind and "/" not in res["name"]:
+                if f"{res['name']}/scale" not in names:
+                    break
+                self._plurals[(api_version, kind)] = res["name"]
+                return str(res["name"])
+        raise ApiException(
+            status=422, reason=f"{api_version} {kind} has no scale subresource; voxscale cannot scale it"
+        )
+
+    def _call(self, path: str, method: str, body: Any = None) -> Any:
+        """One request to a path the typed client has no method for (another group's /scale); the
+        answer as plain JSON. A failure is the ApiException the typed calls raise."""
+        headers: dict[str, str | None] = {"Accept": "application/json"}
+        query: list[tuple[str, str]] = []
+        if method == "PATCH":
+            headers["Content-Type"] = "application/merge-patch+json"
+            query.append(("fieldManager", SCALE_MANAGER))
+        request = self.api.param_serialize(
+            method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api.call_api(*request)
+        response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= int(response.status) <= 299:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data or b"{}")
 
     def secret_data(self, ns: str, name: str) -> dict[str, str]:
         """A Secret's data, base64-encoded as the API holds it (raises ApiException)."""
@@ -288,6 +404,45 @@ class Kube:
             self.core.create_namespaced_event(meta["namespace"], body)
         except (ApiException, urllib3.exceptions.HTTPError) as exc:
             log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+WorkloadKey = tuple[str, str, str, str]  # (namespace, API group, kind, name)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the scaler reads of an attached workload (spec.targetRef) each round."""
+
+    replicas: int  # its spec.replicas
+    ready: int
+    selector: str  # a label selector string for its pods ("" when it reports none)
+    created_by: str | None = None  # the TTSDeployment that created it, when one did
+
+
+def selector_string(selector: Any) -> str:
+    """A kubernetes client V1LabelSelector as the string `list ... label_selector=` takes."""
+    if selector is None:
+        return ""
+    parts = [f"{k}={v}" for k, v in sorted((selector.match_labels or {}).items())]
+    for expr in selector.match_expressions or []:
+        values = ",".join(sorted(expr.values or []))
+        op = expr.operator
+        if op == "In":
+            parts.append(f"{expr.key} in ({values})")
+        elif op == "NotIn":
+            parts.append(f"{expr.key} notin ({values})")
+        elif op == "Exists":
+            parts.append(expr.key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{expr.key}")
+    return ",".join(parts)
+
+
+def _is_ready(pod: Any) -> bool:
+    if pod.metadata.deletion_timestamp is not None:
+        return False
+    condition = _ready_condition(pod)
+    return condition is not None and condition.status == "True"
 
 
 @dataclass(frozen=True)

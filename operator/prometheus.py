@@ -58,10 +58,20 @@ class Target:
     name: str
     policy: ScalingPolicy
     endpoint: Endpoint
+    # The workload whose pods are this object's, by name: its own Deployment (its name, the default),
+    # or the one spec.targetRef attaches it to. Prometheus knows pods by name only, so the batched
+    # queries recover that name from the pod's (`queries.py`) and this is what an answer is looked up by.
+    workload: str = ""
+    ordinal_pods: bool = False  # the workload's pods are <workload>-<n> (a StatefulSet)
 
     @property
     def key(self) -> Key:
         return (self.namespace, self.name)
+
+    @property
+    def series_key(self) -> Key:
+        """(namespace, owner) as the batched queries' `ttsdeployment` label names this object's pods."""
+        return (self.namespace, self.workload or self.name)
 
 
 @dataclass
@@ -154,6 +164,7 @@ class PrometheusSource:
         self._lock = threading.Lock()  # _clients: the round and the history reader's workers share them
         self._in_flight: dict[Endpoint, _Flight] = {}
         self._arrived: dict[Key, tuple[float, Metrics]] = {}  # answers that came after their round's budget
+        self._series_keys: dict[Key, Key] = {}  # object -> the owner its pods have in the batched answers
         self.backoff = Backoff()
 
     def _client(self, ep: Endpoint) -> PrometheusConnect:
@@ -197,6 +208,7 @@ class PrometheusSource:
         by_endpoint: dict[Endpoint, list[Target]] = defaultdict(list)
         for t in targets:
             by_endpoint[t.endpoint].append(t)
+            self._series_keys[t.key] = t.series_key  # for the history worker, which knows namespaces only
         self._harvest()
         out: dict[Key, Metrics] = {}
         waiting: list[tuple[Endpoint, _Flight, list[Target], bool]] = []
@@ -236,6 +248,7 @@ class PrometheusSource:
     def forget(self, key: Key) -> None:
         """Drop a late answer for an object no longer tracked."""
         self._arrived.pop(key, None)
+        self._series_keys.pop(key, None)
 
     def _take_arrived(self, key: Key, out: dict[Key, Metrics]) -> bool:
         got = self._arrived.pop(key, None)
@@ -292,13 +305,14 @@ class PrometheusSource:
                 continue
             garbage = _not_numbers(result)
             for t, slot in users:
-                if t.key in samples:
-                    values[t.key][slot] = samples[t.key]
-                elif t.key in garbage and "." not in slot:
-                    invalid[t.key][slot] = f"returned {garbage[t.key]!r}, which is not a number (no data)"
-                    if batch == "latency" and garbage[t.key].lower() == "nan":
+                pods = t.series_key
+                if pods in samples:
+                    values[t.key][slot] = samples[pods]
+                elif pods in garbage and "." not in slot:
+                    invalid[t.key][slot] = f"returned {garbage[pods]!r}, which is not a number (no data)"
+                    if batch == "latency" and garbage[pods].lower() == "nan":
                         idle_latency.append((t, slot))
-            missing = [(t, s) for t, s in users if t.key not in samples and t.key not in garbage]
+            missing = [(t, s) for t, s in users if t.series_key not in samples and t.series_key not in garbage]
             self._explain_missing(ep, batch, missing, invalid)
         self._read_idle_latency(ep, namespaces, idle_latency, values, invalid)
         if needed:
@@ -324,7 +338,7 @@ class PrometheusSource:
         except QueryError:
             arrived = {}
         for t, slot in users:
-            rps = arrived.get(t.key)
+            rps = arrived.get(t.series_key)
             if rps == 0:
                 values[t.key][slot] = 0.0
                 invalid[t.key].pop(slot, None)
@@ -351,7 +365,7 @@ class PrometheusSource:
         except QueryError:
             return
         for t, slot in users:
-            fresh = ages.get(t.key)
+            fresh = ages.get(t.series_key)
             if fresh is None or not fresh.stale:
                 continue
             values[t.key].pop(slot, None)
@@ -425,6 +439,20 @@ class PrometheusSource:
                 if 0 <= i < n and math.isfinite(v) and v >= 0:
                     rps[i] = v
             out[(labels["namespace"], owner)] = RateHistory(start, float(step), rps)
+        return self._by_object(out, namespaces)
+
+    def _by_object(self, found: dict[Key, RateHistory], namespaces: Sequence[str]) -> dict[Key, RateHistory]:
+        """A batched answer keyed by pod owner, re-keyed for the objects attached to another workload
+        (spec.targetRef): each gets its workload's series, never those of a workload that merely
+        shares its name."""
+        out = dict(found)
+        for key, pods in list(self._series_keys.items()):
+            if key == pods or key[0] not in namespaces:
+                continue
+            if pods in found:
+                out[key] = found[pods]
+            else:
+                out.pop(key, None)
         return out
 
     def _custom(
@@ -438,7 +466,7 @@ class PrometheusSource:
         errors: dict[Key, str],
     ) -> None:
         """A custom trigger's own query: one series, one number; anything else is that trigger's missing data."""
-        promql = queries.custom(promql, t.namespace, t.name)
+        promql = queries.custom(promql, t.namespace, t.name, t.workload or None, t.ordinal_pods)
         if self.scope_custom_queries:
             problem = tenancy.scope_problem(promql, t.namespace)
             if problem is not None:

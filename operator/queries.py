@@ -94,9 +94,12 @@ def latency_p95(namespaces: Iterable[str]) -> str:
     return f"histogram_quantile(0.95, sum by (namespace, {OWNER_LABEL}, le) ({_with_owner(rate)}))"
 
 
-def custom(query: str, namespace: str, name: str) -> str:
-    """A user's PromQL with $namespace, $name and $pods substituted (escaped as label values)."""
-    pods = f"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"
+def custom(query: str, namespace: str, name: str, workload: str | None = None, ordinal_pods: bool = False) -> str:
+    """A user's PromQL with $namespace, $name and $pods substituted (escaped as label values). $pods
+    matches the names of the pods of `workload` (the TTSDeployment's own Deployment when None; an
+    attached one's, spec.targetRef): <workload>-<hash>-<suffix>, or <workload>-<n> for a StatefulSet."""
+    owner = re.escape(workload or name)
+    pods = f"{owner}-[0-9]+" if ordinal_pods else f"{owner}-[a-z0-9]+-[a-z0-9]+"
     return (
         query.replace("$namespace", escape_label_value(namespace))
         .replace("$name", escape_label_value(name))

@@ -31,7 +31,7 @@ from voxscale.operator import status as st
 from voxscale.operator.endpoints import EndpointResolver
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.history import HistoryReader
-from voxscale.operator.kube import Kube, NotReady, PodStarts
+from voxscale.operator.kube import Kube, NotReady, PodStarts, Workload, starts_of
 from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, format_duration
 from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
 from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
@@ -96,13 +96,32 @@ class Tracked:
     metrics_ok: bool | None = None
     advised: int | None = None  # the last advice reported (advisory mode)
     expected_replicas: int | None = None  # spec.replicas as voxscale last left it
-    conflict: str | None = None  # another autoscaler on the Deployment, this round
+    conflict: str | None = None  # another autoscaler on the Deployment, this round (nothing is written)
+    shadowing: str | None = None  # another autoscaler that advisory mode shadows, this round
     reported_conflict: str | None = None
     reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
 
     @property
     def key(self) -> Key:
         return (self.body["metadata"]["namespace"], self.body["metadata"]["name"])
+
+    @property
+    def target(self) -> children.TargetRef | None:
+        """The workload spec.targetRef attaches it to (None: its own Deployment)."""
+        return children.target_ref(self.body)
+
+    @property
+    def writes(self) -> bool:
+        """Whether its policy writes replicas (a valid spec, not advisory)."""
+        return self.policy is not None and self.policy.mode is not ScalingMode.ADVISORY
+
+
+def policy_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec the policy is parsed from. An attached TTSDeployment (spec.targetRef) has no spec.model;
+    the policy reads the slo model's per-replica batch slots from it, so it gets the CRD's defaults."""
+    if "model" not in spec and spec.get("targetRef"):
+        return {**spec, "model": {}}
+    return spec
 
 
 class Scaler:
@@ -155,7 +174,7 @@ class Scaler:
         if generation != tr.generation:
             tr.generation = generation
             try:
-                tr.policy, tr.spec_error = ScalingPolicy.from_spec(body["spec"]), None
+                tr.policy, tr.spec_error = ScalingPolicy.from_spec(policy_spec(body["spec"])), None
             except SpecError as exc:
                 tr.policy, tr.spec_error = None, str(exc)
             # A shape the schema refuses can still be stored from before a CRD change: say it, never crash.
@@ -217,19 +236,31 @@ class Scaler:
         starts = self.kube.pod_starts(self.namespaces)
         present = self.kube.list_children(self.namespaces)
         foreign = self.kube.foreign_autoscalers(self.namespaces)
+        with self._lock:
+            everyone = list(self.tracked.values())
+        rivals = children.attached_writers([o.body for o in everyone], {o.key: o.writes for o in everyone})
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
             tr.next_due = mono + interval
             m = gathered.metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
             m = replace(m, history=self.history.get(tr.key))
             try:
-                self._restore_children(tr, present.get(tr.key, set()))
-                tr.conflict = foreign.get(tr.key)
-                dep, pods = deployments.get(tr.key), starts.get(tr.key, PodStarts())
-                if tr.key in pending and dep is not None:
-                    self._hold(tr, dep, pending[tr.key], now)
+                ref = tr.target
+                if ref is None:
+                    self._restore_children(tr, present.get(tr.key, set()))
+                    other = foreign.get((tr.key[0], "apps", "Deployment", tr.key[1]))
+                    work, pods = _own_workload(deployments.get(tr.key)), starts.get(tr.key, PodStarts())
+                    problem = None
                 else:
-                    self._evaluate(tr, dep, m, now, pods)
+                    work, pods, problem = self._read_target(ref)
+                    other = self._other_scaler(tr, ref, work, foreign.get(ref.key), rivals.get(tr.key))
+                # Advisory mode writes nothing, so another autoscaler is shadowed there, not fought.
+                advisory = tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY
+                tr.conflict, tr.shadowing = (None, other) if advisory else (other, None)
+                if tr.key in pending and work is not None:
+                    self._hold(tr, work, pending[tr.key], now)
+                else:
+                    self._evaluate(tr, work, m, now, pods, problem)
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
         self._count_queries(queries_before)
@@ -259,8 +290,38 @@ class Scaler:
                 why = "reading the Prometheus credentials' Secret in the background; evaluated once it is read"
                 pending[tr.key] = (Pending.RESOLVING.value, why)
             else:
-                targets.append(Target(tr.key[0], tr.key[1], tr.policy, endpoint))
+                ref = tr.target
+                workload, ordinal = (ref.name, ref.ordinal_pods) if ref is not None else ("", False)
+                targets.append(Target(tr.key[0], tr.key[1], tr.policy, endpoint, workload, ordinal))
         return targets, errors, pending
+
+    def _read_target(self, ref: children.TargetRef) -> tuple[Workload | None, PodStarts, str | None]:
+        """An attached workload's counts and its pods' starts (its selector's pods), or why it cannot
+        be read (a forbidden read, a kind without a scale subresource): said in status, not raised."""
+        try:
+            work = self.kube.read_target(ref)
+            pods = starts_of(self.kube.pods_of(ref.namespace, work.selector)) if work is not None else PodStarts()
+        except ApiException as exc:
+            why = f"HTTP {exc.status}: {exc.reason}"
+            if exc.status in (401, 403):
+                why += (
+                    f"; the operator's RBAC must allow get on {ref.kind} ({ref.api_version}) and get and patch on "
+                    "its scale subresource, and list on pods"
+                )
+            return None, PodStarts(), why
+        return work, pods, None
+
+    @staticmethod
+    def _other_scaler(
+        tr: Tracked, ref: children.TargetRef, work: Workload | None, hpa: str | None, rival: str | None
+    ) -> str | None:
+        """Who else scales an attached workload: an HPA (KEDA's included), the TTSDeployment that created
+        it, or another TTSDeployment attached to it first; None when nobody does."""
+        if hpa is not None:
+            return hpa
+        if work is not None and work.created_by is not None and work.created_by != tr.key[1]:
+            return f"TTSDeployment {ref.namespace}/{work.created_by} (which created it)"
+        return rival
 
     def _count_queries(self, before_round: int) -> None:
         """PROM_QUERIES counts every query (background history reads included) exactly once."""
@@ -269,14 +330,12 @@ class Scaler:
         self._queries_counted = total
         LAST_ROUND_QUERIES.set(total - before_round)
 
-    def _hold(self, tr: Tracked, dep: Any, pending: tuple[str, str], now: dt.datetime) -> None:
+    def _hold(self, tr: Tracked, work: Workload, pending: tuple[str, str], now: dt.datetime) -> None:
         """No answer within the budget: the last decision stands (nothing is scaled, no engine clock
         moves) and MetricsAvailable says why; the answer is used in the round after it comes."""
         reason, why = pending
         kept = f"{why}; keeping the last decision" if tr.decision is not None else why
-        replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
-        ready = int(dep.status.ready_replicas or 0)
-        self._write_status(tr, tr.decision, replicas, ready, True, now, pending=(reason, kept))
+        self._write_status(tr, tr.decision, work.replicas, work.ready, True, now, pending=(reason, kept))
 
     def _restore_children(self, tr: Tracked, present: set[str]) -> None:
         """Re-apply the children when a Service or PDB the spec calls for is gone (the Deployment is
@@ -288,19 +347,32 @@ class Scaler:
             self.kube.event(tr.body, "Normal", "ChildrenRecreated", message)
 
     def _evaluate(
-        self, tr: Tracked, dep: Any, metrics: Metrics, now: dt.datetime, starts: PodStarts | None = None
+        self,
+        tr: Tracked,
+        work: Workload | Any,
+        metrics: Metrics,
+        now: dt.datetime,
+        starts: PodStarts | None = None,
+        target_problem: str | None = None,
     ) -> None:
+        """`work`: the Workload read this round, or the TTSDeployment's own Deployment as the client
+        returns it (None: not there)."""
         ns, name = tr.key
         starts = starts or PodStarts()
-        if dep is None:
+        if work is not None and not isinstance(work, Workload):
+            work = _own_workload(work)
+        if work is None and tr.target is not None:
+            # An attached workload is the user's: voxscale never creates it; status says it is missing.
+            self._write_status(tr, None, 0, 0, deployment_found=False, now=now, target_problem=target_problem)
+            return
+        if work is None:
             # Deleted by hand, or not created yet: make the children again.
             applied = self.kube.apply_children(tr.body)
             self.kube.event(tr.body, "Normal", "ChildrenRecreated", f"applied {', '.join(applied)}")
             tr.next_due = 0.0
             self._write_status(tr, None, 0, 0, deployment_found=False, now=now)
             return
-        replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
-        ready = int(dep.status.ready_replicas or 0)
+        replicas, ready = work.replicas, work.ready
         if tr.policy is None:
             _export_invalid(tr.key, ready)
             self._write_status(tr, None, replicas, ready, deployment_found=True, now=now)
@@ -325,7 +397,11 @@ class Scaler:
         if decision.changed and not advisory:
             if decision.desired < replicas:
                 self._spare_busy_pods(tr)
-            self.kube.scale(ns, name, decision.desired)
+            ref = tr.target
+            if ref is None:
+                self.kube.scale(ns, name, decision.desired)
+            else:  # only the scale subresource of a workload voxscale did not create
+                self.kube.scale_target(ref, decision.desired)
             direction = "up" if decision.desired > replicas else "down"
             SCALE_EVENTS.labels(direction).inc()
             self.kube.event(tr.body, "Normal", f"Scaled{direction.capitalize()}", decision.message)
@@ -345,13 +421,17 @@ class Scaler:
         """Before a scale-down, rank the pods by the requests they hold, so the ReplicaSet removes idle
         ones first. Best effort: without the figures the scale-down still happens, as it would have."""
         ns, name = tr.key
+        ref = tr.target
+        if ref is not None and not ref.replica_set_pods:
+            return  # the cost ranks a ReplicaSet's pods only (a StatefulSet removes its highest ordinal)
+        workload = ref.name if ref is not None else name
         try:
             endpoint = self.endpoints.resolve_nowait(tr.body)
             if endpoint is None:
                 return
             # Bounded by the round's budget, not the object's timeout (up to 1 m): unranked pods are
             # the fallback anyway. A query still running goes on in its worker and is discarded.
-            work = self.source.pod_work_soon(endpoint, ns, name).result(timeout=self.round_budget)
+            work = self.source.pod_work_soon(endpoint, ns, workload).result(timeout=self.round_budget)
             self.kube.set_deletion_costs(ns, deletion_costs(work))
         except (QueryError, SpecError, ApiException, concurrent.futures.TimeoutError) as exc:
             log.warning("%s/%s: could not rank pods for the scale-down (%r)", ns, name, exc)
@@ -368,11 +448,16 @@ class Scaler:
         every sync) and say who, once per change."""
         if tr.conflict != tr.reported_conflict:
             if tr.conflict is not None:
+                ref = tr.target
+                workload = ref.describe() if ref is not None else "this Deployment"
                 message = (
-                    f"{tr.conflict} also scales this Deployment: voxscale stopped writing replicas and only "
-                    "advises; delete one of the two autoscalers"
+                    f"{tr.conflict} also scales {workload}: voxscale stopped writing replicas and only "
+                    "advises; delete one of the two autoscalers, or set spec.scaling.mode: advisory to shadow it"
                 )
                 self.kube.event(tr.body, "Warning", "ConflictingAutoscaler", message)
+            elif tr.shadowing is not None:
+                message = f"advisory mode: shadowing {tr.shadowing}; voxscale writes no replicas"
+                self.kube.event(tr.body, "Normal", "ShadowingAutoscaler", message)
             else:
                 self.kube.event(tr.body, "Normal", "ConflictResolved", "no other autoscaler: scaling again")
             tr.reported_conflict = tr.conflict
@@ -421,6 +506,7 @@ class Scaler:
         deployment_found: bool,
         now: dt.datetime,
         pending: tuple[str, str] | None = None,
+        target_problem: str | None = None,
     ) -> None:
         """Replace status with this round's (see status.build), at once when something a user, a
         controller or a new leader acts on changed; sentences with running clocks ("below 40% for
@@ -438,6 +524,9 @@ class Scaler:
             advisory=(tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY) or tr.conflict is not None,
             conflict=tr.conflict,
             pending=pending,
+            target=tr.target.describe() if tr.target is not None else None,
+            target_problem=target_problem,
+            shadowing=tr.shadowing,
         )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
@@ -449,6 +538,14 @@ class Scaler:
             return
         self.kube.replace_status(tr.key[0], tr.key[1], new)
         tr.status, tr.written, tr.written_at = new, significant, mono
+
+
+def _own_workload(dep: Any) -> Workload | None:
+    """A TTSDeployment's own Deployment (a kubernetes client V1Deployment) as the scaler reads it."""
+    if dep is None:
+        return None
+    replicas = int(dep.spec.replicas if dep.spec.replicas is not None else 1)
+    return Workload(replicas, int((dep.status.ready_replicas if dep.status else None) or 0), "")
 
 
 def _set_or_remove(gauge: Gauge, key: Key, value: float | None) -> None:

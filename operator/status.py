@@ -49,7 +49,26 @@ def merge_conditions(
     return out
 
 
-def ready_condition(ready: int, replicas: int, min_replicas: int, deployment_found: bool) -> Condition:
+def ready_condition(
+    ready: int,
+    replicas: int,
+    min_replicas: int,
+    deployment_found: bool,
+    target: str | None = None,
+    target_problem: str | None = None,
+) -> Condition:
+    """`target`: the workload spec.targetRef attaches to (None: the TTSDeployment's own Deployment);
+    `target_problem`: why it could not be read (RBAC, no scale subresource)."""
+    if target is not None and target_problem is not None:
+        return Condition(
+            "Ready", "False", "TargetUnavailable", f"cannot read {target} (spec.targetRef): {target_problem}"
+        )
+    if not deployment_found and target is not None:
+        message = (
+            f"{target} (spec.targetRef) does not exist: create it, or point spec.targetRef at a workload in "
+            "this namespace (voxscale creates nothing for an attached TTSDeployment)"
+        )
+        return Condition("Ready", "False", "TargetMissing", message)
     if not deployment_found:
         return Condition("Ready", "False", "DeploymentMissing", "the inference Deployment does not exist yet")
     needed = max(1, min(min_replicas, replicas)) if replicas else max(0, min_replicas)
@@ -66,9 +85,13 @@ def scaling_conditions(
     paused: bool,
     conflict: str | None = None,
     pending: tuple[str, str] | None = None,
+    target: str | None = None,
+    shadowing: str | None = None,
 ) -> list[Condition]:
-    """`pending` (reason, message): no answer this round, so `decision` is the one kept from before."""
-    conditions = _scaling_conditions(decision, spec_error, paused, conflict)
+    """`pending` (reason, message): no answer this round, so `decision` is the one kept from before.
+    `conflict`: another autoscaler that scales the workload, so voxscale writes nothing (refused);
+    `shadowing`: the same in advisory mode, which writes nothing anyway and so shadows it."""
+    conditions = _scaling_conditions(decision, spec_error, paused, conflict, target, shadowing)
     if pending is None or spec_error is not None:
         return conditions
     unknown = Condition("MetricsAvailable", "Unknown", *pending)
@@ -76,7 +99,12 @@ def scaling_conditions(
 
 
 def _scaling_conditions(
-    decision: Decision | None, spec_error: str | None, paused: bool, conflict: str | None
+    decision: Decision | None,
+    spec_error: str | None,
+    paused: bool,
+    conflict: str | None,
+    target: str | None = None,
+    shadowing: str | None = None,
 ) -> list[Condition]:
     if spec_error is not None:
         return [
@@ -88,9 +116,19 @@ def _scaling_conditions(
             Condition("ScalingActive", "Unknown", "Pending", "waiting for the first evaluation"),
             Condition("MetricsAvailable", "Unknown", "Pending", "not queried yet"),
         ]
+    workload = target or "the Deployment"
     if conflict is not None:
-        why = f"{conflict} also scales the Deployment: not writing replicas (would set {decision.desired})"
+        why = (
+            f"{conflict} also scales {workload}: not writing replicas (would set {decision.desired}); remove that "
+            "autoscaler (or this TTSDeployment), or set spec.scaling.mode: advisory to shadow it"
+        )
         active = Condition("ScalingActive", "False", "ConflictingAutoscaler", why)
+    elif shadowing is not None:
+        why = (
+            f"advisory, shadowing {shadowing}, which scales {workload}: voxscale advises {decision.desired} "
+            f"replicas and writes nothing; {decision.message}"
+        )
+        active = Condition("ScalingActive", "True", "ShadowingAutoscaler", why)
     elif paused:
         active = Condition("ScalingActive", "False", "Paused", decision.message)
     else:
@@ -163,7 +201,11 @@ class Observation:
     spec_error: str | None = None
     paused: bool = False
     advisory: bool = False  # the policy runs but does not write replicas (advisory mode, or a conflict)
-    conflict: str | None = None  # another autoscaler on the same Deployment
+    conflict: str | None = None  # another autoscaler on the same workload, which voxscale leaves it to
+    # the workload spec.targetRef attaches to, for a person ("Deployment ns/name"); None: its own Deployment
+    target: str | None = None
+    target_problem: str | None = None  # why the attached workload could not be read
+    shadowing: str | None = None  # another autoscaler on the workload that advisory mode shadows
     # (reason, message) when this round had no answer for the object: the decision is the last one kept
     pending: tuple[str, str] | None = None
 
@@ -174,8 +216,12 @@ def build(
     """The complete status document: no None values, nothing carried over but lastScaleTime and the
     conditions' transition times."""
     conditions = [
-        ready_condition(seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found),
-        *scaling_conditions(decision, seen.spec_error, seen.paused, seen.conflict, seen.pending),
+        ready_condition(
+            seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found, seen.target, seen.target_problem
+        ),
+        *scaling_conditions(
+            decision, seen.spec_error, seen.paused, seen.conflict, seen.pending, seen.target, seen.shadowing
+        ),
     ]
     out: dict[str, Any] = {
         "observedGeneration": seen.generation,

@@ -39,6 +39,12 @@ def inference_image() -> str:
     return build_image("inference")
 
 
+@pytest.fixture(scope="session")
+def piper_image() -> str:
+    """Piper's own HTTP server (Dockerfile.piper): a TTS server nobody here wrote."""
+    return build_image("piper")
+
+
 @pytest.fixture
 def reap_clusters() -> Iterator[Callable[[str], None]]:
     """Register the names of clusters a test (or its subprocess) starts: each is torn down with

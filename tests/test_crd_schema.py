@@ -53,3 +53,19 @@ def test_printer_columns_and_short_name() -> None:
     wide = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")]
     assert wide == ["Demand", "Forecast", "Advised"]  # shown by `kubectl get ttsd -o wide`
     assert version["subresources"] == {"status": {}}
+
+
+def test_model_and_target_ref_are_exclusive_alternatives_described_for_kubectl_explain() -> None:
+    spec = crd.schema()["properties"]["spec"]
+    assert "model" not in spec.get("required", [])  # either one: the CEL rule says exactly one
+    rules = {r["rule"]: r["message"] for r in spec["x-kubernetes-validations"]}
+    message = rules["has(self.model) != has(self.targetRef)"]
+    assert "spec.model" in message and "spec.targetRef" in message and "remove one" in message
+    ref = spec["properties"]["targetRef"]
+    assert ref["required"] == ["apiVersion", "kind", "name"]
+    assert "scale subresource" in ref["description"] and "exactly one" in ref["description"]
+    assert "targetRef" in spec["description"]
+    # No defaults under targetRef: nothing there the API server would fill in.
+    assert not any("default" in sub for sub in ref["properties"].values())
+    # A spec with a targetRef and no model gets no model from the defaults (it would fail the rule).
+    assert "model" not in crd.default_spec({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"}})

@@ -24,6 +24,7 @@ SKIPS_FILE = REPO / "hack" / "checkov-skips.yaml"
 # pins conflict with the project's (it would downgrade networkx, packaging and python-dateutil).
 CHECKOV = Path(os.environ.get("VOXSCALE_CHECKOV", REPO / ".venv-tools" / "bin" / "checkov"))
 NAMESPACE = "tts"  # not `default`: where a TTSDeployment lives is its author's choice, not ours
+DOOR = {"enabled": True, "image": "ghcr.io/voxscale/operator:0.1.0", "serverPort": 5000, "healthPath": "/voices"}
 ALL_MONITORING = [
     f"--set=monitoring.{m}.enabled=true" for m in ("serviceMonitor", "podMonitor", "prometheusRule", "grafanaDashboard")
 ]
@@ -58,7 +59,7 @@ def render_chart(*args: str, release: str = "vx") -> list[dict[str, Any]]:
 
 
 def manifests() -> dict[str, list[dict[str, Any]]]:
-    """The four sets hack/checkov-skips.yaml names in `where`, with their own names and namespaces: checkov's
+    """The five sets hack/checkov-skips.yaml names in `where`, with their own names and namespaces: checkov's
     graph checks match a NetworkPolicy to pods by labels across files, and one set's policy must not cover
     another's pods."""
     examples = sorted((REPO / "examples").glob("*.yaml"))
@@ -67,6 +68,10 @@ def manifests() -> dict[str, list[dict[str, Any]]]:
         "operator-netpol": render_chart(*ALL_MONITORING, "--set=networkPolicy.enabled=true", release="vxnp"),
         "inference": [doc for path in examples for doc in owned(ttsd(path))],
         "inference-netpol": owned(ttsd(namespace="tts-netpol", name="netpol-tts", networkPolicy={"enabled": True})),
+        # spec.proxy: a server of the user's own behind the door sidecar the operator injects.
+        "inference-door": owned(
+            ttsd(namespace="tts-door", name="door-tts", proxy=DOOR, networkPolicy={"enabled": True})
+        ),
     }
 
 
@@ -77,7 +82,7 @@ def skips() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], list[str]]:
-    """(manifest set, check id) -> the resources failing it, from one checkov run over all four sets."""
+    """(manifest set, check id) -> the resources failing it, from one checkov run over all five sets."""
     if not CHECKOV.exists():
         pytest.fail(f"{CHECKOV} is missing: install the dev extra (pip install -e '.[dev]', as `make test` does)")
     where = tmp_path_factory.mktemp("checkov")

@@ -188,9 +188,12 @@ def test_retry_after_is_between_1_and_60_seconds(concurrency: int, queue: int, l
     assert 1 <= door.retry_after() <= 60
 
 
-def test_input_characters_reads_the_json_input_field_only() -> None:
+def test_input_characters_reads_the_text_field_servers_use() -> None:
     assert input_characters(json.dumps({"input": "héllo", "voice": "x"}).encode(), "application/json") == 5
-    assert input_characters(b'{"text": "hello"}', "application/json") == 0
+    assert input_characters(b'{"text": "hello"}', "application/json") == 5  # Piper's HTTP server, GPT-SoVITS
+    assert input_characters(b'{"tts_text": "hi"}', "application/json") == 2  # CosyVoice
+    assert input_characters(b'{"input": "ab", "text": "abcd"}', "application/json") == 2  # input first
+    assert input_characters(b'{"prompt": "hello"}', "application/json") == 0
     assert input_characters(b'{"input": 5}', "application/json") == 0
     assert input_characters(b'["input"]', "application/json") == 0
     assert input_characters(b'{"input": "hello"}', "text/plain") == 0

@@ -40,12 +40,14 @@ class PodCounters:
     received: float = 0.0
     completed: float = 0.0
     busy_seconds: float = 0.0
+    refused: float = 0.0  # 429: what arrives beyond the pod's capacity (its queue is full)
 
     def advance(self, rps: float, capacity: float, seconds: float) -> None:
         served = min(rps, capacity)
         self.received += rps * seconds
         self.completed += served * seconds
         self.busy_seconds += served / capacity * seconds
+        self.refused += (rps - served) * seconds
 
 
 @dataclass(eq=False)  # a registered collector must stay hashable
@@ -101,13 +103,17 @@ class PodMetricsExporter(Collector):
         product = [mc.GPU_PRODUCT_LABEL, "pod", "namespace"]
         completed = CounterMetricFamily(mc.COMPLETED_REQUESTS.name, mc.COMPLETED_REQUESTS.help, labels=product)
         busy = CounterMetricFamily(mc.BUSY_SECONDS.name, mc.BUSY_SECONDS.help, labels=product)
+        requests = CounterMetricFamily(mc.REQUESTS.name, mc.REQUESTS.help, labels=["code", "pod", "namespace"])
         for (ns, pod), c in list(self._counters.items()):
             received.add_metric([pod, ns], c.received)
             completed.add_metric([GPU_PRODUCT, pod, ns], c.completed)
             busy.add_metric([GPU_PRODUCT, pod, ns], c.busy_seconds)
+            requests.add_metric(["200", pod, ns], c.completed)
+            requests.add_metric(["429", pod, ns], c.refused)
         yield received
         yield completed
         yield busy
+        yield requests
 
     def _advance_counters(self, seconds: float) -> None:
         for (ns, name), load in list(self.loads.items()):

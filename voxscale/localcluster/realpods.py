@@ -147,6 +147,12 @@ class SpeechLoad:
     url: str
     clients: int = 4
     timeout: float = 120.0
+    # What each request is: the OpenAI speech API of voxscale's server by default; another server's
+    # path and JSON body (e.g. Piper's HTTP server: /synthesize, {"text": ...}) where it has its own.
+    path: str = "/v1/audio/speech"
+    payload: dict[str, Any] = field(
+        default_factory=lambda: {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "wav"}
+    )
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -184,9 +190,9 @@ class SpeechLoad:
                 time.sleep(0.2)
 
     def _one(self) -> Answer:
-        body = json.dumps({"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "wav"}).encode()
+        body = json.dumps(self.payload).encode()
         request = urllib.request.Request(
-            f"{self.url}/v1/audio/speech", data=body, headers={"Content-Type": "application/json"}, method="POST"
+            f"{self.url}{self.path}", data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
         started = time.monotonic() - self._t0
         try:

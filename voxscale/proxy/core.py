@@ -217,8 +217,13 @@ class Readiness:
         return self.server_ok, self.detail
 
 
+# Where TTS servers take their text: the OpenAI speech API and Kokoro-FastAPI `input`; Piper's HTTP
+# server, GPT-SoVITS api_v2, fish-speech and XTTS `text`; CosyVoice's FastAPI runtime `tts_text`.
+TEXT_FIELDS = ("input", "text", "tts_text")
+
+
 def input_characters(body: bytes, content_type: str) -> int:
-    """Characters of a JSON body's string `input` field (the OpenAI speech API's text); 0 otherwise.
+    """Characters of a JSON body's text (the first string among TEXT_FIELDS); 0 otherwise.
 
     Never raises: a body the door cannot read is the server's to reject, with its own message."""
     if not body or "json" not in content_type:
@@ -227,8 +232,10 @@ def input_characters(body: bytes, content_type: str) -> int:
         doc = json.loads(body)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError both
         return 0
-    text = doc.get("input") if isinstance(doc, dict) else None
-    return len(text) if isinstance(text, str) else 0
+    if not isinstance(doc, dict):
+        return 0
+    text = next((doc[f] for f in TEXT_FIELDS if isinstance(doc.get(f), str)), "")
+    return len(text)
 
 
 def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

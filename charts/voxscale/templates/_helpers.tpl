@@ -36,6 +36,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["patch"]
+# Attached StatefulSets (spec.targetRef): read, and only their replica count written. Another kind
+# with a scale subresource needs get on it and get/patch on its /scale, granted by you.
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["get"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets/scale"]
+  verbs: ["get", "patch"]
 # (list: a Service or PDB deleted by hand is re-applied at the next round)
 - apiGroups: [""]
   resources: ["services"]
