@@ -34,6 +34,7 @@ from voxscale.operator.history import HistoryReader
 from voxscale.operator.kube import Kube, NotReady, PodStarts, Workload, starts_of
 from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, format_duration
 from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
+from voxscale.operator.reversals import FLAPPING_HORIZON_S, REVERSAL_WINDOW_S, Move, count_reversals, flapping
 from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
 
 log = logging.getLogger("voxscale.operator.scaler")
@@ -62,6 +63,11 @@ READY = Gauge("voxscale_operator_ready_replicas", "Ready pods of the TTSDeployme
 MAX = Gauge("voxscale_operator_max_replicas", "spec.replicas.max of the TTSDeployment.", _PER_OBJECT)
 METRICS_OK = Gauge("voxscale_operator_metrics_available", "1 while every trigger has data.", _PER_OBJECT)
 ADVISED = Gauge("voxscale_operator_advised_replicas", "What advisory mode would set (not written).", _PER_OBJECT)
+REVERSALS = Counter(
+    "voxscale_operator_reversals",
+    "Scale moves (or advice) undone within 10 min while the load changed < 20 % (operator/reversals.py).",
+    _PER_OBJECT,
+)
 DEMAND = Gauge("voxscale_operator_demand_rps", "Requests/s arriving at the pods (slo trigger).", _PER_OBJECT)
 CAPACITY = Gauge("voxscale_operator_replica_capacity_rps", "One replica's capacity, measured or assumed.", _PER_OBJECT)
 FORECAST = Gauge(
@@ -75,7 +81,7 @@ SPEC_INVALID = Gauge(
 )
 # Series that hold only while the engine decides for the object; removed while its spec is invalid.
 _DECISION_GAUGES = (DESIRED, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
-_PER_OBJECT_GAUGES = (*_DECISION_GAUGES, READY, SPEC_INVALID)
+_PER_OBJECT_GAUGES = (*_DECISION_GAUGES, READY, SPEC_INVALID, REVERSALS)
 
 STATUS_REFRESH_SECONDS = 30.0  # refresh status messages at least this often
 
@@ -100,6 +106,8 @@ class Tracked:
     shadowing: str | None = None  # another autoscaler that advisory mode shadows, this round
     reported_conflict: str | None = None
     reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
+    moves: list[Move] = field(default_factory=list)  # this leader's recent moves (or changes of advice)
+    reported_flapping: bool = False
 
     @property
     def key(self) -> Key:
@@ -390,6 +398,8 @@ class Scaler:
             PROM_ERRORS.inc()
         self._report_conflict(tr)
         advisory = tr.policy.mode is ScalingMode.ADVISORY or tr.conflict is not None
+        # What this decision moves from: the replicas, or in advisory mode the advice given before.
+        before = tr.advised if advisory and tr.advised is not None else replicas
         if advisory:
             self._advise(tr, decision)
         else:
@@ -412,6 +422,7 @@ class Scaler:
         if tr.metrics_ok is False and decision.metrics_available:
             self.kube.event(tr.body, "Normal", "MetricsAvailable", "metrics are back: " + decision.metrics_message)
         tr.metrics_ok = decision.metrics_available
+        self._record_move(tr, decision, before, now)
         self._export(tr.key, decision, ready, tr.policy.max_replicas, advisory)
         tr.history = decision.history
         tr.decision = decision
@@ -472,6 +483,24 @@ class Scaler:
         )
         self.kube.event(tr.body, "Warning", "ManualScaleOverridden", message)
 
+    def _record_move(self, tr: Tracked, decision: Decision, before: int, now: dt.datetime) -> None:
+        """Remember a move (or a change of advice) with the load it was made at, count the reversals it
+        completes, and say once when the rules start or stop fighting (the Flapping condition)."""
+        t = now.timestamp()
+        if decision.desired != before:
+            load = decision.demand.arrival_rps if decision.demand is not None else None
+            moves = [m for m in tr.moves if t - m.t <= FLAPPING_HORIZON_S + REVERSAL_WINDOW_S]
+            had = count_reversals(moves)
+            moves.append(Move(t, decision.desired > before, load, decision.rule))
+            if count_reversals(moves) > had:
+                REVERSALS.labels(*tr.key).inc()
+            tr.moves = moves
+        state = flapping(tr.moves, t)
+        if state.flapping != tr.reported_flapping:
+            kind, reason = ("Warning", "Flapping") if state.flapping else ("Normal", "NotFlapping")
+            self.kube.event(tr.body, kind, reason, state.message())
+            tr.reported_flapping = state.flapping
+
     def _advise(self, tr: Tracked, decision: Decision) -> None:
         """Advisory mode: say what would be done, once per change of advice, and write nothing."""
         if decision.desired != tr.advised:
@@ -527,6 +556,7 @@ class Scaler:
             target=tr.target.describe() if tr.target is not None else None,
             target_problem=target_problem,
             shadowing=tr.shadowing,
+            flapping=flapping(tr.moves, now.timestamp()) if decision is not None else None,
         )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
@@ -555,7 +585,7 @@ def _set_or_remove(gauge: Gauge, key: Key, value: float | None) -> None:
         gauge.labels(*key).set(value)
 
 
-def _remove_series(key: Key, gauges: Iterable[Gauge]) -> None:
+def _remove_series(key: Key, gauges: Iterable[Gauge | Counter]) -> None:
     for gauge in gauges:
         with contextlib.suppress(KeyError):
             gauge.remove(*key)

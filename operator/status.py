@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from voxscale.operator.engine import Decision, History
+from voxscale.operator.reversals import Flapping
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ class Observation:
     shadowing: str | None = None  # another autoscaler on the workload that advisory mode shadows
     # (reason, message) when this round had no answer for the object: the decision is the last one kept
     pending: tuple[str, str] | None = None
+    flapping: Flapping | None = None  # the reversals of the last hour (None before the first decision)
 
 
 def build(
@@ -222,6 +224,7 @@ def build(
         *scaling_conditions(
             decision, seen.spec_error, seen.paused, seen.conflict, seen.pending, seen.target, seen.shadowing
         ),
+        *flapping_condition(seen.flapping),
     ]
     out: dict[str, Any] = {
         "observedGeneration": seen.generation,
@@ -242,11 +245,28 @@ def build(
             "lastDecision": previous.get("lastDecision") if seen.pending else last_decision(decision, now),
             "demand": demand(decision),
             "forecast": forecast(decision),
+            "reversals": reversals(seen.flapping),
         }
         if decision.changed and not seen.advisory and not seen.pending:
             out["lastScaleTime"] = iso(now)
     document: dict[str, Any] = without_nulls(out)
     return document
+
+
+def flapping_condition(state: Flapping | None) -> list[Condition]:
+    """Flapping=True while the last hour holds FLAPPING_REVERSALS reversals, naming the rules that fight."""
+    if state is None:
+        return []
+    if state.flapping:
+        return [Condition("Flapping", "True", "RulesFight", state.message())]
+    return [Condition("Flapping", "False", "Steady", state.message())]
+
+
+def reversals(state: Flapping | None) -> dict[str, Any] | None:
+    """status.reversals: how many moves the last hour undid, and whose (absent while there are none)."""
+    if state is None or not state.recent:
+        return None
+    return {"lastHour": state.recent, "rules": list(state.rules)}
 
 
 def without_nulls(doc: Any) -> Any:
