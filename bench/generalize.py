@@ -8,10 +8,11 @@ cycle so each trace kind meets each manifest kind (voxscale.simulator.generators
 inside them, the peak load, the batch size and the cold start are random. The seed is committed and
 was not chosen: losing pairs stay in the set. Poisson arrivals (seed i); the daily kinds (diurnal,
 weekly from a Friday, diurnal with outages) last 2 days so day 2 can be learnt from day 1, the others
-1 day. Cost: 28 CPU-seconds per simulated day of a pair (four autoscalers; voxscale's own decide()
-is about half of it) measured on the shared two-core box under a load average of ~12, where one run
-of 21 pairs (30 simulated days) took 30 minutes; 210 pairs are ~270 simulated days. `--pairs 42`
-meets every trace kind x manifest kind once.
+1 day. Cost: 12-13 CPU-seconds per simulated day of a pair (four autoscalers; the stochastic fleet
+model about two thirds of it, mostly its per-sub-step binomial draws; voxscale's decide() a third) on
+the shared two-core box; `--pairs 42` (60 simulated days) took 17.5 minutes there under a load
+average of ~4.5 from other work. 210 pairs are ~270 simulated days: ~30 minutes on two idle cores.
+`--pairs 42` meets every trace kind x manifest kind once.
 
 Progress goes to stderr; a markdown report (distributions per axis, per-kind win rates, the "Done
 when" checks of issue 21 as pass/fail lines, the losing pairs) to stdout; every figure to

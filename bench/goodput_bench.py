@@ -12,7 +12,7 @@ tree's capacity is measured too: far from the baseline's, the machine was busy a
 About 2 minutes with the defaults.
 
     .venv/bin/python -m bench.goodput_bench [--baseline HEAD] [--seconds 20] [--recovery 15] [--timeout S]
-        [--load 2] [--json out.json]
+        [--load 2] [--capacity-seconds 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -149,12 +149,16 @@ def _stop(server: ServerProcess) -> None:
 
 
 def _measure(
-    name: str, log_dir: Path, tree: Path | None, plan: Callable[[float], tuple[list[Window], float]]
+    name: str,
+    log_dir: Path,
+    tree: Path | None,
+    plan: Callable[[float], tuple[list[Window], float]],
+    capacity_seconds: float = 8.0,
 ) -> dict[str, Any]:
     """Start the server, measure its capacity, run the schedule `plan` makes (from the first capacity), kill it."""
     server = _serve(log_dir, tree)
     try:
-        cap = asyncio.run(capacity(server.url, seconds=8))
+        cap = asyncio.run(capacity(server.url, seconds=capacity_seconds))
         schedule, timeout = plan(cap)
         say(
             f"{name}: capacity {cap:.2f} req/s; "
@@ -174,7 +178,14 @@ def _measure(
     }
 
 
-def run(baseline: str, seconds: float, recovery: float, timeout: float | None, load: float) -> list[dict[str, Any]]:
+def run(
+    baseline: str,
+    seconds: float,
+    recovery: float,
+    timeout: float | None,
+    load: float,
+    capacity_seconds: float = 8.0,
+) -> list[dict[str, Any]]:
     fixed: dict[str, Any] = {}
 
     def plan(cap: float) -> tuple[list[Window], float]:
@@ -188,8 +199,8 @@ def run(baseline: str, seconds: float, recovery: float, timeout: float | None, l
         root = Path(tmp)
         tree = baseline_tree(baseline, root / "baseline")
         (root / "logs").mkdir()
-        before = _measure(f"baseline {baseline}", root / "logs", tree, plan)
-        after = _measure("working tree", root / "logs", None, plan)
+        before = _measure(f"baseline {baseline}", root / "logs", tree, plan, capacity_seconds)
+        after = _measure("working tree", root / "logs", None, plan, capacity_seconds)
     return [before, after]
 
 
@@ -202,9 +213,12 @@ def main() -> None:
         "--timeout", type=float, help="seconds a client waits before it hangs up (default: 5 service times)"
     )
     parser.add_argument("--load", type=float, default=2.0, help="overload, in multiples of the measured capacity")
+    parser.add_argument(
+        "--capacity-seconds", type=float, default=8.0, help="how long each server's capacity is measured"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = run(args.baseline, args.seconds, args.recovery, args.timeout, args.load)
+    results = run(args.baseline, args.seconds, args.recovery, args.timeout, args.load, args.capacity_seconds)
     print(
         f"{'server':<22} {'capacity/s':>10} {'window':<9} {'offered/s':>9} {'goodput/s':>9} "
         f"{'ok':>4} {'abandoned':>9} {'429/503':>7} {'other':>5}"

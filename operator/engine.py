@@ -28,315 +28,59 @@ what demand needs.
    floors nor what carries the current and forecast demand within the SLO (N-1), and never to a
    count at which some trigger would ask to scale up again (its reading predicted there: WouldFlap).
 `paused` freezes the count; the result is always within [min, max].
+
+`decide()` reads as that list: `_evaluate` (phases 1-4) builds the tick's facts (tick.py's Tick),
+`_normalize` (phases 5-8) passes them through one phase after another until one settles the count,
+as the HPA's normalizeDesiredReplicasWithBehaviors does. What overload changes lives in overload.py,
+the N-1 guard and WouldFlap in antiflap.py; the engine's inputs, memory and result in state.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Any
+from dataclasses import replace
 
+from voxscale.operator import antiflap, overload
 from voxscale.operator import forecast as fc
-from voxscale.operator.policy import FallbackMode, ScalingMode, ScalingPolicy, StepPolicy, Trigger, format_duration
+from voxscale.operator.policy import FallbackMode, ScalingPolicy, Trigger, format_duration
+from voxscale.operator.state import (
+    STALE_MIN,
+    STALE_TICKS,
+    Decision,
+    Demand,
+    History,
+    Metrics,
+    Observed,
+    PendingForecast,
+    Reason,
+    ScaleEvent,
+    TriggerReading,
+)
+from voxscale.operator.tick import Tick, period_base, step_limit
 from voxscale.operator.triggers import Context, kind
 from voxscale.operator.triggers import slo as slo_kind
-from voxscale.operator.triggers.base import fights
 from voxscale.operator.triggers.slo import demand as demand_now
 from voxscale.operator.triggers.slo import size
 
+__all__ = [  # the engine's public face; the data types live in state.py
+    "STALE_MIN",
+    "STALE_TICKS",
+    "Decision",
+    "Demand",
+    "History",
+    "Metrics",
+    "Observed",
+    "PendingForecast",
+    "Reason",
+    "ScaleEvent",
+    "TriggerReading",
+    "decide",
+    "schedule_floor_at",
+]
+
 CAPACITY_SMOOTHING = 0.5  # weight of a new capacity measurement against what was learnt before
 MIN_COLD_STARTS = 3  # pod starts observed before their P90 replaces the spec's coldStart
-
-
-class Reason(StrEnum):
-    """Why the count is what it is: identifiers for code and metrics; the message is the prose."""
-
-    TRIGGER = "Trigger"
-    SCHEDULE = "Schedule"
-    FORECAST = "Forecast"
-    BOUNDS = "Bounds"
-    PAUSED = "Paused"
-    FALLBACK = "Fallback"
-    STEADY = "Steady"
-    STABILIZING = "Stabilizing"
-    COOLDOWN = "Cooldown"
-    STEP_LIMIT = "StepLimit"
-    SCALE_DOWN = "ScaleDown"
-    SLO_GUARD = "SloGuard"
-    OVERLOAD = "Overload"  # demand beyond what the fleet serves within the SLO: no scale-down
-    WOULD_FLAP = "WouldFlap"  # a scale-down some trigger would answer with a scale-up
-
-
-@dataclass(frozen=True)
-class Observed:
-    """The workload as the API server reports it."""
-
-    replicas: int  # the Deployment's current spec.replicas
-    ready: int  # pods passing readiness
-    # Seconds from creation to Ready of the pods that are Ready now: the fleet's measured cold start.
-    ready_seconds: tuple[float, ...] = ()
-    # Pods not Ready for longer than the cold start (ImagePullBackOff...): not capacity on its way.
-    stuck: int = 0
-
-    @property
-    def starting(self) -> int:
-        return max(0, self.replicas - self.ready - self.stuck)
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """One tick's metric values. A name missing from `values` has no data.
-
-    `values` holds each trigger's main value under its name, and its secondary inputs under
-    "<name>.<role>" (an slo trigger's "<name>.capacity" and "<name>.backlog"). `history` is the
-    arrival-rate history the forecast floor learns from (None: none could be read).
-    """
-
-    values: dict[str, float] = field(default_factory=dict)
-    error: str | None = None  # why the query round failed (Prometheus down, timeout...), if it did
-    history: fc.RateHistory | None = None
-    invalid: dict[str, str] = field(default_factory=dict)  # slot -> why its sample is no data (NaN, garbage)
-
-    def finite(self) -> Metrics:
-        """These metrics with NaN, +-Inf and non-numbers moved from `values` to `invalid`: a value
-        that is not a number is missing data (PromQL's 0/0 at idle is NaN), never a load."""
-        bad = {k: v for k, v in self.values.items() if not _is_finite_number(v)}
-        if not bad:
-            return self
-        values = {k: v for k, v in self.values.items() if k not in bad}
-        invalid = {**self.invalid, **{k: f"returned {v!r}, which is not a number (no data)" for k, v in bad.items()}}
-        return replace(self, values=values, invalid=invalid)
-
-    def missing(self, policy: ScalingPolicy) -> list[str]:
-        return [t.name for t in policy.triggers if t.name not in self.values]
-
-    def inputs(self, trigger: Trigger) -> dict[str, float]:
-        prefix = f"{trigger.name}."
-        return {k.removeprefix(prefix): v for k, v in self.values.items() if k.startswith(prefix)}
-
-
-@dataclass(frozen=True)
-class ScaleEvent:
-    time: dt.datetime
-    old: int
-    new: int
-
-
-@dataclass(frozen=True)
-class PendingForecast:
-    """A forecast waiting for its window to pass, so it can be compared with what arrived."""
-
-    made: dt.datetime
-    until: dt.datetime
-    predicted_rps: float
-    actual_peak_rps: float = 0.0
-
-
-# Memory older than this many intervals (and STALE_MIN) was not kept by consecutive ticks.
-STALE_TICKS = 3
-STALE_MIN = dt.timedelta(minutes=1)
-
-
-@dataclass(frozen=True)
-class History:
-    """The engine's own small memory between ticks (serialisable, so a restart loses nothing)."""
-
-    above_since: dict[str, dt.datetime] = field(default_factory=dict)
-    below_since: dict[str, dt.datetime] = field(default_factory=dict)
-    data_since: dt.datetime | None = None
-    recommendations: tuple[tuple[dt.datetime, int], ...] = ()
-    events: tuple[ScaleEvent, ...] = ()
-    capacity_rps: float | None = None  # one replica's capacity, learnt under load
-    cold_start_seconds: float | None = None  # P90 of observed pod starts
-    pending_forecast: PendingForecast | None = None
-    last_forecast: tuple[float, float] | None = None  # (predicted, actual) peak of the last closed window
-    observed_at: dt.datetime | None = None  # the tick that wrote this memory
-
-    def resumed(self, now: dt.datetime, interval: dt.timedelta) -> History:
-        """This memory as a tick at `now` may trust it. "Below 40 % since 10:00" claims every tick
-        since 10:00 saw it below; after a gap with no ticks (an operator restart, a lost leader,
-        a stale status read back) nobody saw it, so the clocks and the data streak start again —
-        which only ever delays a scale step, never causes one."""
-        if self.observed_at is None or now - self.observed_at <= max(STALE_TICKS * interval, STALE_MIN):
-            return self
-        return replace(self, above_since={}, below_since={}, data_since=None)
-
-    def taken_over(self) -> History:
-        """This memory as read back from status by a process that did not keep it (a new leader, a
-        restart). The ticks between the last write and now went unobserved - a spike there left no
-        trace - so nothing may be removed until a full window has been seen again: the scale-down
-        clocks and the data streak start now. Scale-up clocks are kept: a missed dip can only make
-        them late, and a needed scale-up should not wait a sustain period per fail-over."""
-        return replace(self, below_since={}, data_since=None)
-
-    def last_event(self) -> ScaleEvent | None:
-        return self.events[-1] if self.events else None
-
-    def to_dict(self) -> dict[str, Any]:
-        pf = self.pending_forecast
-        return {
-            "aboveSince": {k: v.isoformat() for k, v in self.above_since.items()},
-            "belowSince": {k: v.isoformat() for k, v in self.below_since.items()},
-            "dataSince": self.data_since.isoformat() if self.data_since else None,
-            "recommendations": [[t.isoformat(), n] for t, n in self.recommendations],
-            "events": [[e.time.isoformat(), e.old, e.new] for e in self.events],
-            "capacityRps": self.capacity_rps,
-            "coldStartSeconds": self.cold_start_seconds,
-            "pendingForecast": [pf.made.isoformat(), pf.until.isoformat(), pf.predicted_rps, pf.actual_peak_rps]
-            if pf
-            else None,
-            "lastForecast": list(self.last_forecast) if self.last_forecast else None,
-            "observedAt": self.observed_at.isoformat() if self.observed_at else None,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> History:
-        if not d:
-            return cls()
-        ts = dt.datetime.fromisoformat
-        pf = d.get("pendingForecast")
-        last = d.get("lastForecast")
-        return cls(
-            above_since={k: ts(v) for k, v in (d.get("aboveSince") or {}).items()},
-            below_since={k: ts(v) for k, v in (d.get("belowSince") or {}).items()},
-            data_since=ts(d["dataSince"]) if d.get("dataSince") else None,
-            recommendations=tuple((ts(t), int(n)) for t, n in d.get("recommendations") or []),
-            events=tuple(ScaleEvent(ts(t), int(o), int(n)) for t, o, n in d.get("events") or []),
-            capacity_rps=_opt_float(d.get("capacityRps")),
-            cold_start_seconds=_opt_float(d.get("coldStartSeconds")),
-            pending_forecast=PendingForecast(ts(pf[0]), ts(pf[1]), float(pf[2]), float(pf[3])) if pf else None,
-            last_forecast=(float(last[0]), float(last[1])) if last else None,
-            observed_at=ts(d["observedAt"]) if d.get("observedAt") else None,
-        )
-
-
-def _is_finite_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
-
-
-@dataclass(frozen=True)
-class TriggerReading:
-    """What one trigger saw and recommended this tick."""
-
-    name: str
-    value: float | None
-    recommendation: int | None
-    note: str
-    sized: bool = False
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What the slo trigger's model saw: for status, metrics and the live table."""
-
-    arrival_rps: float | None
-    capacity_rps: float
-    capacity_measured: bool
-    needed: int | None  # replicas the SLO needs at the current demand
-    forecast_rps: float | None
-    forecast_needed: int | None
-    forecast_note: str
-    lookahead: dt.timedelta
-    last_forecast: tuple[float, float] | None  # (predicted, actual) of the last closed window
-    # Why the fleet is overloaded now (p95 beyond the objective, requests refused, demand at twice the
-    # ready capacity), None when it is not: the count is then sized from demand at once, never lowered.
-    overload: str | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    desired: int
-    current: int
-    reason: Reason
-    rule: str  # who decided: a trigger name, schedule:<name>, forecast, or hold/cooldown/bounds/...
-    message: str  # one sentence a person can read
-    readings: tuple[TriggerReading, ...]
-    active_schedule: str | None
-    schedule_floor: int
-    metrics_available: bool
-    metrics_message: str
-    history: History
-    demand: Demand | None = None
-    forecast_floor: int = 0
-
-    @property
-    def changed(self) -> bool:
-        return self.desired != self.current
-
-    @property
-    def metric_values(self) -> dict[str, float]:
-        return {r.name: r.value for r in self.readings if r.value is not None}
-
-
-def _step_limit(policy: StepPolicy, base: int, up: bool) -> int:
-    by_percent = base * policy.max_step_percent / 100
-    return max(policy.max_step_pods, math.ceil(by_percent) if up else math.floor(by_percent))
-
-
-def _period_base(history: History, now: dt.datetime, period: dt.timedelta, current: int) -> int:
-    """The replica count at the start of the step period (HPA measures step limits from there)."""
-    in_period = [e for e in history.events if now - e.time < period]
-    return in_period[0].old if in_period else current
-
-
-@dataclass(frozen=True)
-class _Tick:
-    """The facts of one evaluation, shared by the phase functions below."""
-
-    policy: ScalingPolicy
-    now: dt.datetime
-    current: int
-    ready: int
-    readings: tuple[TriggerReading, ...]  # the user's triggers
-    model: TriggerReading | None  # the SLO model's (the slo trigger's or the implicit objective's)
-    active: str | None
-    schedule_floor: int
-    forecast_floor: int
-    complete: bool
-    metrics_message: str
-    history: History
-    next_history: History  # bookkeeping for this tick, before the scale event (if any) is added
-    demand: Demand | None
-    guard: int  # the fewest replicas that carry current and forecast demand within the SLO (0: no model)
-    sized: int  # the highest count sized from demand (reached at once, past step limits), 0 with none
-
-    @property
-    def overload(self) -> str | None:
-        return self.demand.overload if self.demand is not None else None
-
-    @property
-    def floor(self) -> int:
-        return max(self.schedule_floor, self.forecast_floor)
-
-    def decide(self, desired: int, reason: Reason, rule: str, message: str) -> Decision:
-        events = self.history.events
-        # Advice is not a scale event: the count it would change stays where it is.
-        if desired != self.current and self.policy.mode is not ScalingMode.ADVISORY:
-            events = (*events, ScaleEvent(self.now, self.current, desired))
-        p = self.policy
-        keep = max(p.scale_up.period, p.scale_down.period, p.scale_up.cooldown, p.scale_down.cooldown)
-        hist = replace(self.next_history, events=tuple(e for e in events if self.now - e.time <= keep)[-20:])
-        return Decision(
-            desired=desired,
-            current=self.current,
-            reason=reason,
-            rule=rule,
-            message=message,
-            readings=self.readings,
-            active_schedule=self.active,
-            schedule_floor=self.schedule_floor,
-            metrics_available=self.complete,
-            metrics_message=self.metrics_message,
-            history=hist,
-            demand=self.demand,
-            forecast_floor=self.forecast_floor,
-        )
 
 
 # ------------------------------------------------------------------------------------ phase 1: floors
@@ -418,7 +162,7 @@ def _readings(
 ) -> tuple[list[TriggerReading], TriggerReading | None]:
     """Each user trigger's reading, and the SLO model's (the slo trigger's, or the implicit objective's).
     The model is read first: a threshold trigger that fires then steps at least to what demand needs."""
-    step_up = _step_limit(policy.scale_up, max(observed.replicas, 1), up=True)
+    step_up = step_limit(policy.scale_up, max(observed.replicas, 1), up=True)
 
     def read(trig: Trigger, needed: int | None) -> TriggerReading:
         value = metrics.values.get(trig.name)
@@ -482,7 +226,15 @@ def decide(
 ) -> Decision:
     """Choose the replica count for one tick. Pure: same inputs, same decision."""
     hist = (history or History()).resumed(now, policy.interval)
-    metrics = metrics.finite()
+    tick, raw, best = _evaluate(policy, observed, metrics.finite(), now, hist)
+    return _normalize(tick, raw, best)
+
+
+def _evaluate(
+    policy: ScalingPolicy, observed: Observed, metrics: Metrics, now: dt.datetime, hist: History
+) -> tuple[Tick, int, TriggerReading | None]:
+    """Phases 1-4: floors, clocks, learning and recommendations, as the tick's facts; with the raw
+    recommendation (the largest, within the floors and bounds) and the reading that made it."""
     current = observed.replicas
     lo, hi = policy.min_replicas, policy.max_replicas
     slo = policy.slo
@@ -502,12 +254,7 @@ def decide(
     demand, forecast_floor, guard, pending, last_fc = _demand(
         policy, observed, metrics, hist, now, lookahead, capacity, prediction, headroom
     )
-    extra = (model,) if model is not None and policy.objective is not None else ()  # the implicit objective
-    opinions = [r for r in (*readings, *extra) if r.recommendation is not None]
-    best = max(opinions, key=lambda r: r.recommendation or 0) if opinions else None
-    # Nobody asking for capacity means "as few as allowed"; the scale-down rules make that gradual.
-    reactive = best.recommendation if best is not None and best.recommendation is not None else lo
-    sized = max((r.recommendation or 0 for r in opinions if r.sized), default=0)
+    best, reactive, sized = _strongest(policy, readings, model)
     raw = min(max(reactive, schedule_floor, forecast_floor, lo), hi)
 
     # Stabilisation looks at what the load and the schedules asked for, so the end of a window lowers
@@ -515,7 +262,7 @@ def decide(
     window = max(policy.scale_up.stabilization_window, policy.scale_down.stabilization_window)
     asked = min(max(reactive, schedule_floor, lo), hi)
     recs = (*((t, n) for t, n in hist.recommendations if now - t <= window), (now, asked))
-    tick = _Tick(
+    tick = Tick(
         policy=policy,
         now=now,
         current=current,
@@ -544,7 +291,21 @@ def decide(
         guard=guard,
         sized=min(sized, hi),
     )
-    return _normalize(tick, raw, best)
+    return tick, raw, best
+
+
+def _strongest(
+    policy: ScalingPolicy, readings: list[TriggerReading], model: TriggerReading | None
+) -> tuple[TriggerReading | None, int, int]:
+    """(the reading asking for the most, the count it asks for, the highest count sized from
+    demand): the user's triggers and the implicit objective all bid, the largest wins."""
+    extra = (model,) if model is not None and policy.objective is not None else ()  # the implicit objective
+    opinions = [r for r in (*readings, *extra) if r.recommendation is not None]
+    best = max(opinions, key=lambda r: r.recommendation or 0) if opinions else None
+    # Nobody asking for capacity means "as few as allowed"; the scale-down rules make that gradual.
+    reactive = best.recommendation if best is not None and best.recommendation is not None else policy.min_replicas
+    sized = max((r.recommendation or 0 for r in opinions if r.sized), default=0)
+    return best, reactive, sized
 
 
 def _demand(
@@ -584,7 +345,7 @@ def _demand(
         forecast_note=note,
         lookahead=lookahead,
         last_forecast=last,
-        overload=slo_kind.overload(slo, metrics.inputs(slo), observed.ready * cap, arrivals),
+        overload=overload.detect(slo, metrics.inputs(slo), observed.ready * cap, arrivals),
     )
     return demand, forecast_needed or 0, guard, pending, last
 
@@ -606,38 +367,49 @@ def _metrics_message(policy: ScalingPolicy, metrics: Metrics, missing: list[str]
 
 
 # -------------------------------------------------------------- phases 5-8: from recommendation to count
-def _normalize(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
-    """Apply pause, bounds, floors, missing-data rules, then the scale-up or scale-down behaviour."""
-    policy, current = tick.policy, tick.current
-    lo, hi = policy.min_replicas, policy.max_replicas
-    if policy.paused:
-        held = min(max(current, lo), hi)
-        return tick.decide(held, Reason.PAUSED, "paused", f"paused: holding {held} (would aim for {raw})")
-    if current > hi:
-        return tick.decide(hi, Reason.BOUNDS, "bounds", f"above max {hi}: {current} -> {hi}")
-    must = max(lo, tick.floor)
-    if current < must:
-        return _commit(tick, must, raw)
-    if not tick.complete:
-        without = _without_data(tick, must, raw)
-        if without is not None:
-            return without
-    if raw > current:
-        return _scale_up(tick, raw, best)
-    if raw < current:
-        return _scale_down(tick, must)
-    return tick.decide(current, Reason.STEADY, "steady", f"steady at {current}: {_said(best)}")
+def _normalize(tick: Tick, raw: int, best: TriggerReading | None) -> Decision:
+    """Phases 5-8, in order; the first that settles the count decides: pause, bounds, commitments
+    (floors), missing data, then the scale-up or scale-down behaviour; else the count holds."""
+    must = max(tick.policy.min_replicas, tick.floor)
+    return (
+        _paused(tick, raw)
+        or _above_max(tick)
+        or _commit(tick, must, raw)
+        or _without_data(tick, must, raw)
+        or _scale_up(tick, raw, best)
+        or _scale_down(tick, raw, must)
+        or tick.decide(tick.current, Reason.STEADY, "steady", f"steady at {tick.current}: {_said(best)}")
+    )
+
+
+def _paused(tick: Tick, raw: int) -> Decision | None:
+    """`paused` freezes the count (within the bounds), saying what it would aim for."""
+    if not tick.policy.paused:
+        return None
+    held = min(max(tick.current, tick.policy.min_replicas), tick.policy.max_replicas)
+    return tick.decide(held, Reason.PAUSED, "paused", f"paused: holding {held} (would aim for {raw})")
+
+
+def _above_max(tick: Tick) -> Decision | None:
+    """Above max (the bound was lowered): back within it at once."""
+    hi, current = tick.policy.max_replicas, tick.current
+    if current <= hi:
+        return None
+    return tick.decide(hi, Reason.BOUNDS, "bounds", f"above max {hi}: {current} -> {hi}")
 
 
 def _said(best: TriggerReading | None) -> str:
     return best.note if best is not None else "nothing asks for more"
 
 
-def _commit(tick: _Tick, must: int, raw: int) -> Decision:
+def _commit(tick: Tick, must: int, raw: int) -> Decision | None:
     """Bounds and floors are commitments: reached at once, past cooldowns and step limits; a sized
-    recommendation above them is reached at once too, a ratio-based one within the step limit."""
+    recommendation above them is reached at once too, a ratio-based one within the step limit.
+    None: the count is not below them."""
     current = tick.current
-    step_up = _step_limit(tick.policy.scale_up, max(current, 1), up=True)
+    if current >= must:
+        return None
+    step_up = step_limit(tick.policy.scale_up, max(current, 1), up=True)
     target = max(must, min(raw, max(tick.sized, current + step_up)))
     lo = tick.policy.min_replicas
     if tick.forecast_floor >= tick.schedule_floor and tick.forecast_floor > lo and tick.demand is not None:
@@ -655,8 +427,11 @@ def _commit(tick: _Tick, must: int, raw: int) -> Decision:
     return tick.decide(target, Reason.BOUNDS, "bounds", f"below min {lo}: {current} -> {target}")
 
 
-def _without_data(tick: _Tick, must: int, raw: int) -> Decision | None:
-    """Missing data: hold (or the fallback count); partial data may still add capacity, never remove it."""
+def _without_data(tick: Tick, must: int, raw: int) -> Decision | None:
+    """Missing data: hold (or the fallback count); partial data may still add capacity, never remove
+    it. None: the data is complete, or what it asks for is above the count held."""
+    if tick.complete:
+        return None
     fb, current = tick.policy.fallback, tick.current
     hold = current
     if fb.mode is FallbackMode.FIXED and fb.replicas is not None:
@@ -673,7 +448,7 @@ def _without_data(tick: _Tick, must: int, raw: int) -> Decision | None:
     return tick.decide(hold, Reason.FALLBACK, "fallback", message)
 
 
-def _won(tick: _Tick, best: TriggerReading | None) -> tuple[str, str]:
+def _won(tick: Tick, best: TriggerReading | None) -> tuple[str, str]:
     """(who decided, why) for a scale-up: the winning trigger's note, or - where the implicit SLO
     model outbids the user's rules - what each rule asks beside what demand needs."""
     model, slo, d = tick.model, tick.policy.objective, tick.demand
@@ -684,32 +459,28 @@ def _won(tick: _Tick, best: TriggerReading | None) -> tuple[str, str]:
         f"demand {d.arrival_rps or 0:.3g} rps needs {model.recommendation} for "
         f"p{slo.quantile * 100:g} {slo.latency_seconds:g}s"
     )
-    over = f" ({tick.overload})" if tick.overload else ""
-    return "slo", "; ".join((*asks, need + over))
+    return "slo", "; ".join((*asks, need + overload.aside(tick)))
 
 
-def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
+def _scale_up(tick: Tick, raw: int, best: TriggerReading | None) -> Decision | None:
     """Stabilisation window, cooldown, step limits. A count sized from demand has no feedback on
     itself and is reached in one step; under overload it is reached past the window and the cooldown
-    too, so no clock delays the answer to requests being refused or served late."""
+    too (overload.py), so no clock delays the answer to requests being refused or served late.
+    None: nothing asks for more than the current count."""
     up, now, current = tick.policy.scale_up, tick.now, tick.current
+    if raw <= current:
+        return None
     recs = tick.next_history.recommendations
     stabilised = min(n for t, n in recs if now - t <= up.stabilization_window)
     who, why = _won(tick, best)
-    urgent = tick.overload is not None and tick.sized > current
-    last = tick.history.last_event()
-    if urgent:
-        stabilised = max(stabilised, tick.sized)
-    elif stabilised <= current:
-        window = format_duration(up.stabilization_window)
-        message = f"{why}: wants {raw}, waiting out the {window} scale-up window"
-        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
-    elif last is not None and now - last.time < up.cooldown:
-        left = format_duration(up.cooldown - (now - last.time))
-        message = f"{why}: wants {stabilised}, scale-up cooldown {left} left"
-        return tick.decide(current, Reason.COOLDOWN, "cooldown", message)
-    base = _period_base(tick.history, now, up.period, current)
-    target = min(stabilised, max(base + _step_limit(up, max(base, 1), up=True), current, tick.sized))
+    if overload.rushes(tick):
+        stabilised = overload.rushed_to(tick, stabilised)
+    else:
+        held = _scale_up_clocks(tick, raw, stabilised, why)
+        if held is not None:
+            return held
+    base = period_base(tick.history, now, up.period, current)
+    target = min(stabilised, max(base + step_limit(up, max(base, 1), up=True), current, tick.sized))
     if target <= current:
         period = format_duration(up.period)
         message = f"{why}: wants {stabilised}, step limit reached for this {period}"
@@ -718,10 +489,29 @@ def _scale_up(tick: _Tick, raw: int, best: TriggerReading | None) -> Decision:
     return tick.decide(target, Reason.TRIGGER, who, f"{why}: {current} -> {target}{limited}")
 
 
-def _scale_down(tick: _Tick, must: int) -> Decision:
+def _scale_up_clocks(tick: Tick, raw: int, stabilised: int, why: str) -> Decision | None:
+    """A hold while the scale-up window has not seen the higher recommendation throughout, or the
+    last scale event is within the cooldown; None: the clocks allow the step."""
+    up, now, current = tick.policy.scale_up, tick.now, tick.current
+    if stabilised <= current:
+        window = format_duration(up.stabilization_window)
+        message = f"{why}: wants {raw}, waiting out the {window} scale-up window"
+        return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
+    last = tick.history.last_event()
+    if last is not None and now - last.time < up.cooldown:
+        left = format_duration(up.cooldown - (now - last.time))
+        message = f"{why}: wants {stabilised}, scale-up cooldown {left} left"
+        return tick.decide(current, Reason.COOLDOWN, "cooldown", message)
+    return None
+
+
+def _scale_down(tick: Tick, raw: int, must: int) -> Decision | None:
     """Every trigger calm for the whole window, complete data, the window's highest recommendation
     lower, no overload, outside the cooldown, within the step limit; then never below what demand
-    needs (N-1) nor to a count some trigger would answer with a scale-up (no flapping)."""
+    needs (N-1) nor to a count some trigger would answer with a scale-up (antiflap.py).
+    None: nothing asks for fewer than the current count."""
+    if raw >= tick.current:
+        return None
     held = _calm(tick)
     if held is not None:
         return held
@@ -731,23 +521,24 @@ def _scale_down(tick: _Tick, must: int) -> Decision:
     if stabilised >= current:
         message = f"a recommendation of {stabilised} in the last {span} holds {current}"
         return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
-    if tick.overload is not None:
-        return tick.decide(current, Reason.OVERLOAD, "overload", f"{tick.overload}: holding {current}")
+    refused = overload.holds_scale_down(tick)
+    if refused is not None:
+        return refused
     last = tick.history.last_event()
     if last is not None and now - last.time < down.cooldown:
         left = format_duration(down.cooldown - (now - last.time))
         return tick.decide(current, Reason.COOLDOWN, "cooldown", f"scale-down cooldown {left} left")
-    base = _period_base(tick.history, now, down.period, current)
-    target = max(stabilised, must, base - _step_limit(down, base, up=False))
+    base = period_base(tick.history, now, down.period, current)
+    target = max(stabilised, must, base - step_limit(down, base, up=False))
     if target >= current:
         message = f"scale-down step limit reached for this {format_duration(down.period)}"
         return tick.decide(current, Reason.STEP_LIMIT, "step-limit", message)
     if tick.guard > target:
-        return _guarded(tick, target)
-    return _unfought(tick, target, span)
+        return antiflap.guarded(tick, target)
+    return antiflap.unfought(tick, target, span)
 
 
-def _calm(tick: _Tick) -> Decision | None:
+def _calm(tick: Tick) -> Decision | None:
     """A hold while a trigger is not calm (above its scale-up threshold, or not below its scale-down
     one for the whole window) or the data has not been complete that long; None: calm enough."""
     now, current = tick.now, tick.current
@@ -769,54 +560,3 @@ def _calm(tick: _Tick) -> Decision | None:
         message = f"metrics complete for less than the {span} window: holding {current}"
         return tick.decide(current, Reason.STABILIZING, "stabilizing", message)
     return None
-
-
-def _fighters(tick: _Tick, to: int) -> list[str]:
-    """What the triggers that would ask to scale up again at `to` replicas would read there."""
-    out = []
-    for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
-        if r.value is None or t.sized:
-            continue
-        fight = fights(t, r.value, kind(t).summed, tick.current, tick.ready, tick.current - to)
-        if fight is not None:
-            out.append(fight)
-    return out
-
-
-def _unfought(tick: _Tick, target: int, span: str) -> Decision:
-    """Scale down to the lowest count from `target` up that no trigger would answer with a
-    scale-up; hold, naming the rules that would fight, when even one pod fewer would be answered."""
-    current = tick.current
-    to = next((n for n in range(target, current) if not _fighters(tick, n)), current)
-    if to == current:
-        fighting = "; ".join(_fighters(tick, current - 1))
-        message = f"at {current - 1} {fighting}, a scale-up again: holding {current}"
-        return tick.decide(current, Reason.WOULD_FLAP, "would-flap", message)
-    quiet = ", ".join(
-        f"{r.name} {r.value:.3g} < {t.scale_down_below:g}{t.unit}"
-        for t, r in zip(tick.policy.triggers, tick.readings, strict=True)
-        if t.scale_down_below is not None and r.value is not None
-    )
-    if not quiet and tick.demand is not None and tick.demand.needed is not None:
-        quiet = f"demand {tick.demand.arrival_rps:.3g} rps needs {tick.demand.needed}"
-    fought = f" (not {target}: {'; '.join(_fighters(tick, to - 1))})" if to > target else ""
-    return tick.decide(
-        to, Reason.SCALE_DOWN, "scale-down", f"{quiet or 'load low'} for {span}: {current} -> {to}{fought}"
-    )
-
-
-def _guarded(tick: _Tick, target: int) -> Decision:
-    """Remove pods only while the rest still carry current and forecast demand within the SLO (N-1)."""
-    current, guard = tick.current, tick.guard
-    d = tick.demand
-    assert d is not None
-    what = f"demand {d.arrival_rps or 0:.3g} rps" + (
-        f" (forecast {d.forecast_rps:.3g} rps)" if d.forecast_rps is not None else ""
-    )
-    if guard >= current:
-        message = f"{current - 1} replica(s) would miss the SLO at {what}: holding {current}"
-        return tick.decide(current, Reason.SLO_GUARD, "slo-guard", message)
-    if _fighters(tick, guard):
-        return _unfought(tick, guard, format_duration(tick.policy.scale_down.stabilization_window))
-    message = f"{what} needs {guard}: {current} -> {guard} (not {target})"
-    return tick.decide(guard, Reason.SCALE_DOWN, "scale-down", message)

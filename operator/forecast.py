@@ -13,6 +13,7 @@ forecast error on the simulator's traces (bench/forecast_bench.py), not by fashi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import zoneinfo
 from dataclasses import dataclass
@@ -113,17 +114,19 @@ def _fit(today: np.ndarray, past: np.ndarray) -> float | None:
     return float(np.abs(a[ok] - b[ok]).mean()) / scale
 
 
-def _shift(history: RateHistory, now: dt.datetime, then: dt.datetime) -> dt.timedelta:
-    """How far a past day's pattern has moved against today's: 0, or an hour either way when today's
-    last hours fit that clearly better (a DST change the configured timezone does not know about)."""
-    today = history.window(now - MATCH_WINDOW, now)
-    fits = {s: _fit(today, history.window(then + s - MATCH_WINDOW, then + s)) for s in (dt.timedelta(0), -SHIFT, SHIFT)}
-    base = fits[dt.timedelta(0)]
-    scored = {s: f for s, f in fits.items() if f is not None}
+def _shift(rps: np.ndarray, today: Span, past: tuple[Span, ...]) -> int:
+    """How far a past day's pattern has moved against today's, as an index into SHIFTS: 0 (none), or
+    an hour either way when today's last hours fit that clearly better (a DST change the configured
+    timezone does not know about). `past` holds the window before the day's same local time at each
+    of SHIFTS."""
+    now = _slice(rps, today)
+    fits = {k: _fit(now, _slice(rps, span)) for k, span in enumerate(past)}
+    base = fits[0]
+    scored = {k: f for k, f in fits.items() if f is not None}
     if base is None or not scored:
-        return dt.timedelta(0)
-    best = min(scored, key=lambda s: scored[s])
-    return best if scored[best] < SHIFT_GAIN * base else dt.timedelta(0)
+        return 0
+    best = min(scored, key=lambda k: scored[k])
+    return best if scored[best] < SHIFT_GAIN * base else 0
 
 
 def forecast(
@@ -134,22 +137,73 @@ def forecast(
     min_history: dt.timedelta = DAY,
     method: Method = DEFAULT_METHOD,
 ) -> Forecast | NoForecast:
-    """Peak demand expected in [now, now + horizon], or why it cannot be forecast."""
-    covered = history.covered
-    if covered < min_history:
-        have = f"{covered.total_seconds() / 3600:.1f} h"
-        return NoForecast(f"{have} of arrival history, needs {_hours(min_history)}", covered)
-    level_samples = int(LEVEL_WINDOW.total_seconds() // history.step_seconds)
-    recent = _mean(history.window(now - LEVEL_WINDOW, now), level_samples)
-    profiles: list[tuple[float, float, dt.timedelta]] = []  # (peak, level, shift) per usable day
-    lo, hi = method.level_clamp
+    """Peak demand expected in [now, now + horizon], or why it cannot be forecast.
+
+    `now` matters only through which samples each window reads, and those change once a step (a
+    minute) while the engine ticks every few seconds: the windows are turned into sample indices
+    here and the arithmetic on them is memoised on those indices and the samples' bytes (_forecast)."""
     zone = tz if method.local_time else zoneinfo.ZoneInfo("UTC")
-    for d in range(1, method.days + 1):
-        then = _local_days_ago(now, d, zone)
-        shift = _shift(history, now, then) if method.detect_shift else dt.timedelta(0)
-        then += shift
-        peak = _peak(history.window(then - JITTER, then + horizon + JITTER))
-        base = _mean(history.window(then - LEVEL_WINDOW, then), level_samples)
+    today, level = _spans(history, now, ((-MATCH_WINDOW, ZERO), (-LEVEL_WINDOW, ZERO)))
+    around = tuple((s - MATCH_WINDOW, s) for s in SHIFTS)  # per shift: the stretch matched with today,
+    around += tuple((s - JITTER, s + horizon + JITTER) for s in SHIFTS)  # the one the peak is taken from,
+    around += tuple((s - LEVEL_WINDOW, s) for s in SHIFTS)  # and the one its level is taken from
+    days = tuple(_spans(history, _local_days_ago(now, d, zone), around) for d in range(1, method.days + 1))
+    key = _Windows(history.step_seconds, horizon, min_history, method, today, level, days)
+    return _forecast(key, _bytes(history.rps))
+
+
+ZERO = dt.timedelta(0)
+SHIFTS = (ZERO, -SHIFT, SHIFT)  # the shifts a past day's pattern is tried at, none first
+Span = tuple[int, int]  # [i, j) sample indices of a window
+_US = dt.timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Everything a forecast reads besides the samples themselves: its memo key."""
+
+    step_seconds: float
+    horizon: dt.timedelta
+    min_history: dt.timedelta
+    method: Method
+    today: Span  # the MATCH_WINDOW up to now
+    level: Span  # the LEVEL_WINDOW up to now
+    # Per past day, per shift in SHIFTS: its match windows, then its peak windows, then its level windows.
+    days: tuple[tuple[Span, ...], ...]
+
+
+def _spans(
+    history: RateHistory, at: dt.datetime, windows: tuple[tuple[dt.timedelta, dt.timedelta], ...]
+) -> tuple[Span, ...]:
+    """The sample indices RateHistory.window(at + a, at + b) reads, for each (a, b) in `windows`;
+    in whole microseconds, as timedelta arithmetic is, so the indices are the very same."""
+    base = (at - history.start) // _US
+    step, n = history.step_seconds, len(history.rps)
+    out = []
+    for a, b in windows:
+        i = max(0, math.floor((base + a // _US) / 10**6 / step))
+        j = min(n, math.ceil((base + b // _US) / 10**6 / step))
+        out.append((i, j) if j > i else (0, 0))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=32)  # a few TTSDeployments' worth; each key holds its history's bytes
+def _forecast(key: _Windows, samples: bytes) -> Forecast | NoForecast:
+    """forecast() on sample indices: a pure function of the windows and the samples' values."""
+    rps = np.frombuffer(samples)
+    covered = dt.timedelta(seconds=float(np.count_nonzero(~np.isnan(rps))) * key.step_seconds)
+    if covered < key.min_history:
+        have = f"{covered.total_seconds() / 3600:.1f} h"
+        return NoForecast(f"{have} of arrival history, needs {_hours(key.min_history)}", covered)
+    level_samples = int(LEVEL_WINDOW.total_seconds() // key.step_seconds)
+    recent = _mean(_slice(rps, key.level), level_samples)
+    profiles: list[tuple[float, float, dt.timedelta]] = []  # (peak, level, shift) per usable day
+    lo, hi = key.method.level_clamp
+    for day in key.days:
+        k = _shift(rps, key.today, day[:3]) if key.method.detect_shift else 0
+        shift = SHIFTS[k]
+        peak = _peak(_slice(rps, day[3 + k]))
+        base = _mean(_slice(rps, day[6 + k]), level_samples)
         if peak is None:
             continue
         level = 1.0 if recent is None or not base else min(max(recent / base, lo), hi)
@@ -159,8 +213,17 @@ def forecast(
     peak, level, shift = max(profiles, key=lambda p: p[0])
     days = f"{len(profiles)} past day(s)"
     moved = f", pattern moved {shift.total_seconds() / 3600:+g} h" if shift else ""
-    note = f"{peak:.3g} rps expected within {_minutes(horizon)} (same local time on {days} x{level:.2f}{moved})"
-    return Forecast(peak, horizon, len(profiles), level, note)
+    note = f"{peak:.3g} rps expected within {_minutes(key.horizon)} (same local time on {days} x{level:.2f}{moved})"
+    return Forecast(peak, key.horizon, len(profiles), level, note)
+
+
+def _slice(rps: np.ndarray, span: Span) -> np.ndarray:
+    return rps[span[0] : span[1]]
+
+
+def _bytes(rps: np.ndarray) -> bytes:
+    """Samples as float64 bytes: a memo key that is their values, whoever holds the array."""
+    return np.ascontiguousarray(rps, dtype=np.float64).tobytes()
 
 
 def _hours(td: dt.timedelta) -> str:
@@ -187,15 +250,22 @@ def growth(history: RateHistory, now: dt.datetime, horizon: dt.timedelta) -> flo
 
     Capacity ordered now is Ready only after a pod start; sizing for today's demand alone leaves the
     fleet short whenever demand drifts up meanwhile. This is that drift, learnt from the service's
-    own recent traffic rather than a fixed utilisation target.
+    own recent traffic rather than a fixed utilisation target. The samples it reads change once a
+    step, not once a tick: the arithmetic is memoised on their bytes (_growth).
     """
     rps = history.window(now - GROWTH_SPAN, now)
     ahead = max(1, math.ceil(horizon.total_seconds() / history.step_seconds))
+    return _growth(_bytes(rps), ahead, history.step_seconds)
+
+
+@functools.lru_cache(maxsize=64)
+def _growth(samples: bytes, ahead: int, step_seconds: float) -> float | None:
+    rps = np.frombuffer(samples)
     if len(rps) <= ahead + 10:
         return None
     windows = np.lib.stride_tricks.sliding_window_view(rps[1:], ahead)
     base = rps[: len(windows)]
-    busy_enough = GROWTH_MIN_ARRIVALS / history.step_seconds
+    busy_enough = GROWTH_MIN_ARRIVALS / step_seconds
     ok = ~np.isnan(base) & (base >= busy_enough) & ~np.isnan(windows).any(axis=1)
     if ok.sum() < 10:
         return None

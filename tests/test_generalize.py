@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from voxscale.operator.policy import ScalingPolicy
+from voxscale.operator.reversals import Move, count_reversals
 from voxscale.simulator import generators, traces
 from voxscale.simulator.baselines import StaticAutoscaler
 from voxscale.simulator.cli import checked_manifest
 from voxscale.simulator.kpa import KpaModel
 from voxscale.simulator.model import CapacityModel
 from voxscale.simulator.policies import Signals
-from voxscale.simulator.run import Move, count_reversals, simulate
+from voxscale.simulator.run import simulate
 
 
 # ------------------------------------------------------------------------------------------ generators

@@ -68,3 +68,11 @@ def test_status_carries_the_flapping_condition_and_the_reversals() -> None:
     calm = status.build({}, replace(seen, flapping=Flapping(0, ())), _decision(now), History(), now)
     (cond,) = [c for c in calm["conditions"] if c["type"] == "Flapping"]
     assert (cond["status"], cond["reason"]) == ("False", "Steady") and "reversals" not in calm
+
+
+def test_the_simulator_names_the_rules_whose_moves_were_undone() -> None:
+    from voxscale.simulator.run import fighting_rules
+
+    moves = [Move(0, True, 50.0, "gpu"), Move(100, False, 50.0, "queue"), Move(200, True, 50.0, "gpu")]
+    assert fighting_rules(moves) == {"gpu": 2, "queue": 2}
+    assert fighting_rules([Move(0, True, 50.0), Move(100, False, 50.0)]) == {}  # a baseline names none

@@ -53,7 +53,8 @@ class Substeps:
     survive_arrival: float  # an arrival (uniform sub-step) still in service at the end of the step
     busy_per_running: float  # mean busy slots over the step per request running at its start
     busy_per_arrival: float  # mean busy slots over the step per arrival (no one waiting)
-    spread: tuple[float, ...]  # each sub-step's share of the arrivals (uniform)
+    spread: np.ndarray  # each sub-step's share of the arrivals (uniform; an array: multinomial reads it faster)
+    zeros: tuple[int, ...]  # no arrival in any sub-step
 
 
 @functools.cache
@@ -64,7 +65,8 @@ def _substeps(dt: float, service_seconds: float) -> Substeps:
     # Completions come first in a sub-step, then arrivals; a request counts as busy after both.
     running = sum(q ** (j + 1) for j in range(k)) / k
     arriving = sum((k - m) * q**m for m in range(k)) / k**2
-    return Substeps(k, dt / k, p, q**k, sum(q**m for m in range(k)) / k, running, arriving, (1 / k,) * k)
+    spread = np.full(k, 1 / k)
+    return Substeps(k, dt / k, p, q**k, sum(q**m for m in range(k)) / k, running, arriving, spread, (0,) * k)
 
 
 # Mix multipliers are rounded to this grid so the sub-step tables stay a handful (they are cached).
@@ -99,6 +101,7 @@ class ReplicaQueue:
         self.service_seconds = self.capacity.service_seconds  # this step's, with the request mix
         self.service_sum = 0.0  # service seconds of every request served, for the mean latency
         self._pending: dict[int, float] = {}  # this step's latency bins, flushed into `recent` once
+        self._bins: dict[float, int] = {}  # latency -> its LATENCY_BINS index
 
     def set_cost(self, cost: float) -> None:
         """The request mix of the coming steps: service time `cost` x the capacity model's (1 = it),
@@ -171,11 +174,12 @@ class ReplicaQueue:
             return self._step_unqueued(now, dt, arrivals, n)
         sub = _substeps(dt, self.service_seconds)
         # Where in the step each arrival falls: uniform, as Poisson arrivals are given their count.
-        spread = [arrivals] + [0] * (sub.k - 1)
         if arrivals and sub.k > 1:
-            spread = self.rng.multinomial(arrivals, sub.spread).tolist()
+            spread: list[int] | tuple[int, ...] = self.rng.multinomial(arrivals, sub.spread).tolist()
+        else:
+            spread = (arrivals, *sub.zeros[1:])
         rejected_before = self.rejected
-        binomial, p_done = self.rng.binomial, sub.p_done
+        binomial, p_done, h = self.rng.binomial, sub.p_done, sub.h
         immediate = busy_sum = 0
         for j, a in enumerate(spread):
             if n:
@@ -188,9 +192,9 @@ class ReplicaQueue:
                 else:  # the free slots start at once (wait 0), the rest queue or are refused
                     immediate += free
                     n += free
-                    self._admit(now + j * sub.h, float(a - free), ready, 0.0)
+                    self._admit(now + j * h, float(a - free), ready, 0.0)
             else:
-                at = now + j * sub.h
+                at = now + j * h
                 self._admit(at, float(a), ready, float(free))
                 n += round(self._start_queued(at, float(free)))
             busy_sum += n if n < slots else slots
@@ -219,7 +223,9 @@ class ReplicaQueue:
         """Count `count` requests starting service now after `wait`; the window of recent latencies
         gets them when the step ends (`_flush`), one entry per bin and step."""
         latency = wait + self.service_seconds
-        idx = min(bisect.bisect_left(_BIN_EDGES, latency), len(_BIN_EDGES) - 1)
+        idx = self._bins.get(latency)
+        if idx is None:  # a handful of distinct latencies recur step after step: look each up once
+            idx = self._bins[latency] = min(bisect.bisect_left(_BIN_EDGES, latency), len(_BIN_EDGES) - 1)
         self.latency_counts[idx] += count
         self.served += count
         self.wait_sum += wait * count

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from voxscale.operator.policy import ScalingPolicy
+from voxscale.operator.reversals import REVERSAL_TOLERANCE, REVERSAL_WINDOW_S, Move, count_reversals, reversed_pairs
 from voxscale.simulator.baselines import KedaHpaModel, OracleAutoscaler, StaticAutoscaler, schedule_floors
 from voxscale.simulator.kpa import KpaModel
 from voxscale.simulator.model import CapacityModel, Fleet, ReplicaQueue, StepStats
@@ -21,10 +22,8 @@ from voxscale.simulator.traces import Trace
 
 SERIES_POINTS = 3000  # time-series samples kept per run, for plots
 CAPACITY_MIN_BUSY = 0.6  # share of busy slots over the window above which a measured capacity is reported
-# A reversal: a scale event in the opposite direction of the one before it, within this window, while
-# the load (the arrival rate over the rate window) changed by less than this share. Flapping, counted.
-REVERSAL_WINDOW_S = 600.0
-REVERSAL_TOLERANCE = 0.2
+# Reversals (a scale event undoing the one before it within a window while the load changed less than
+# a share) are counted with operator/reversals.py: the operator's status and metrics use the same.
 
 
 @dataclass
@@ -54,27 +53,7 @@ class Summary:
     # Moves undone within REVERSAL_WINDOW_S while the load changed less than REVERSAL_TOLERANCE.
     reversals: int = 0
     reversals_per_day: float = 0.0
-
-
-@dataclass(frozen=True)
-class Move:
-    """One scale event: when, which way, and the load (arrival rate over the rate window) then."""
-
-    t: float
-    up: bool
-    load: float
-
-
-def count_reversals(
-    moves: list[Move], window_s: float = REVERSAL_WINDOW_S, tolerance: float = REVERSAL_TOLERANCE
-) -> int:
-    """Moves that undo the move before them within `window_s` while the load changed by less than
-    `tolerance` of the larger of the two loads: the fleet changed its mind, not the traffic."""
-    return sum(
-        1
-        for a, b in itertools.pairwise(moves)
-        if a.up != b.up and b.t - a.t <= window_s and abs(b.load - a.load) <= tolerance * max(a.load, b.load)
-    )
+    reversal_rules: dict[str, int] = field(default_factory=dict)  # rule -> moves of it that were undone
 
 
 @dataclass
@@ -264,7 +243,8 @@ def simulate(
             wall = dt.datetime.fromtimestamp(start_ts + now, dt.UTC)
             want = autoscaler.desired(wall, fleet.replicas, ready, signals)
             if want != fleet.replicas:
-                moves.append(Move(now, want > fleet.replicas, rates.arrival_rps(i, rates.width, dt_s)))
+                rule = getattr(getattr(autoscaler, "last", None), "rule", "")  # voxscale's decisions name one
+                moves.append(Move(now, want > fleet.replicas, rates.arrival_rps(i, rates.width, dt_s), rule))
                 fleet.scale(now, want)
             next_eval += autoscaler.interval_seconds
         if i % every == 0:
@@ -321,7 +301,15 @@ def _summary(
         within_slo_after_day1_percent=after_day1_within,
         gpu_hours_after_day1=after_day1_gpu,
         reversals=count_reversals(moves),
+        reversal_rules=fighting_rules(moves),
     )
+
+
+def fighting_rules(moves: list[Move]) -> dict[str, int]:
+    """The rules whose moves were undone, with how often (most first): who fights, as the operator's
+    Flapping condition names them. Empty for autoscalers that name no rule (the baselines)."""
+    counts = Counter(m.rule for pair in reversed_pairs(moves) for m in pair if m.rule)
+    return dict(counts.most_common())
 
 
 @dataclass
@@ -479,7 +467,13 @@ def format_table(c: Comparison) -> str:
         "bound on GPU-hours); kpa is a model of Knative's KPA with its defaults."
         + (" d2+: from the second day on." if multi_day else "")
     )
-    return "\n".join([head, "", *lines, "", foot, f"simulated in {c.sim_seconds:.1f} s"])
+    fights = [
+        f"{r.summary.autoscaler}'s reversals came from rules that fight: "
+        + ", ".join(f"{rule} {n}" for rule, n in r.summary.reversal_rules.items())
+        for r in c.runs
+        if r.summary.reversal_rules
+    ]
+    return "\n".join([head, "", *lines, "", *fights, foot, f"simulated in {c.sim_seconds:.1f} s"])
 
 
 def outages(trace: Trace) -> list[tuple[float, float]]:

@@ -12,7 +12,7 @@ import csv
 import datetime as dt
 import math
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,30 +115,44 @@ def _parse_up(text: str, where: str) -> bool:
     raise TraceError(where, f"{text!r} is not 1 (metrics up) or 0 (metrics outage)")
 
 
+def _rows(path: Path, expected: str) -> Iterator[tuple[str, list[str]]]:
+    """(where, fields) of a CSV file's header, then of each data row (blank rows skipped), `where`
+    being path:line for error messages; an empty file is an error that says what was `expected`.
+    The one CSV prologue of both readers: a trace's rows and a request log's."""
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise TraceError(f"{path}:1", f"empty file; expected {expected}")
+        yield f"{path}:1", header
+        for lineno, row in enumerate(reader, start=2):
+            if row and any(c.strip() for c in row):
+                yield f"{path}:{lineno}", row
+
+
+def _enough(where: str, row: list[str], needed: int) -> None:
+    """A row shorter than the header's columns say is an error where it stands."""
+    if len(row) < needed:
+        raise TraceError(where, f"expected at least {needed} fields as in the header, got {len(row)}")
+
+
 def _read_rows(path: Path) -> tuple[list[float], list[float], list[bool] | None]:
     """(timestamps, rates, metrics-up flags or None) of every data row, each checked where it stands."""
     times: list[float] = []
     rates: list[float] = []
     ups: list[bool] = []
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise TraceError(f"{path}:1", f"empty file; expected {_HEADER_HELP}")
-        cols = _columns(header, f"{path}:1")
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) < cols.needed:
-                raise TraceError(where, f"expected at least {cols.needed} fields as in the header, got {len(row)}")
-            t = _parse_time(row[cols.timestamp].strip(), f"{where}: field timestamp")
-            if times and t <= times[-1]:
-                raise TraceError(f"{where}: field timestamp", "timestamps must strictly increase")
-            times.append(t)
-            rates.append(_parse_rate(row[cols.rate].strip(), f"{where}: field {cols.rate_name}"))
-            if cols.metrics_up is not None:
-                ups.append(_parse_up(row[cols.metrics_up], f"{where}: field {METRICS_UP_COLUMN}"))
+    rows = _rows(path, _HEADER_HELP)
+    where, header = next(rows)
+    cols = _columns(header, where)
+    for where, row in rows:
+        _enough(where, row, cols.needed)
+        t = _parse_time(row[cols.timestamp].strip(), f"{where}: field timestamp")
+        if times and t <= times[-1]:
+            raise TraceError(f"{where}: field timestamp", "timestamps must strictly increase")
+        times.append(t)
+        rates.append(_parse_rate(row[cols.rate].strip(), f"{where}: field {cols.rate_name}"))
+        if cols.metrics_up is not None:
+            ups.append(_parse_up(row[cols.metrics_up], f"{where}: field {METRICS_UP_COLUMN}"))
     return times, rates, (ups if cols.metrics_up is not None else None)
 
 
@@ -188,22 +202,15 @@ def _read_requests(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(arrival times, sizes or None) of every request in the log, each row checked where it stands."""
     times: list[float] = []
     sizes: list[float] = []
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise TraceError(f"{path}:1", f"empty file; expected {_LOG_HELP}")
-        ts, size, size_name = _log_columns(header, f"{path}:1")
-        needed = max(ts, -1 if size is None else size) + 1
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) < needed:
-                raise TraceError(where, f"expected at least {needed} fields as in the header, got {len(row)}")
-            times.append(_parse_time(row[ts].strip(), f"{where}: field timestamp"))
-            if size is not None:
-                sizes.append(_parse_size(row[size].strip(), f"{where}: field {size_name}"))
+    rows = _rows(path, _LOG_HELP)
+    where, header = next(rows)
+    ts, size, size_name = _log_columns(header, where)
+    needed = max(ts, -1 if size is None else size) + 1
+    for where, row in rows:
+        _enough(where, row, needed)
+        times.append(_parse_time(row[ts].strip(), f"{where}: field timestamp"))
+        if size is not None:
+            sizes.append(_parse_size(row[size].strip(), f"{where}: field {size_name}"))
     return np.asarray(times), (np.asarray(sizes) if size is not None else None)
 
 
