@@ -55,11 +55,12 @@ base_image() {
     --change 'CMD ["python3"]' "$tmp/rootfs.tar" "docker.io/library/$ref" >/dev/null
 }
 
-# The build context as the Dockerfiles use it: pyproject.toml, README.md and the four package folders
+# The build context as the Dockerfiles use it: pyproject.toml and the four package folders (the
+# Dockerfiles write a stub README.md, so the README is not an input)
 # (Dockerfile.piper copies nothing in: its Dockerfile is its only input).
 inputs_hash() {
   local file="$1" listed
-  local context=(pyproject.toml README.md voxscale operator inference crds)
+  local context=(pyproject.toml voxscale operator inference crds)
   [ "$file" != Dockerfile.piper ] || context=()
   if [ ${#context[@]} -eq 0 ]; then listed=""
   elif listed=$(git ls-files -co --exclude-standard -- "${context[@]}" 2>/dev/null); then :

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
 import random
@@ -461,12 +462,46 @@ class PodStarts:
 
     ready_seconds: tuple[float, ...] = ()  # creation -> first Ready of the pods Ready now
     not_ready: tuple[NotReady, ...] = ()
+    phases: tuple[StartPhases, ...] = ()  # where those starts' time went, per pod (where the pod says)
+
+
+@dataclass(frozen=True)
+class StartPhases:
+    """One pod's start, from its own conditions and container states: waiting for a node (creation ->
+    PodScheduled), pulling the image and creating the containers (-> the last container's start), and
+    loading until Ready (-> Ready: model loading, warm-up, probes)."""
+
+    scheduling: float
+    pull_and_start: float
+    loading: float
+
+
+def start_phases(pod: Any) -> StartPhases | None:
+    """The three phases of a Ready pod without restarts, or None where a timestamp is missing or the
+    order is impossible (clock skew between the API server and the node)."""
+    status = pod.status
+    created = pod.metadata.creation_timestamp
+    conds = {c.type: c for c in (status.conditions if status else None) or []}
+    started = [
+        s.state.running.started_at
+        for s in (status.container_statuses if status else None) or []
+        if s.state is not None and s.state.running is not None and s.state.running.started_at is not None
+    ]
+    scheduled, ready = conds.get("PodScheduled"), conds.get("Ready")
+    if not created or not started or scheduled is None or ready is None:
+        return None
+    times = [created, scheduled.last_transition_time, max(started), ready.last_transition_time]
+    if any(t is None for t in times) or any(b < a for a, b in itertools.pairwise(times)):
+        return None
+    gaps = [float((b - a).total_seconds()) for a, b in itertools.pairwise(times)]
+    return StartPhases(*gaps)
 
 
 def starts_of(pods: list[Any]) -> PodStarts:
     """The start samples and the not-Ready pods among `pods` (kubernetes client V1Pod objects).
     Pods on their way out (deleted, Succeeded, Failed) are neither."""
     ready: list[float] = []
+    phases: list[StartPhases] = []
     not_ready: list[NotReady] = []
     for pod in pods:
         if pod.metadata.deletion_timestamp is not None or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
@@ -476,12 +511,13 @@ def starts_of(pods: list[Any]) -> PodStarts:
             started = _first_ready_after(pod, condition)
             if started is not None:
                 ready.append(started)
+                phases += [p for p in [start_phases(pod)] if p is not None]
             continue
         since = condition.last_transition_time if condition is not None else None
         created = pod.metadata.creation_timestamp
         if since or created:
             not_ready.append(NotReady(pod.metadata.name, since or created, _waiting_on(pod)))
-    return PodStarts(tuple(ready), tuple(not_ready))
+    return PodStarts(tuple(ready), tuple(not_ready), tuple(phases))
 
 
 def _ready_condition(pod: Any) -> Any:

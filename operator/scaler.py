@@ -107,6 +107,7 @@ class Tracked:
     reported_conflict: str | None = None
     reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
     moves: list[Move] = field(default_factory=list)  # this leader's recent moves (or changes of advice)
+    start_phases: tuple[tuple[float, float, float], ...] = ()  # of its Ready pods, this round
     reported_flapping: bool = False
 
     @property
@@ -367,6 +368,7 @@ class Scaler:
         returns it (None: not there)."""
         ns, name = tr.key
         starts = starts or PodStarts()
+        tr.start_phases = tuple((p.scheduling, p.pull_and_start, p.loading) for p in starts.phases)
         if work is not None and not isinstance(work, Workload):
             work = _own_workload(work)
         if work is None and tr.target is not None:
@@ -557,6 +559,7 @@ class Scaler:
             target_problem=target_problem,
             shadowing=tr.shadowing,
             flapping=flapping(tr.moves, now.timestamp()) if decision is not None else None,
+            start_phases=tr.start_phases,
         )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)

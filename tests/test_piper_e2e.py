@@ -175,6 +175,14 @@ def test_an_attached_piper_deployment_is_scaled_by_its_doors_signals_without_los
     assert template == template_before  # voxscale wrote the replica count and nothing else
     assert not dep["metadata"].get("ownerReferences")
 
+    # Where the pods' start time went, in status (the attached pods' own conditions and container states).
+    cold = wait_for(
+        "status.coldStart",
+        lambda: get_json(cluster, "ttsd", "piper", "-n", NAMESPACE).get("status", {}).get("coldStart"),
+        timeout=60,
+    )
+    assert cold["pods"] >= 1 and cold["totalP90Seconds"] >= cold["loadingP90Seconds"] > 0, cold
+
     # Deleting the TTSDeployment leaves the team's Deployment as it is.
     count = replicas(cluster)
     cluster.kubectl("delete", "ttsd", "piper", "-n", NAMESPACE, "--wait=true")
