@@ -207,7 +207,7 @@ class ScalingPolicy:
             raise SpecError("spec.replicas.min", f"min ({lo}) must be <= max ({hi})")
         if lo == 0 and not replicas.get("allowScaleToZero", False):
             raise SpecError("spec.replicas.min", "0 requires spec.replicas.allowScaleToZero: true")
-        slots = int(spec["model"]["maxBatchSize"]) if int(spec["resources"]["gpus"]) > 0 else 1
+        slots = replica_slots(spec)
         objective = scaling["slo"]
         triggers = tuple(
             _parse_trigger(t, f"spec.scaling.triggers[{i}]", slots, objective)
@@ -250,6 +250,24 @@ class ScalingPolicy:
 # The key the implicit objective's inputs are read under in Metrics.values ("(slo)", "(slo).capacity",
 # ...): outside the trigger name pattern, so no user trigger can take it.
 IMPLICIT_SLO = "(slo)"
+
+
+def replica_slots(spec: dict[str, Any]) -> int:
+    """Requests one replica works on at once (the M/M/c model's slots per replica), for a defaulted spec:
+    spec.scaling.slo.concurrency; else the door's concurrency behind the door sidecar; 1 for an attached
+    workload (nothing is known of it: one queue per replica is the conservative reading); else the batch
+    on a GPU and 1 on the CPU for voxscale's own server."""
+    from voxscale.proxy.settings import CONCURRENCY  # pure data: the door's own default, not a copy
+
+    explicit = spec["scaling"]["slo"].get("concurrency")
+    if explicit is not None:
+        return int(explicit)
+    if spec.get("targetRef"):
+        return 1
+    door = spec.get("proxy") or {}
+    if door.get("enabled"):
+        return int(door.get("concurrency", CONCURRENCY.default))
+    return int(spec["model"]["maxBatchSize"]) if int(spec["resources"]["gpus"]) > 0 else 1
 
 
 def _implicit_objective(raw: dict[str, Any], slots: int) -> Trigger | None:

@@ -125,14 +125,6 @@ class Tracked:
         return self.policy is not None and self.policy.mode is not ScalingMode.ADVISORY
 
 
-def policy_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec the policy is parsed from. An attached TTSDeployment (spec.targetRef) has no spec.model;
-    the policy reads the slo model's per-replica batch slots from it, so it gets the CRD's defaults."""
-    if "model" not in spec and spec.get("targetRef"):
-        return {**spec, "model": {}}
-    return spec
-
-
 class Scaler:
     def __init__(
         self,
@@ -183,7 +175,7 @@ class Scaler:
         if generation != tr.generation:
             tr.generation = generation
             try:
-                tr.policy, tr.spec_error = ScalingPolicy.from_spec(policy_spec(body["spec"])), None
+                tr.policy, tr.spec_error = ScalingPolicy.from_spec(body["spec"]), None
             except SpecError as exc:
                 tr.policy, tr.spec_error = None, str(exc)
             # A shape the schema refuses can still be stored from before a CRD change: say it, never crash.

@@ -19,14 +19,14 @@ from kubernetes import config as k8s_config
 
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
 from voxscale.localcluster.harness import OperatorProcess, get_json, wait_for
-from voxscale.operator import children, queries
+from voxscale.operator import children, crd, queries
 from voxscale.operator import status as st
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
 from voxscale.operator.forecast import RateHistory
 from voxscale.operator.kube import Kube, Workload, selector_string
 from voxscale.operator.policy import ScalingMode, ScalingPolicy
 from voxscale.operator.prometheus import Endpoint, PrometheusSource, Target
-from voxscale.operator.scaler import Scaler, policy_spec
+from voxscale.operator.scaler import Scaler
 
 NOW = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 REF = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "their-tts"}
@@ -149,11 +149,32 @@ def test_an_attached_object_reads_its_workloads_series_not_its_namesakes() -> No
     assert source._by_object(namesake, ["ns"]) == namesake
 
 
-def test_an_attached_spec_parses_with_the_crd_defaults_for_the_model() -> None:
+def test_an_attached_spec_parses_without_a_model() -> None:
     spec = attached("a", replicas={"min": 2, "max": 5}, scaling={"mode": "advisory"})["spec"]
-    policy = ScalingPolicy.from_spec(policy_spec(spec))
+    policy = ScalingPolicy.from_spec(spec)
     assert (policy.min_replicas, policy.max_replicas, policy.mode) == (2, 5, ScalingMode.ADVISORY)
     assert "model" not in spec  # the stored spec is left as it is
+
+
+def test_the_slo_models_slots_per_replica_follow_what_serves_the_requests() -> None:
+    """The M/M/c model's slots: the batch for voxscale's GPU server, 1 on its CPU, the door's concurrency
+    behind the door sidecar, 1 for an attached workload, and spec.scaling.slo.concurrency over all."""
+    from voxscale.operator.policy import replica_slots
+    from voxscale.proxy.settings import CONCURRENCY
+
+    def slots(spec: dict[str, Any]) -> int:
+        return replica_slots(crd.default_spec(spec))
+
+    own = {"model": {"image": "x", "maxBatchSize": 6}, "replicas": {"min": 1, "max": 4}}
+    assert slots(own) == 6
+    assert slots({**own, "resources": {"gpus": 0}}) == 1
+    door = {"enabled": True, "image": "d", "serverPort": 5000}
+    assert slots({**own, "proxy": door}) == CONCURRENCY.default
+    assert slots({**own, "proxy": {**door, "concurrency": 2}}) == 2
+    assert slots(attached("a")["spec"]) == 1
+    assert slots({**attached("a")["spec"], "scaling": {"slo": {"concurrency": 3}}}) == 3
+    model = ScalingPolicy.from_spec({**attached("a")["spec"], "scaling": {"slo": {"concurrency": 3}}}).slo
+    assert model is not None and model.slots == 3  # the default slo trigger inherits it
 
 
 def test_status_says_missing_refused_and_shadowed_for_an_attached_workload() -> None:
@@ -180,7 +201,7 @@ def test_status_says_missing_refused_and_shadowed_for_an_attached_workload() -> 
 
 def _evaluated(current: int, desired: int) -> Decision:
     """A real decision from the engine: a policy with min `desired` on a workload at `current`."""
-    pol = ScalingPolicy.from_spec(policy_spec(attached("a", replicas={"min": desired, "max": 4})["spec"]))
+    pol = ScalingPolicy.from_spec(attached("a", replicas={"min": desired, "max": 4})["spec"])
     d = decide(pol, Observed(current, current), Metrics(), NOW, History())
     assert (d.current, d.desired) == (current, desired)
     return d
