@@ -108,6 +108,7 @@ class Tracked:
     reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
     moves: list[Move] = field(default_factory=list)  # this leader's recent moves (or changes of advice)
     start_phases: tuple[tuple[float, float, float], ...] = ()  # of its Ready pods, this round
+    reported_left: frozenset[str] = frozenset()  # children of a former spec.model already told in an Event
     reported_flapping: bool = False
 
     @property
@@ -255,6 +256,8 @@ class Scaler:
                 else:
                     work, pods, problem = self._read_target(ref)
                     other = self._other_scaler(tr, ref, work, foreign.get(ref.key), rivals.get(tr.key))
+                    left = frozenset(present.get(tr.key, set()) | ({"Deployment"} if tr.key in deployments else set()))
+                    self._report_left_behind(tr, left)
                 # Advisory mode writes nothing, so another autoscaler is shadowed there, not fought.
                 advisory = tr.policy is not None and tr.policy.mode is ScalingMode.ADVISORY
                 tr.conflict, tr.shadowing = (None, other) if advisory else (other, None)
@@ -476,6 +479,20 @@ class Scaler:
             f"{decision.desired}. To hold a count, set spec.replicas.min and max to it or spec.scaling.paused: true"
         )
         self.kube.event(tr.body, "Warning", "ManualScaleOverridden", message)
+
+    def _report_left_behind(self, tr: Tracked, left: frozenset[str]) -> None:
+        """Children made while the spec had spec.model stay when it switches to spec.targetRef (owned by
+        the TTSDeployment, so removed only with it): their pods may still hold GPUs. Said once per change."""
+        if left and left != tr.reported_left:
+            name = tr.key[1]
+            kinds = ",".join(sorted(k.lower() for k in left))
+            message = (
+                f"spec.targetRef replaced spec.model, and the {', '.join(sorted(left))} made for spec.model "
+                f"{'is' if len(left) == 1 else 'are'} still there (the operator never deletes a Deployment): remove "
+                f"them with kubectl delete {kinds} -l voxscale.io/ttsdeployment={name} -n {tr.key[0]}"
+            )
+            self.kube.event(tr.body, "Warning", "ChildrenLeftBehind", message)
+        tr.reported_left = left
 
     def _record_move(self, tr: Tracked, decision: Decision, before: int, now: dt.datetime) -> None:
         """Remember a move (or a change of advice) with the load it was made at, count the reversals it

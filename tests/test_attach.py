@@ -476,6 +476,32 @@ def test_a_missing_target_is_said_and_nothing_is_created(
     assert cluster.kubectl("get", "deployment", "orphan", "-n", namespace, check=False).returncode != 0
 
 
+def test_switching_from_model_to_target_ref_says_what_was_left_behind(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, plain_deployment("their-tts"))
+    owned = ttsd("switch", "their-tts")
+    del owned["spec"]["targetRef"]
+    owned["spec"]["model"] = {"image": "ghcr.io/voxscale/inference:0.1.0"}
+    apply(cluster, namespace, owned)
+    wait_for("its own Deployment", lambda: get_json(cluster, "deployment", "switch", "-n", namespace))
+    # The user replaces spec.model with spec.targetRef (a merge patch: model removed, targetRef added).
+    patch = {"spec": {"model": None, "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "their-tts"}}}
+    cluster.kubectl("patch", "ttsd", "switch", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+
+    def told() -> list[dict[str, Any]]:
+        selector = "involvedObject.name=switch,reason=ChildrenLeftBehind"
+        return list(get_json(cluster, "events", "-n", namespace, "--field-selector", selector)["items"])
+
+    (event,) = wait_for("a ChildrenLeftBehind event", told, timeout=30)
+    assert "Deployment" in event["message"] and "Service" in event["message"]
+    # min 2: a PodDisruptionBudget was made too; one command removes them all.
+    command = (
+        f"kubectl delete deployment,poddisruptionbudget,service -l voxscale.io/ttsdeployment=switch -n {namespace}"
+    )
+    assert command in event["message"]
+
+
 EXACTLY_ONE = "set exactly one of spec.model"
 
 
