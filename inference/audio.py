@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from typing import Any
@@ -38,18 +39,24 @@ class AudioError(ValueError):
     """A problem with an uploaded recording; the message is what the client is told."""
 
 
+@functools.cache
+def _writable() -> tuple[str, ...]:
+    """What this libsndfile can write, asked once (asking costs ~1 ms: it lists every format)."""
+    out = ["wav", "pcm"]
+    available = sf.available_formats()
+    for name, (fmt, sub) in _SF_FORMATS.items():
+        if fmt in available and sub in sf.available_subtypes(fmt):
+            out.append(name)
+    return tuple(out)
+
+
 def supported_formats() -> list[str]:
     """wav and pcm always; flac, mp3 and opus when this libsndfile can write them.
 
     Never aac: libsndfile has no AAC encoder and the image ships no ffmpeg, so asking for it gets a
     422 listing these instead of a half-working fallback.
     """
-    out = ["wav", "pcm"]
-    available = sf.available_formats()
-    for name, (fmt, sub) in _SF_FORMATS.items():
-        if fmt in available and sub in sf.available_subtypes(fmt):
-            out.append(name)
-    return out
+    return list(_writable())
 
 
 def unsupported_message(fmt: str) -> str:

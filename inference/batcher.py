@@ -5,13 +5,21 @@ queued while any of its sentences waits for a batch, and in flight while its las
 synthesised. At most `max_queue` requests are queued (beyond it: QueueFull, which the server answers
 with 429 and Retry-After); a request of any length is admitted when the queue has room. So what a
 replica holds is bounded: the sentences of `max_queue` requests wait, and at most `max_batch` requests
-are in flight (a request is in flight only once its last sentence is in the running batch).
+per worker are in flight (a request is in flight only once its last sentence is in a running batch).
 
-Synthesis itself works on sentences: one worker waits at most `max_wait_ms` for company, then takes up
-to `max_batch` sentences of similar length whose padded size (longest ids x count) fits
-`token_budget`, and runs them through the pipeline in one padded batch (`plan_batch`). Realtime
-sentences go before batch ones; a batch sentence that has waited `promote_after_s` counts as realtime
-(age-based promotion), so a stream of realtime traffic cannot starve it.
+Synthesis itself works on sentences: a worker takes up to `max_batch` sentences of similar length
+whose padded size (longest ids x count) fits `token_budget`, and runs them through the pipeline in one
+padded batch (`plan_batch`). Realtime sentences go before batch ones; a batch sentence that has waited
+`promote_after_s` counts as realtime (age-based promotion), so a stream of realtime traffic cannot
+starve it. A worker waits up to `max_wait_ms` for company only when requests arrive close together
+(the last two less than `max_wait_ms` apart) and the batch is not full: a lone request never waits
+for nobody.
+
+Each of the `workers` runs its batches on a thread of its own (torch's intra-op pool and glibc's
+malloc arena are per thread: rotating through a thread pool paid ~10^4 page faults per synthesis),
+with `threads` intra-op threads, or (`cpus` given: the adaptive layout) the CPUs divided among the
+batches running as it starts. A GPU has one worker (its batches are the parallelism); a CPU replica
+has as many as its CPUs hold (settings_contract.CPU_THREADS).
 
 Nobody's work is done for nobody: a request whose caller stopped waiting (a sentence's future
 cancelled: the timeout passed or the client went away) or whose synthesis failed leaves the queue at
@@ -23,6 +31,7 @@ batch and retries; a sticky CUDA error (the device is wedged until the process r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -148,10 +157,15 @@ class Batcher:
         gpu_product: str = "cpu",
         token_budget: int = 4096,
         promote_after_s: float = 5.0,
+        workers: int = 1,
+        threads: int | None = None,
+        cpus: int | None = None,
     ) -> None:
         self.synthesize = synthesize
         self.metrics = metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self.workers, self.threads, self.cpus = max(1, workers), threads, cpus
+        self.running = 0  # batches being synthesised now (by as many workers)
         self.token_budget, self.promote_after = token_budget, promote_after_s
         self.pending: list[_Job] = []  # sentences not yet in a batch
         self.requests: set[_Request] = set()  # admitted and not finished
@@ -160,20 +174,42 @@ class Batcher:
         self.draining = False
         self.wedged: str | None = None  # a sticky CUDA error: the device fails everything until a restart
         self.batch_seconds = 0.5  # running estimate, for Retry-After
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executors: list[concurrent.futures.ThreadPoolExecutor] = []
+        self._last_arrival = -float("inf")
+        self._dense = False  # the last two requests arrived less than max_wait apart: company is likely
         # Children created now, so the series exist (at 0) before the first request and rate() sees it.
         self.busy = BusyClock(metrics.counter(mc.BUSY_SECONDS).labels(gpu_product))
         self.completed = metrics.counter(mc.COMPLETED_REQUESTS).labels(gpu_product)
         metrics.gauge(mc.QUEUE_CAPACITY).set(max_queue)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        for n in range(self.workers):
+            executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"voxscale-synth-{n}", initializer=self._init_thread
+            )
+            self._executors.append(executor)
+            self._tasks.append(asyncio.create_task(self._run(executor)))
+
+    def _init_thread(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def _share_cpus(self, running: int) -> None:
+        """Adaptive layout (`cpus` given): a batch gets the CPUs divided among the batches running as it
+        starts: all of them alone (one client's latency), one each when every worker is busy (throughput)."""
+        if self.cpus is not None:
+            torch.set_num_threads(max(1, self.cpus // running))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        for executor in self._executors:
+            executor.shutdown(wait=False)
+        self._tasks, self._executors = [], []
 
     @property
     def depth(self) -> int:
@@ -210,13 +246,16 @@ class Batcher:
             job.future.add_done_callback(withdraw)
         self.pending += jobs
         self.requests.add(request)
+        self._dense = request.enqueued - self._last_arrival < self.max_wait
+        self._last_arrival = request.enqueued
         self._arrived.set()
         self._publish()
         return [job.future for job in jobs]
 
     def _retry_after(self) -> float:
         """Seconds until the sentences queued now have gone through, at the measured batch time."""
-        return max(1.0, (len(self.pending) / max(self.max_batch, 1) + 1) * self.batch_seconds)
+        batches = len(self.pending) / max(self.max_batch, 1) + 1
+        return max(1.0, batches * self.batch_seconds / self.workers)
 
     def _publish(self) -> None:
         self.metrics.gauge(mc.QUEUE_DEPTH).set(self.depth)
@@ -271,6 +310,9 @@ class Batcher:
         return batch
 
     async def _wait_for_company(self) -> None:
+        """Up to `max_wait_ms` for a full batch, when traffic is dense enough for company to come."""
+        if not self._dense:
+            return
         deadline = time.monotonic() + self.max_wait
         while len(self.pending) < self.max_batch and (timeout := deadline - time.monotonic()) > 0:
             self._arrived.clear()
@@ -295,21 +337,26 @@ class Batcher:
         job.request.running -= 1
         self._settle(job.request)
 
-    async def _run(self) -> None:
+    async def _run(self, executor: concurrent.futures.Executor) -> None:
         while True:
             batch = await self._next_batch()
             self._start(batch)
-            await self._run_group(batch)
+            await self._run_group(batch, executor)
 
-    async def _run_group(self, group: list[_Job]) -> None:
+    async def _run_group(self, group: list[_Job], executor: concurrent.futures.Executor | None = None) -> None:
         started = time.monotonic()
         requests = _request_ids(group)
+        loop = asyncio.get_running_loop()
+        self.running += 1
         try:
             with self.busy.running():
-                results = await asyncio.to_thread(self._synthesize_splitting, [j.item for j in group], requests)
+                items = [j.item for j in group]
+                results = await loop.run_in_executor(executor, self._synthesize_in, self.running, items, requests)
         except Exception as exc:
             self._failed(group, exc, requests)
             return
+        finally:
+            self.running -= 1
         elapsed = time.monotonic() - started
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * elapsed
         self.metrics.histogram(mc.BATCH_SIZE).observe(len(group))
@@ -333,6 +380,10 @@ class Batcher:
         for job in group:
             self._drop(job.request, exc)
             self._finish(job)
+
+    def _synthesize_in(self, running: int, items: list[Item], requests: str) -> list[np.ndarray]:
+        self._share_cpus(running)
+        return self._synthesize_splitting(items, requests)
 
     def _synthesize_splitting(self, items: list[Item], requests: str = "") -> list[np.ndarray]:
         """Synthesise, halving the batch on CUDA out-of-memory until it fits (one item that does

@@ -28,6 +28,10 @@ class LRUCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is stored; neither a hit nor a miss, and its recency unchanged."""
+        return key in self._data
+
     def get(self, key: K) -> V | None:
         """The value (now the most recently used), counting a hit or a miss."""
         with self._lock:

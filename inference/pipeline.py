@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +127,6 @@ class TTSPipeline:
     speaker_encoder_weights: Path | None = None  # None: Resemblyzer's pretrained GE2E
     _speaker_encoder: SpeakerEncoder | None = None
     _builtin_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     phoneme_cache: LRUCache[str, str] = field(
         default_factory=lambda: LRUCache(PHONEME_CACHE_ENTRIES, PHONEME_CACHE_BYTES, _phoneme_bytes)
     )
@@ -197,6 +195,11 @@ class TTSPipeline:
                 items.append(Item(ids, scales, seed, speaker))
         return items
 
+    def phonemised(self, text: str) -> bool:
+        """Whether every sentence of `text` is in the phoneme cache, so `prepare` runs no espeak-ng
+        (microseconds: the server then prepares on the event loop instead of hopping to a thread)."""
+        return all(s in self.phoneme_cache for s in split_sentences(text))
+
     def phonemes(self, sentences: list[str]) -> list[str]:
         """IPA per sentence: cached ones from the LRU, all the others in one espeak-ng call."""
         found = {s: self.phoneme_cache.get(s) for s in dict.fromkeys(sentences)}
@@ -235,7 +238,7 @@ class TTSPipeline:
         """One padded batch through stages 2-4, each item's audio trimmed to its own length."""
         if not items:
             return []
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():  # no lock: the modules keep no state, CPU workers run side by side
             n = max(len(i.ids) for i in items)
             ids = torch.zeros(len(items), n, dtype=torch.long)
             for row, item in enumerate(items):

@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxscale import metrics_contract as mc
 from voxscale.inference.errors import ApiError, error_response
@@ -196,12 +197,12 @@ def _admit(tenancy: Tenancy, request: Request, rid: str) -> ApiKey | Response:
     return caller
 
 
-def get_caller(request: Request) -> ApiKey:
+async def get_caller(request: Request) -> ApiKey:
     caller: ApiKey = request.state.caller
     return caller
 
 
-def get_tenancy(request: Request) -> Tenancy:
+async def get_tenancy(request: Request) -> Tenancy:
     tenancy: Tenancy = request.app.state.voxscale_tenancy
     return tenancy
 
@@ -210,35 +211,62 @@ Caller = Annotated[ApiKey, Depends(get_caller)]
 Tenants = Annotated[Tenancy, Depends(get_tenancy)]
 
 
-def install_middleware(app: FastAPI, settings: Settings, tenancy: Tenancy) -> None:
-    """Every request gets its id (answered in X-Request-Id, also on refusals); API requests a key and its quota."""
-    app.state.voxscale_tenancy = tenancy
+class RequestContext:
+    """The request-context middleware as plain ASGI. Starlette's `@app.middleware("http")` runs the rest
+    of the app in a task of its own behind memory streams (and its `receive` tells a disconnect late);
+    this wraps `send` instead: the id, pod and key go on the response's headers as it starts."""
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    def __init__(self, app: ASGIApp, settings: Settings, tenancy: Tenancy) -> None:
+        self.app, self.settings, self.tenancy = app, settings, tenancy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
         try:
             rid = request_id(request.headers)
         except BadRequestId as exc:
-            return error_response(400, str(exc), REQUEST_ID_HEADER, "invalid_request_error")
+            await error_response(400, str(exc), REQUEST_ID_HEADER, "invalid_request_error")(scope, receive, send)
+            return
         request.state.request_id = rid
         REQUEST_ID.set(rid)
         caller: ApiKey | None = None
-        if request.url.path not in OPEN_PATHS:
+        tenancy = self.tenancy
+        if scope["path"] not in OPEN_PATHS:
             admitted = _admit(tenancy, request, rid)
             if isinstance(admitted, Response):
-                return admitted
+                await admitted(scope, receive, send)
+                return
             caller = request.state.caller = admitted
             KEY_ID.set(caller.id if tenancy.enabled else None)
         started = time.monotonic()
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = rid
-        if settings.pod_name:  # which replica answered: a client behind a Service can tell them apart
-            response.headers[POD_HEADER] = settings.pod_name
-        if caller is not None:
-            tenancy.metrics.requests.labels(caller.id, str(response.status_code)).inc()
-        elapsed_ms = 1000 * (time.monotonic() - started)
-        log.info("%s %s %s %.0fms", request.method, request.url.path, response.status_code, elapsed_ms)
-        return response
+        extra = [(REQUEST_ID_HEADER.lower().encode(), rid.encode("latin-1"))]
+        if self.settings.pod_name:  # which replica answered: a client behind a Service can tell them apart
+            extra.append((POD_HEADER.lower().encode(), self.settings.pod_name.encode("latin-1")))
+        status = 500
+
+        async def send_with_context(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *(h for h in message.get("headers", ()) if h[0].lower() != extra[0][0]),
+                    *extra,
+                ]
+                if caller is not None:
+                    tenancy.metrics.requests.labels(caller.id, str(status)).inc()
+                elapsed_ms = 1000 * (time.monotonic() - started)
+                log.info("%s %s %s %.0fms", scope["method"], scope["path"], status, elapsed_ms)
+            await send(message)
+
+        await self.app(scope, receive, send_with_context)
+
+
+def install_middleware(app: FastAPI, settings: Settings, tenancy: Tenancy) -> None:
+    """Every request gets its id (answered in X-Request-Id, also on refusals); API requests a key and its quota."""
+    app.state.voxscale_tenancy = tenancy
+    app.add_middleware(RequestContext, settings=settings, tenancy=tenancy)
 
 
 class ContextFilter(logging.Filter):

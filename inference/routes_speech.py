@@ -39,7 +39,7 @@ async def _raw_stream(
     with speech.outcome(state, started):
         for fut in futures:
             wavs.append(await asyncio.wait_for(fut, state.settings.request_timeout_s))
-            yield await asyncio.to_thread(encoder.piece, wavs[-1])
+            yield await speech.encode_piece(encoder, wavs[-1])
     speech.finished(state, wavs, started)
 
 
@@ -55,7 +55,7 @@ async def _sse_stream(
             for fut in futures:
                 wavs.append(await asyncio.wait_for(fut, timeout))
                 if encoder.incremental:
-                    yield audio_delta(await asyncio.to_thread(encoder.piece, wavs[-1]))
+                    yield audio_delta(await speech.encode_piece(encoder, wavs[-1]))
     except TimeoutError:
         yield stream_error(f"synthesis took longer than {timeout:g} s", "timeout")
         return

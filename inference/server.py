@@ -25,7 +25,7 @@ from voxscale.inference.pipeline import TTSPipeline
 from voxscale.inference.piper import VoiceLoadError
 from voxscale.inference.request_context import Tenancy, configure_logging, install_middleware
 from voxscale.inference.server_metrics import NvmlGauges, ServerMetrics, gpu_product
-from voxscale.inference.settings import Settings
+from voxscale.inference.settings import Settings, cpu_layout, usable_cpus
 from voxscale.inference.stages import StageWeightsError, parse_stage_weights
 from voxscale.inference.state import ServerState
 from voxscale.inference.voices import VoiceStore
@@ -64,6 +64,9 @@ async def _load(state: ServerState, preloaded: TTSPipeline | None, stage_weights
             raise
     await asyncio.to_thread(state.pipeline.warm_up)
     on_gpu = state.pipeline.device.type == "cuda"
+    workers, threads, cpus = (1, None, None) if on_gpu else cpu_layout(settings.cpu_threads, usable_cpus())
+    each = f"{threads} intra-op thread(s) each" if threads else f"{cpus} CPUs shared among the running ones"
+    log.info("synthesis: %d worker(s), %s", workers, each if not on_gpu else "on the GPU")
     state.batcher = Batcher(
         state.pipeline.synthesize,
         state.metrics,
@@ -71,6 +74,9 @@ async def _load(state: ServerState, preloaded: TTSPipeline | None, stage_weights
         settings.max_wait_ms,
         settings.max_queue,
         gpu_product(state.pipeline.device),
+        workers=workers,
+        threads=threads,
+        cpus=cpus,
     )
     state.batcher.start()
     state.nvml = NvmlGauges.start(state.metrics) if on_gpu else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from voxscale import settings_contract as sc
 
@@ -18,6 +20,7 @@ class Settings:
     device: str | None = sc.DEVICE.default
     max_batch: int = sc.MAX_BATCH_SIZE.default
     cpu_max_batch: int = sc.CPU_MAX_BATCH_SIZE.default
+    cpu_threads: int = sc.CPU_THREADS.default
     max_wait_ms: float = sc.MAX_WAIT_MS.default
     max_queue: int = sc.MAX_QUEUE.default
     request_timeout_s: float = sc.REQUEST_TIMEOUT_S.default
@@ -44,3 +47,25 @@ class Settings:
         if not self.pod_name:
             return None
         return f"{self.pod_namespace}/{self.pod_name}" if self.pod_namespace else self.pod_name
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (a pod's CPU limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def cpu_layout(threads: int, cpus: int) -> tuple[int, int | None, int | None]:
+    """(synthesis workers, intra-op threads per worker, CPUs to share) on a CPU for VOXSCALE_CPU_THREADS.
+
+    0 (adaptive): a worker per CPU, each batch given the CPUs divided among those running as it starts;
+    n >= 1: cpus // n workers of n threads each."""
+    if threads <= 0:
+        return cpus, None, cpus
+    return max(1, cpus // threads), threads, None

@@ -63,7 +63,10 @@ async def prepare(state: ServerState, req: SpeechRequest) -> Prepared:
     if req.instructions is not None:  # say how they were read: never dropped silently
         headers["X-Voxscale-Instructions"] = reading.header(req.style)
     p = state.pipeline
-    items = await asyncio.to_thread(p.prepare, req.input, scales(state, req, reading), req.seed, speaker)
+    if p.phonemised(req.input):  # no espeak-ng to run: not worth a thread hop
+        items = p.prepare(req.input, scales(state, req, reading), req.seed, speaker)
+    else:
+        items = await asyncio.to_thread(p.prepare, req.input, scales(state, req, reading), req.seed, speaker)
     if not items:
         raise ApiError(400, "input: nothing speakable in the text", "input")
     rate = str(audio.output_rate(req.response_format, p.sample_rate))
@@ -229,7 +232,19 @@ def outcome(state: ServerState, started: float) -> Iterator[None]:
         raise
 
 
+INLINE_ENCODE_SAMPLES = 60 * 22_050  # wav up to ~a minute encodes in ~1 ms: cheaper than a thread hop
+
+
 async def encode(state: ServerState, wavs: list[np.ndarray], fmt: str) -> bytes:
-    """The sentences joined into one file."""
+    """The sentences joined into one file; wav of ordinary length on the event loop, the rest on a thread."""
     rate = state.pipeline.sample_rate
+    if fmt == "wav" and sum(len(w) for w in wavs) <= INLINE_ENCODE_SAMPLES:
+        return audio.encode(audio.join(wavs, rate), rate, fmt)
     return await asyncio.to_thread(audio.encode, audio.join(wavs, rate), rate, fmt)
+
+
+async def encode_piece(encoder: audio.StreamEncoder, wav: np.ndarray) -> bytes:
+    """A stream's next piece: wav on the event loop (a header and a cast), pcm and mp3 on a thread."""
+    if encoder.fmt == "wav" and len(wav) <= INLINE_ENCODE_SAMPLES:
+        return encoder.piece(wav)
+    return await asyncio.to_thread(encoder.piece, wav)

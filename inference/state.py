@@ -34,7 +34,8 @@ class ServerState:
         return self.ready and not self.draining
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
+    """async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request for a lookup."""
     state: ServerState = request.app.state.voxscale
     return state
 

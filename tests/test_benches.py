@@ -50,10 +50,7 @@ def finite(x: Any) -> bool:
 
 
 # Benches without a smoke run yet, and why: each is a gap, to be closed by giving it one here.
-NOT_YET = {
-    "goodput_bench": "new while this module was written (another change); its two servers' capacity is "
-    "measured for a fixed 8 s each, so a smoke run needs that shortened first",
-}
+NOT_YET: dict[str, str] = {}  # bench -> why it has no smoke run yet (none today)
 
 
 def test_every_bench_has_a_smoke_run() -> None:
@@ -163,7 +160,8 @@ def _cuda_available() -> bool:
 
 def test_inference_bench_smoke(tmp_path: Path) -> None:
     """Every part once, smallest: RTF torch vs onnxruntime, the half-precision vocoders' quality, the
-    real HTTP server at 1 and 2 clients, the hot path, and the batching part of --cuda (on CUDA when
+    real HTTP server against the pipeline alone at 1 and 2 clients (share, added latency, time to
+    first audio), the hot path, and the batching part of --cuda (on CUDA when
     there is a GPU, else on the CPU in fp32)."""
     cuda = _cuda_available()
     out = tmp_path / "inference.json"
@@ -181,11 +179,17 @@ def test_inference_bench_smoke(tmp_path: Path) -> None:
         assert finite(quality[precision]["snr_db"]), quality
         assert 0 <= quality[precision]["max_abs_diff"] <= 2, quality
         assert -1 <= quality[precision]["speaker_cosine"] <= 1.0001, quality
-    assert [row["clients"] for row in doc["http"]] == [1, 2]
-    for row in doc["http"]:
+    http = doc["http"]
+    assert http["rounds"] == 1 and http["torch_threads"] >= 1
+    assert [row["clients"] for row in http["rows"]] == [1, 2]
+    for row in http["rows"]:
         assert row["requests"] >= row["clients"], row
-        for key in ("rps", "p50_s", "p95_s", "server_peak_rss_mib"):
+        for key in ("rps", "pipeline_rps", "share", "p50_s", "p95_s", "server_peak_rss_mib"):
             assert positive(row[key]), row
+        assert all(threads >= 1 for threads in row["pipeline_threads"]), row
+        for kind in ("ttfa_stream", "ttfa_sse", "whole_two_sentences"):
+            assert positive(row[f"{kind}_p50_s"]) and positive(row[f"{kind}_p95_s"]), row
+    assert finite(http["rows"][0]["added_p50_ms"]) and finite(http["rows"][0]["added_p95_ms"])  # one client
     hot = doc["hot_path"]
     assert hot["sentences"] == 10 and hot["repeats"] == 1
     for key in ("phonemize_per_sentence_s", "phonemize_one_call_s", "audio_cache_miss_s", "audio_cache_hit_s"):

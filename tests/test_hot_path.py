@@ -448,3 +448,58 @@ def test_a_sticky_cuda_error_wedges_the_batcher_and_fails_its_requests() -> None
     batcher = _run(scenario())
     assert batcher.wedged == "CUDA error: device-side assert triggered"
     assert batcher.requests == set() and batcher.pending == []  # the failed request's second sentence never ran
+
+
+# ---------------------------------------------------------------------- nothing but synthesis
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    """max_wait_ms is spent only when requests arrive close together: one on its own starts at once."""
+
+    async def scenario() -> float:
+        batcher = _batcher(_fake, max_batch=4, max_wait_ms=2000)
+        batcher.start()
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        await asyncio.gather(*batcher.submit([_item(5)]))
+        elapsed = time.monotonic() - start
+        await batcher.stop()
+        return elapsed
+
+    assert _run(scenario()) < 1.0
+
+
+def test_requests_arriving_close_together_wait_for_each_other() -> None:
+    seen: list[list[Item]] = []
+
+    async def scenario() -> None:
+        batcher = _batcher(_recording(_fake, seen, delay=0.02), max_batch=4, max_wait_ms=500)
+        batcher.start()
+        first = batcher.submit([_item(5)])
+        await asyncio.sleep(0.001)  # the first runs alone; the second comes right after it: dense
+        second = batcher.submit([_item(6)])
+        await asyncio.sleep(0.1)  # past the first batch: the worker waits for company for the second
+        third = batcher.submit([_item(7)])
+        await asyncio.gather(*first, *second, *third)
+        await batcher.stop()
+
+    _run(scenario())
+    assert [[len(i.ids) for i in batch] for batch in seen] == [[5], [6, 7]]
+
+
+def test_cpu_workers_synthesise_side_by_side_each_on_a_thread_of_its_own() -> None:
+    together = threading.Barrier(2, timeout=10)
+    threads: list[tuple[str, int]] = []
+
+    def synthesize(items: list[Item]) -> list[np.ndarray]:
+        threads.append((threading.current_thread().name, torch.get_num_threads()))
+        together.wait()  # both batches inside synthesis at once, or BrokenBarrierError
+        return _fake(items)
+
+    async def scenario() -> None:
+        batcher = _batcher(synthesize, max_batch=1, max_wait_ms=0, workers=2, threads=1)
+        batcher.start()
+        await asyncio.gather(*batcher.submit([_item(5)]), *batcher.submit([_item(6)]))
+        await batcher.stop()
+
+    _run(scenario())
+    assert sorted(name.rsplit("_", 1)[0] for name, _ in threads) == ["voxscale-synth-0", "voxscale-synth-1"]
+    assert all(n == 1 for _, n in threads)

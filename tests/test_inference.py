@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,27 @@ from voxscale.inference import audio
 from voxscale.inference.pipeline import TTSPipeline
 from voxscale.inference.piper import default_voice_paths
 from voxscale.inference.server import create_app
-from voxscale.inference.settings import Settings
+from voxscale.inference.settings import Settings, usable_cpus
 from voxscale.inference.speaker import resample
 from voxscale.inference.vits import Scales
+
+
+@contextlib.contextmanager
+def held(pipeline: TTSPipeline) -> Iterator[None]:
+    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
+    gate, real = threading.Lock(), pipeline._synthesize_batch
+
+    def gated(items: list[Any]) -> list[np.ndarray]:
+        with gate:
+            return real(items)
+
+    with gate:
+        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del pipeline._synthesize_batch
+
 
 PARITY_TOLERANCE = 1e-3  # max absolute sample difference (audio in [-1, 1]); measured ~1e-4
 
@@ -234,7 +254,9 @@ def _wait_for(client: TestClient, metric: mc.Metric, value: float, timeout: floa
 @pytest.fixture
 def small_queue(pipeline: TTSPipeline) -> Iterator[TestClient]:
     """A fresh server (counters at zero) whose queue holds one request, over the shared pipeline."""
-    with TestClient(create_app(Settings(precision="fp32", max_queue=1), preloaded=pipeline)) as c:
+    with TestClient(
+        create_app(Settings(precision="fp32", max_queue=1, cpu_threads=usable_cpus()), preloaded=pipeline)
+    ) as c:
         yield c
 
 
@@ -260,7 +282,7 @@ def test_the_queue_counts_requests_and_a_refused_request_is_still_received(
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        with pipeline._lock:  # holds synthesis, so the first request stays in flight and the second queued
+        with held(pipeline):  # holds synthesis, so the first request stays in flight and the second queued
             first = pool.submit(speak, texts[0])
             _wait_for(small_queue, mc.INFLIGHT, 1)
             second = pool.submit(speak, texts[1])
@@ -497,3 +519,15 @@ def test_a_server_asked_for_bf16_on_a_gpu_without_it_refuses_to_start(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     with pytest.raises(SettingError, match=r"spec\.model\.precision / VOXSCALE_PRECISION to fp16 or fp32"):
         TTSPipeline.load(precision="bf16", device="cuda")
+
+
+def test_the_cpu_layout_follows_voxscale_cpu_threads(tmp_path: Path) -> None:
+    from voxscale.inference.settings import cpu_layout, usable_cpus
+
+    assert cpu_layout(1, 2) == (2, 1, None) and cpu_layout(2, 2) == (1, 2, None) and cpu_layout(4, 2) == (1, 4, None)
+    assert cpu_layout(0, 16) == (16, None, 16)  # adaptive: a worker per CPU, the CPUs shared by the running
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # a pod limited to 1.5 CPUs
+    assert usable_cpus(limit) == 1
+    limit.write_text("max 100000\n")
+    assert usable_cpus(limit) == usable_cpus(tmp_path / "absent") >= 1

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import socket
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -33,8 +35,26 @@ from voxscale.inference.pipeline import TTSPipeline
 from voxscale.inference.request_context import trace_id
 from voxscale.inference.server import create_app
 from voxscale.inference.server_metrics import NvmlGauges, ServerMetrics
-from voxscale.inference.settings import Settings
+from voxscale.inference.settings import Settings, usable_cpus
 from voxscale.inference.uploads import MULTIPART_OVERHEAD, read_file_field
+
+
+@contextlib.contextmanager
+def held(pipeline: TTSPipeline) -> Iterator[None]:
+    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
+    gate, real = threading.Lock(), pipeline._synthesize_batch
+
+    def gated(items: list[Any]) -> list[np.ndarray]:
+        with gate:
+            return real(items)
+
+    with gate:
+        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del pipeline._synthesize_batch
+
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
@@ -169,7 +189,7 @@ def test_a_realtime_job_may_be_asked_for(client: TestClient, spy: SubmitSpy) -> 
 
 
 def test_a_jobs_audio_is_a_409_until_it_is_done(client: TestClient, pipeline: TTSPipeline) -> None:
-    with pipeline._lock:  # holds synthesis: the job cannot finish
+    with held(pipeline):  # holds synthesis: the job cannot finish
         job = client.post(JOBS, json={"input": "Wait for it."}).json()
         r = client.get(f"{JOBS}/{job['id']}/audio")
         assert r.status_code == 409 and _error(r)["param"] == "job_id"
@@ -525,7 +545,9 @@ class SynthesisSpy:
 def test_a_request_that_timed_out_is_never_synthesised(pipeline: TTSPipeline) -> None:
     """A 504 withdraws the request: its queued sentences leave the batcher before they cost anything."""
     queued_text = "This request waits in the queue. It has three sentences. Nobody hears them."
-    with TestClient(create_app(Settings(precision="fp32", request_timeout_s=0.5), preloaded=pipeline)) as c:
+    with TestClient(
+        create_app(Settings(precision="fp32", request_timeout_s=0.5, cpu_threads=usable_cpus()), preloaded=pipeline)
+    ) as c:
         state = c.app.state.voxscale  # type: ignore[attr-defined]
         spy = SynthesisSpy(state.batcher)
         value = state.metrics.registry.get_sample_value
@@ -534,7 +556,7 @@ def test_a_request_that_timed_out_is_never_synthesised(pipeline: TTSPipeline) ->
             return c.post("/v1/audio/speech", json={"input": text, "response_format": "pcm"}).status_code
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            with pipeline._lock:  # synthesis held: the first request stays in its batch, the second queued
+            with held(pipeline):  # synthesis held: the first request stays in its batch, the second queued
                 first = pool.submit(speak, "The first request is being spoken.")
                 _eventually(lambda: value(mc.INFLIGHT.name) == 1, "the first request in flight")
                 second = pool.submit(speak, queued_text)

@@ -4,7 +4,11 @@ the real FastAPI app, the signals the autoscaler sizes from (demand at the door,
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +21,24 @@ from voxscale import metrics_contract as mc
 from voxscale.inference.pipeline import Item, TTSPipeline
 from voxscale.inference.server import create_app
 from voxscale.inference.server_metrics import BusyClock, gpu_product
-from voxscale.inference.settings import Settings
+from voxscale.inference.settings import Settings, usable_cpus
+
+
+@contextlib.contextmanager
+def held(pipeline: TTSPipeline) -> Iterator[None]:
+    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
+    gate, real = threading.Lock(), pipeline._synthesize_batch
+
+    def gated(items: list[Any]) -> list[np.ndarray]:
+        with gate:
+            return real(items)
+
+    with gate:
+        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del pipeline._synthesize_batch
 
 
 @pytest.mark.parametrize(
@@ -122,7 +143,7 @@ def test_a_malformed_request_is_not_demand(pipeline: TTSPipeline, why: str, body
 def test_a_timed_out_request_is_timed_and_counted(pipeline: TTSPipeline) -> None:
     """A fleet where every request times out must read p95 >= the timeout, not "no latency at all"."""
     with _server(pipeline, request_timeout_s=0.3) as client:
-        with pipeline._lock:  # holds synthesis: nothing finishes within the timeout
+        with held(pipeline):  # holds synthesis: nothing finishes within the timeout
             assert _speak(client, input="This one will not make it in time.") == 504
         assert _code(client, 504) == 1 and _code(client, 200) == 0
         count, seconds = _latencies(client)
@@ -131,7 +152,7 @@ def test_a_timed_out_request_is_timed_and_counted(pipeline: TTSPipeline) -> None
 
 def test_a_timed_out_stream_is_timed_and_counted(pipeline: TTSPipeline) -> None:
     with _server(pipeline, request_timeout_s=0.3) as client:
-        with pipeline._lock:
+        with held(pipeline):
             r = client.post("/v1/audio/speech", json={"input": "Streamed too late.", "stream_format": "sse"})
         assert r.status_code == 200 and "timeout" in r.text  # the error travels as an event
         assert _code(client, 504) == 1
@@ -160,8 +181,11 @@ def test_a_request_refused_for_room_is_demand_but_not_timed(pipeline: TTSPipelin
             assert time.monotonic() < deadline, f"{metric.name} never reached 1"
             time.sleep(0.02)
 
-    with _server(pipeline, max_queue=1) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
-        with pipeline._lock:  # holds synthesis: the first request in flight, the second queued
+    with (
+        _server(pipeline, max_queue=1, cpu_threads=usable_cpus()) as client,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        with held(pipeline):  # holds synthesis: the first request in flight, the second queued
             first = pool.submit(_speak, client, input="The first request is being spoken.")
             wait_for(mc.INFLIGHT)
             second = pool.submit(_speak, client, input="The second one waits in the queue.")

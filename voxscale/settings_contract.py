@@ -101,6 +101,17 @@ CPU_MAX_BATCH_SIZE: Setting[int] = Setting(
     "Largest batch on a CPU, where batching was measured to cost rather than help.",
     minimum=1,
 )
+CPU_THREADS: Setting[int] = Setting(
+    "VOXSCALE_CPU_THREADS",
+    "cpu_threads",
+    int,
+    1,
+    "Intra-op threads per synthesis on a CPU: the replica runs CPUs // n syntheses at once (the cgroup "
+    "limit counts), each on a thread of its own. 1 measured best on 2 shared CPUs at 1, 4 and 16 clients "
+    "(bench/inference_bench.py --layouts): two threads of one synthesis stall whenever anything else runs. "
+    "0 (adaptive): a worker per CPU, each batch given the CPUs divided among those running as it starts.",
+    minimum=0,
+)
 MAX_WAIT_MS: Setting[float] = Setting(
     "VOXSCALE_MAX_WAIT_MS", "max_wait_ms", float, 10.0, "How long a batch waits for company.", minimum=0
 )
@@ -196,6 +207,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DEVICE,
     MAX_BATCH_SIZE,
     CPU_MAX_BATCH_SIZE,
+    CPU_THREADS,
     MAX_WAIT_MS,
     MAX_QUEUE,
     REQUEST_TIMEOUT_S,
