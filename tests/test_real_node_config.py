@@ -125,3 +125,54 @@ def test_only_a_containerd_stopped_by_sigterm_marks_its_store_clean(
     st.stopped_cleanly.append("containerd")
     realnode.cleanup_containerd(st)
     assert (realnode.containerd_root() / realnode.CLEAN_STOP_MARK).exists()
+
+
+def test_a_pod_network_pod_is_pointed_at_the_nodes_bridge_address(tmp_path: Path) -> None:
+    st = state(tmp_path)
+    assert realnode.api_server_env(st, pod_network=True) == {
+        "KUBERNETES_SERVICE_HOST": realnode.NODE_IP,
+        "KUBERNETES_SERVICE_PORT": "2",
+    }
+    assert realnode.prometheus_url(st, pod_network=True) == f"http://{realnode.NODE_IP}:4"
+    assert realnode.prometheus_url(st) == "http://127.0.0.1:4"
+
+
+def test_only_pod_traffic_to_the_bridge_address_is_forwarded_to_the_api_server_and_prometheus_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens on another interface: the DNAT takes only pod-CIDR sources entering on the
+    bridge for NODE_IP, and only the API server's and Prometheus' ports; route_localnet is set on
+    the bridge alone (it goes with it), not machine-wide."""
+    calls: list[list[str]] = []
+    written: dict[str, str] = {}
+    monkeypatch.setattr(realnode, "delete_chains", lambda chains: calls.append(["delete", *chains]))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(list(cmd)))
+    monkeypatch.setattr(Path, "write_text", lambda self, text: written.__setitem__(str(self), text))
+    realnode._forward_to_loopback(state(tmp_path))
+    assert written == {f"/proc/sys/net/ipv4/conf/{realnode.BRIDGE}/route_localnet": "1"}
+    assert calls[0] == ["delete", realnode.FORWARD_CHAIN]  # a stale chain first
+    rules = [" ".join(c) for c in calls[1:]]
+    assert all(r.startswith("iptables -w -t nat ") for r in rules)
+    jump = [r for r in rules if "PREROUTING" in r]
+    assert jump == [
+        f"iptables -w -t nat -I PREROUTING -i {realnode.BRIDGE} -s {realnode.POD_CIDR} -d {realnode.NODE_IP} "
+        f"-p tcp -j {realnode.FORWARD_CHAIN}"
+    ]
+    dnats = sorted(r.split("--to-destination ")[1] for r in rules if "DNAT" in r)
+    assert dnats == ["127.0.0.1:2", "127.0.0.1:4"]
+
+
+def test_the_api_servers_certificate_names_the_bridge_address_only_with_a_real_node(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from voxscale.localcluster.cluster import LocalCluster
+
+    for real_node in (True, False):
+        st = state(tmp_path / str(real_node))
+        st.real_node = real_node
+        st.dir.mkdir(parents=True)
+        ctx = LocalCluster("unit")._setup_pki(st, "prometheus", 1.0)
+        cert = x509.load_pem_x509_certificate(ctx.serving.cert.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+        assert ips == ({"127.0.0.1", realnode.NODE_IP} if real_node else {"127.0.0.1"})

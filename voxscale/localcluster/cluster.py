@@ -578,6 +578,15 @@ class LocalCluster:
     def _setup_pki(self, st: ClusterState, prometheus: str, timeout: float) -> ClusterContext:
         """The CA, the API server's serving cert, the ServiceAccount keys and the admin kubeconfig."""
         ca = pki.LocalCA(st.dir / "pki")
+        # A real node's pods reach the API server at the node's bridge address (realnode.api_server_env).
+        names: tuple[str, ...] = (
+            "127.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+        )
+        names += (realnode.NODE_IP,) if st.real_node else ()
         ctx = ClusterContext(
             cluster=self,
             state=st,
@@ -585,7 +594,7 @@ class LocalCluster:
             serving=ca.issue(
                 "apiserver",
                 "kube-apiserver",
-                server_names=("127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+                server_names=names,
             ),
             service_account=pki.service_account_keys(st.dir / "pki"),
             prometheus=prometheus,

@@ -6,8 +6,12 @@ pod IPs and through Services (kube-proxy's iptables rules). It is what `voxscale
 
 Limits that shape the choices here:
 - The control plane and Prometheus listen on 127.0.0.1 only, which a pod on the bridge cannot
-  reach. Pods that must talk to them (the operator) run with hostNetwork and are told the API
-  server's address (`api_server_env`); the inference pods need neither and use the pod network.
+  reach by itself. The node forwards exactly those two ports from its bridge address to loopback
+  (`_forward_to_loopback`: the bridge's route_localnet and a nat DNAT for pod-CIDR sources, as
+  kube-proxy does for localhost NodePorts), and the API server's certificate names that address.
+  So the operator runs on the pod network like any pod (two replicas on one node do not clash) and is
+  told the API server's and Prometheus' addresses (`api_server_env`, `prometheus_url`). Nothing
+  listens on another interface: only packets that enter on the bridge from a pod are forwarded.
 - No registry is reachable: images are copied from podman's store into containerd's
   (`load_images`, like `kind load`), the sandbox ("pause") image included, which is built here.
 - One real node per machine: the bridge, the iptables rules and containerd's image store are
@@ -18,8 +22,9 @@ Limits that shape the choices here:
   (`failCgroupV1: false`).
 
 `down` leaves nothing behind: containers killed, mounts under the state folder unmounted, the
-bridge deleted, kube-proxy's and the kubelet's iptables chains removed, the kubepods cgroups
-removed, and the sysctls the bridge plugin changes restored.
+bridge deleted (its route_localnet with it), kube-proxy's, the kubelet's and the forwarding's
+iptables chains removed, the kubepods cgroups removed, and the sysctls the bridge plugin changes
+restored.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ SYSCTLS = (
 # Chains the kubelet makes (kube-proxy --cleanup removes its own).
 KUBELET_CHAINS = ("KUBE-KUBELET-CANARY", "KUBE-FIREWALL", "KUBE-IPTABLES-HINT")
 PROMETHEUS_USER = "voxscale-local:prometheus"  # its client certificate, ClusterRole and binding
+# nat chain of the DNAT rules that let pods reach the API server and Prometheus on loopback.
+FORWARD_CHAIN = "VOXSCALE-LOOPBACK"
 
 
 def containerd_root() -> Path:
@@ -163,6 +170,27 @@ def _make_bridge() -> None:
         ["ip", "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE],
         ["ip", "link", "set", BRIDGE, "up"],
     ):
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+
+
+def _forward_to_loopback(st: ClusterState) -> None:
+    """Let pods reach the API server and Prometheus, which listen on 127.0.0.1 only, at the node's
+    bridge address: a DNAT of pod-CIDR traffic that enters on the bridge for NODE_IP:<port> to
+    127.0.0.1:<port> (those two ports only), and route_localnet on the bridge alone, without which
+    the kernel drops a packet routed to loopback from another interface as a martian (kube-proxy's
+    localhost NodePorts do the same). The replies are un-NATed by conntrack, so a pod sees NODE_IP
+    answer. The kubelet's KUBE-FIREWALL drop of non-loopback sources to 127/8 exempts DNATed
+    connections. The sysctl goes with the bridge; `cleanup_kubelet` removes the chain."""
+    delete_chains((FORWARD_CHAIN,))  # a stale one from a run killed before its clean-up
+    Path("/proc/sys/net/ipv4/conf", BRIDGE, "route_localnet").write_text("1")
+    nat = ["iptables", "-w", "-t", "nat"]
+    rules = [[*nat, "-N", FORWARD_CHAIN]]
+    for port in (st.apiserver_port, st.prometheus_port):
+        dnat = ["-p", "tcp", "--dport", str(port), "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}"]
+        rules.append([*nat, "-A", FORWARD_CHAIN, *dnat])
+    pods_to_node = ["-i", BRIDGE, "-s", POD_CIDR, "-d", NODE_IP, "-p", "tcp", "-j", FORWARD_CHAIN]
+    rules.append([*nat, "-I", "PREROUTING", *pods_to_node])
+    for cmd in rules:
         subprocess.run(cmd, capture_output=True, text=True, check=True)
 
 
@@ -334,6 +362,7 @@ def prepare_kubelet(ctx: ClusterContext) -> None:
     ctx.issue_kubeconfig("kubelet", f"system:node:{NODE_NAME}", "system:nodes")
     ctx.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_node_rbac()))
     (node / "kubelet.yaml").write_text(yaml.safe_dump(_kubelet_config(ctx), sort_keys=False))
+    _forward_to_loopback(st)  # the node's pods reach the control plane (the operator pod)
 
 
 def _node_rbac() -> list[dict[str, Any]]:
@@ -426,7 +455,7 @@ def cleanup_kubelet(st: ClusterState) -> None:
     """After the kubelet stopped, while containerd still runs: kill and remove every container."""
     if not owns_the_node(st):
         return
-    delete_chains(KUBELET_CHAINS)
+    delete_chains((*KUBELET_CHAINS, FORWARD_CHAIN))
     if not socket_path(st).exists():
         return
     for task in ctr(st, "tasks", "ls", "--quiet", check=False).stdout.split():
@@ -520,10 +549,18 @@ def scrape_config(st: ClusterState) -> dict[str, Any]:
     }
 
 
-def api_server_env(st: ClusterState) -> dict[str, str]:
-    """What a hostNetwork pod needs to find this API server (it listens on 127.0.0.1 only, so the
-    `kubernetes` Service has no endpoints a pod could use)."""
-    return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(st.apiserver_port)}
+def api_server_env(st: ClusterState, *, pod_network: bool = False) -> dict[str, str]:
+    """What a pod needs to find this API server: it listens on 127.0.0.1 only, so the `kubernetes`
+    Service has no endpoints a pod could use. A pod on the pod network reaches it at the node's
+    bridge address (`_forward_to_loopback`; its certificate names NODE_IP); a hostNetwork pod at
+    127.0.0.1 (nothing forwards traffic a host process sends to NODE_IP)."""
+    host = NODE_IP if pod_network else "127.0.0.1"
+    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": str(st.apiserver_port)}
+
+
+def prometheus_url(st: ClusterState, *, pod_network: bool = False) -> str:
+    """The cluster's Prometheus as a pod reaches it (see `api_server_env`)."""
+    return f"http://{NODE_IP}:{st.prometheus_port}" if pod_network else st.prometheus_url
 
 
 # ===================================================================== host clean-up helpers
@@ -620,8 +657,8 @@ def _restore_sysctls(st: ClusterState) -> None:
 
 def leftovers(st: ClusterState) -> list[str]:
     """What a stopped real node left on this machine (empty when `down` cleaned up fully): its
-    processes, mounts under the state folder, the bridge and veth links, the kubelet's and
-    kube-proxy's iptables chains, the kubepods cgroups."""
+    processes, mounts under the state folder, the bridge and veth links, the kubelet's,
+    kube-proxy's and the loopback forwarding's iptables chains, the kubepods cgroups."""
     found = [
         f"process {pid}: {_cmdline(pid)[:80]}"
         for pid in (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
@@ -630,6 +667,6 @@ def leftovers(st: ClusterState) -> list[str]:
     found += [f"mount {point}" for point in mounts_under(st.dir)]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if BRIDGE in line]
-    found += [f"iptables chain {line[1:].split()[0]}" for line in iptables_chains()]
+    found += [f"iptables chain {line[1:].split()[0]}" for line in iptables_chains(("KUBE-", FORWARD_CHAIN))]
     found += [f"cgroup {path}" for path in kubepods_cgroups()]
     return found

@@ -20,7 +20,7 @@ from typing import Any
 
 from voxscale.localcluster import realnode
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
-from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, free_port, get_json, helm, wait_for
+from voxscale.localcluster.harness import CHART, OPERATOR_NAMESPACE, get_json, helm, wait_for
 
 POD_HEADER = "X-Voxscale-Pod"  # the server names the pod that answered (inference/request_context.py)
 QUEUE_TARGET = 1  # requests waiting per replica
@@ -33,23 +33,23 @@ def image(target: str, tag: str | None = None) -> str:
 
 
 def install_operator(st: ClusterState, operator_image: str, release: str = "voxscale") -> None:
-    """`helm install` the chart with the built operator image, the way a cluster gets it, with the
-    two settings this machine needs: the API server and Prometheus listen on 127.0.0.1 only, so the
-    operator pod shares the node's network and is told the API server's address."""
+    """`helm install` the chart with the built operator image, the way a cluster gets it, on the pod
+    network as the chart's defaults have it. What this machine needs: the API server's and
+    Prometheus' addresses as a pod reaches them (they listen on 127.0.0.1 only; the real node
+    forwards its bridge address to them), and the node selector of the real node."""
     repository, tag = operator_image.rsplit(":", 1)
-    env = [{"name": k, "value": v} for k, v in realnode.api_server_env(st).items()]
+    env = [{"name": k, "value": v} for k, v in realnode.api_server_env(st, pod_network=True).items()]
     res = helm(
         "upgrade", "--install", release, str(CHART),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--set", f"image.repository={repository}",
         "--set", f"image.tag={tag}",
         "--set", "image.pullPolicy=Never",  # copied into the node's containerd; there is no registry
-        "--set", "replicaCount=1",  # hostNetwork: a second replica would want the same ports on the one node
-        "--set", "hostNetwork=true",
+        # One replica: these tests follow the one operator pod (`operator_pod`), and a standby's CPU is
+        # better left to the servers on this small machine. tests/test_operator_ha_real.py runs two.
+        "--set", "replicaCount=1",
         "--set-json", f"extraEnv={json.dumps(env)}",
-        "--set", f"prometheusUrl={st.prometheus_url}",
-        "--set", f"metricsPort={free_port()}",
-        "--set", f"healthPort={free_port()}",
+        "--set", f"prometheusUrl={realnode.prometheus_url(st, pod_network=True)}",
         "--set", "leaseSeconds=5",
         "--set-json", f"nodeSelector={json.dumps({realnode.NODE_LABEL: 'true'})}",
         "--wait", "--timeout", "180s",
