@@ -133,10 +133,17 @@ def _learn_capacity(slo: Trigger | None, metrics: Metrics, hist: History) -> flo
 
 def _learn_cold_start(observed: Observed, hist: History) -> float | None:
     """P90 of the observed pod start times, once enough pods have started."""
-    starts = sorted(s for s in observed.ready_seconds if math.isfinite(s) and s >= 0)
+    starts = [s for s in observed.ready_seconds if math.isfinite(s) and s >= 0]
     if len(starts) < MIN_COLD_STARTS:
         return hist.cold_start_seconds
-    return starts[min(len(starts) - 1, math.ceil(0.9 * len(starts)) - 1)]
+    return p90(starts)
+
+
+def p90(values: list[float]) -> float:
+    """Nearest-rank 90th percentile of a non-empty list: with ten pods, the second slowest (no
+    interpolation, so one outlier among few does not set the look-ahead)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
 def _growth(slo: Trigger | None, metrics: Metrics, now: dt.datetime, lookahead: dt.timedelta) -> tuple[float, float]:

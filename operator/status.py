@@ -9,11 +9,10 @@ new leader would read stale clocks, schedules and metric values back from them).
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from voxscale.operator.engine import Decision, History
+from voxscale.operator.engine import Decision, History, p90
 from voxscale.operator.reversals import Flapping
 
 
@@ -264,16 +263,10 @@ def cold_start(phases: tuple[tuple[float, float, float], ...]) -> dict[str, Any]
     if not phases:
         return None
     names = ("schedulingP90Seconds", "pullAndStartP90Seconds", "loadingP90Seconds")
-    out: dict[str, Any] = {name: _round(_p90([p[i] for p in phases])) for i, name in enumerate(names)}
-    out["totalP90Seconds"] = _round(_p90([sum(p) for p in phases]))
+    out: dict[str, Any] = {name: _round(p90([p[i] for p in phases])) for i, name in enumerate(names)}
+    out["totalP90Seconds"] = _round(p90([sum(p) for p in phases]))
     out["pods"] = len(phases)
     return out
-
-
-def _p90(values: list[float]) -> float:
-    """Nearest-rank 90th percentile (the learnt cold start's own rule): with ten pods, the second slowest."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
 def flapping_condition(state: Flapping | None) -> list[Condition]:

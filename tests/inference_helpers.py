@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -81,3 +85,20 @@ def reference_recording(pipeline: TTSPipeline, text: str) -> bytes:
     """Real speech (our own voice's, resampled to 16 kHz) as a user would upload it."""
     wav = np.concatenate(pipeline.synthesize(pipeline.prepare(text, (0.667, 1.0, 0.8), seed=3)))
     return wav_bytes(resample(torch.from_numpy(wav), 22050, 16000).numpy() * 0.8, 16000)
+
+
+@contextlib.contextmanager
+def held(pipeline: TTSPipeline) -> Iterator[None]:
+    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
+    gate, real = threading.Lock(), pipeline._synthesize_batch
+
+    def gated(items: list[Any]) -> list[np.ndarray]:
+        with gate:
+            return real(items)
+
+    with gate:
+        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del pipeline._synthesize_batch

@@ -7,7 +7,6 @@ import contextlib
 import io
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.inference_helpers import ServerProcess, reference_recording, wav_bytes
+from tests.inference_helpers import ServerProcess, held, reference_recording, wav_bytes
 from voxscale import metrics_contract as mc
 from voxscale.inference import audio
 from voxscale.inference.pipeline import TTSPipeline
@@ -31,24 +30,6 @@ from voxscale.inference.server import create_app
 from voxscale.inference.settings import Settings, usable_cpus
 from voxscale.inference.speaker import resample
 from voxscale.inference.vits import Scales
-
-
-@contextlib.contextmanager
-def held(pipeline: TTSPipeline) -> Iterator[None]:
-    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
-    gate, real = threading.Lock(), pipeline._synthesize_batch
-
-    def gated(items: list[Any]) -> list[np.ndarray]:
-        with gate:
-            return real(items)
-
-    with gate:
-        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del pipeline._synthesize_batch
-
 
 PARITY_TOLERANCE = 1e-3  # max absolute sample difference (audio in [-1, 1]); measured ~1e-4
 
@@ -510,7 +491,6 @@ def test_bf16_is_refused_on_a_gpu_without_it_and_allowed_where_it_is_native() ->
 
 def test_a_server_asked_for_bf16_on_a_gpu_without_it_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused at load, naming the setting and the fix (before any weights move to the device)."""
-    import contextlib
 
     from voxscale.settings_contract import SettingError
 

@@ -13,10 +13,7 @@ by the operator (spec.proxy, examples/servers/piper/owned.yaml) answers through 
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ import yaml
 
 from voxscale.localcluster import realnode, realpods
 from voxscale.localcluster.cluster import LocalCluster
-from voxscale.localcluster.harness import REPO, get_json, wait_for
+from voxscale.localcluster.harness import REPO, get_json, instant_query, wait_for
 from voxscale.simulator.cli import load_manifest
 
 NAMESPACE = "piper"
@@ -63,11 +60,8 @@ def apply(cluster: LocalCluster, docs: list[dict[str, Any]]) -> None:
 
 
 def prometheus(cluster: LocalCluster, query: str) -> list[dict[str, Any]]:
-    st = cluster.state
-    assert st is not None
-    url = f"{st.prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return list(json.load(resp)["data"]["result"])
+    assert cluster.state is not None
+    return instant_query(cluster.state.prometheus_url, query)
 
 
 def replicas(cluster: LocalCluster, name: str = "piper") -> int:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +23,7 @@ import pytest
 
 from voxscale.localcluster import realnode, realpods
 from voxscale.localcluster.cluster import ClusterState, LocalCluster
-from voxscale.localcluster.harness import OPERATOR_NAMESPACE, get_json, wait_for
+from voxscale.localcluster.harness import OPERATOR_NAMESPACE, get_json, instant_query, wait_for
 
 NAMESPACE = "speech"
 NAME = "tts"
@@ -44,9 +42,7 @@ def real_cluster(operator_image: str, inference_image: str) -> Iterator[LocalClu
 
 
 def prometheus(st: ClusterState, query: str) -> list[dict[str, Any]]:
-    url = f"{st.prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return list(json.load(resp)["data"]["result"])
+    return instant_query(st.prometheus_url, query)
 
 
 def spec_replicas(cluster: LocalCluster) -> int:

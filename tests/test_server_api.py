@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import io
 import socket
-import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
-from tests.inference_helpers import ServerProcess, reference_recording
+from tests.inference_helpers import ServerProcess, held, reference_recording
 from voxscale import metrics_contract as mc
 from voxscale.inference.errors import ApiError
 from voxscale.inference.jobs import JobRecord, JobRunner, JobStore
@@ -37,24 +35,6 @@ from voxscale.inference.server import create_app
 from voxscale.inference.server_metrics import NvmlGauges, ServerMetrics
 from voxscale.inference.settings import Settings, usable_cpus
 from voxscale.inference.uploads import MULTIPART_OVERHEAD, read_file_field
-
-
-@contextlib.contextmanager
-def held(pipeline: TTSPipeline) -> Iterator[None]:
-    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
-    gate, real = threading.Lock(), pipeline._synthesize_batch
-
-    def gated(items: list[Any]) -> list[np.ndarray]:
-        with gate:
-            return real(items)
-
-    with gate:
-        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del pipeline._synthesize_batch
-
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"

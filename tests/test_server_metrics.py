@@ -4,11 +4,7 @@ the real FastAPI app, the signals the autoscaler sizes from (demand at the door,
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import threading
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,28 +13,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.inference_helpers import held
 from voxscale import metrics_contract as mc
 from voxscale.inference.pipeline import Item, TTSPipeline
 from voxscale.inference.server import create_app
 from voxscale.inference.server_metrics import BusyClock, gpu_product
 from voxscale.inference.settings import Settings, usable_cpus
-
-
-@contextlib.contextmanager
-def held(pipeline: TTSPipeline) -> Iterator[None]:
-    """Synthesis held for the block: every batch that starts meanwhile waits at its start until the end."""
-    gate, real = threading.Lock(), pipeline._synthesize_batch
-
-    def gated(items: list[Any]) -> list[np.ndarray]:
-        with gate:
-            return real(items)
-
-    with gate:
-        pipeline._synthesize_batch = gated  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del pipeline._synthesize_batch
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from tests.test_autoscaling_e2e import INTERVAL, replicas, status, ttsd
 from voxscale.localcluster.cluster import LocalCluster
-from voxscale.localcluster.harness import OperatorProcess, wait_for
+from voxscale.localcluster.harness import OperatorProcess, instant_query, wait_for
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
 from voxscale.operator import queries
 
@@ -34,11 +32,8 @@ def apply(cluster: LocalCluster, namespace: str, obj: dict[str, Any]) -> None:
 
 
 def query(cluster: LocalCluster, promql: str) -> list[dict[str, Any]]:
-    st = cluster.state
-    assert st is not None
-    url = f"{st.prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return list(json.load(resp)["data"]["result"])
+    assert cluster.state is not None
+    return instant_query(cluster.state.prometheus_url, promql, timeout=5)
 
 
 def refusing(cluster: LocalCluster, namespace: str) -> bool:

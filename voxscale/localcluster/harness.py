@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -33,6 +34,13 @@ from voxscale.localcluster.cluster import ClusterState, LocalCluster
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "voxscale"
 OPERATOR_NAMESPACE = "voxscale-system"
+
+
+def instant_query(prometheus_url: str, promql: str, timeout: float = 10) -> list[dict[str, Any]]:
+    """The result vector of an instant PromQL query (the tests' own reading of Prometheus)."""
+    url = f"{prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return list(json.load(resp)["data"]["result"])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
