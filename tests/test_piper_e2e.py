@@ -44,6 +44,11 @@ def manifests(path: Path, images: dict[str, str]) -> list[dict[str, Any]]:
             pod["nodeSelector"] = {realnode.NODE_LABEL: "true"}
             for container in pod["containers"]:
                 container["imagePullPolicy"] = "Never"
+                # The real node is this machine's 2 cores. At the example's requests (750m a pod) two
+                # pods fill it, and a rollout's surge pod at 2 replicas (maxUnavailable 0) waits for a
+                # third forever (the likeliest cause of one CI timeout here; the diagnosis below now
+                # prints the pods and the node). A tenth of a core a container lets max + surge fit.
+                container.setdefault("resources", {}).setdefault("requests", {})["cpu"] = "100m"
         if doc["kind"] == "TTSDeployment":
             doc["spec"].setdefault("nodeSelector", {realnode.NODE_LABEL: "true"})
             if "model" in doc["spec"]:
@@ -82,6 +87,20 @@ def wait_ready(cluster: LocalCluster, count: int, selector: str = "app=piper", t
     except AssertionError as exc:
         described = cluster.kubectl("describe", "pods", "-n", NAMESPACE, "-l", selector, check=False).stdout
         raise AssertionError(f"{exc}\n{described[-4000:]}") from None
+
+
+def diagnosis(cluster: LocalCluster) -> str:
+    """What a stuck rollout looks like: the replica sets, the pods and the node's allocation."""
+    out = [
+        cluster.kubectl(*args, check=False).stdout
+        for args in (
+            ("get", "rs,pods", "-n", NAMESPACE, "-o", "wide"),
+            ("get", "ttsd", "piper", "-n", NAMESPACE, "-o", "jsonpath={.status.conditions}"),
+            ("describe", "nodes", "-l", f"{realnode.NODE_LABEL}=true"),
+            ("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp"),
+        )
+    ]
+    return "\n".join(o[-3000:] for o in out)
 
 
 def load(cluster: LocalCluster, service: str, clients: int) -> realpods.SpeechLoad:
@@ -148,12 +167,15 @@ def test_an_attached_piper_deployment_is_scaled_by_its_doors_signals_without_los
         # A rollout of the team's own Deployment under load (voxscale never touches the template).
         before = {p["metadata"]["name"] for p in pods(cluster)}
         cluster.kubectl("rollout", "restart", "deployment/piper", "-n", NAMESPACE)
-        wait_for(
-            "the rollout to replace the pod",
-            lambda: (names := {p["metadata"]["name"] for p in pods(cluster)}) and not names & before,
-            timeout=240,
-            interval=1.0,
-        )
+        try:
+            wait_for(
+                "the rollout to replace the pod",
+                lambda: (names := {p["metadata"]["name"] for p in pods(cluster)}) and not names & before,
+                timeout=240,
+                interval=1.0,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{diagnosis(cluster)}") from None
         wait_ready(cluster, 1)
         time.sleep(3)
     finally:
