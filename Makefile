@@ -72,7 +72,7 @@ images: system-deps
 	@hack/build-images.sh
 
 test-images: system-deps
-	@VOXSCALE_IMAGE_TAG=test hack/build-images.sh operator inference piper
+	@VOXSCALE_IMAGE_TAG=test hack/build-images.sh operator inference piper triton
 
 # The fresh-machine path without a fresh machine: a clone of HEAD with every cache in a scratch folder.
 TARGETS ?= test

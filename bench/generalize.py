@@ -2,6 +2,7 @@
 HPA model, the Knative KPA model and the clairvoyant oracle.
 
     .venv/bin/python -m bench.generalize [--pairs 210] [--jobs 2] [--quick] [--out FILE]
+        [--seed 22] [--only 3,6,24] [--peers-from EARLIER.json]
 
 Pair i draws everything from numpy's generator seeded (SEED, i): the trace kind and the manifest kind
 cycle so each trace kind meets each manifest kind (voxscale.simulator.generators), the numbers
@@ -61,8 +62,10 @@ def say(msg: str) -> None:
     print(f"[generalize] {msg}", file=sys.stderr, flush=True)
 
 
-def run_pair(pair: Pair) -> dict[str, Any]:
-    """Every contender on one pair (runs in a worker process); their summaries and the cost."""
+def run_pair(pair: Pair, reused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every contender on one pair (runs in a worker process); their summaries and the cost. The
+    peers' and the oracle's runs are taken from `reused` (a row of an earlier run of the same pair)
+    where given: only voxscale changed, and they do not depend on it."""
     started = time.process_time()
     trace, ttsd, capacity = build(pair)
     policy = ScalingPolicy.from_spec(ttsd["spec"])
@@ -75,8 +78,10 @@ def run_pair(pair: Pair) -> dict[str, Any]:
         "oracle": (oracle, int(oracle.plan[0])),
     }
     window = rate_window(policy)
-    runs = {}
+    runs = {role: reused["runs"][role] for role in ROLES if role != "voxscale"} if reused else {}
     for role, (scaler, initial) in contenders.items():
+        if role in runs:
+            continue
         result = simulate(
             trace, scaler, capacity, initial, SLO_SECONDS, 2.5, policy.min_replicas, True, pair.index, False, window
         )
@@ -263,7 +268,8 @@ def _q(d: dict[str, float], fmt: str) -> str:
 def report(doc: dict[str, Any]) -> str:
     dist = doc["distributions"]
     lines = [
-        f"# Generalization bench: {doc['pairs']} pairs (seed {SEED}), {doc['simulated_days']:.0f} simulated days, "
+        f"# Generalization bench: {doc['pairs']} pairs (seed {doc['seed']}), "
+        f"{doc['simulated_days']:.0f} simulated days, "
         f"{doc['cpu_seconds_per_simulated_day']:.1f} CPU s per simulated day (4 autoscalers)",
         "",
         "| axis (min / p5 / median / p95 / max) | voxscale | keda+hpa (model) | kpa (model) |",
@@ -309,7 +315,11 @@ def report(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_all(todo: list[Pair], jobs: int) -> list[dict[str, Any]]:
+def _run_job(job: tuple[Pair, dict[str, Any] | None]) -> dict[str, Any]:
+    return run_pair(*job)
+
+
+def run_all(todo: list[Pair], jobs: int, reuse: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
 
@@ -322,12 +332,13 @@ def run_all(todo: list[Pair], jobs: int) -> list[dict[str, Any]]:
             f"{keda['gpu_hours']:.1f} GPU-h ({time.perf_counter() - started:.0f} s so far)"
         )
 
+    work = [(p, (reuse or {}).get(p.index)) for p in todo]
     if jobs <= 1:
-        for p in todo:
-            note(run_pair(p))
+        for job in work:
+            note(_run_job(job))
     else:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            for row in pool.imap_unordered(run_pair, todo):
+            for row in pool.imap_unordered(_run_job, work):
                 note(row)
     rows.sort(key=lambda r: r["index"])
     return rows
@@ -340,6 +351,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: 7 pairs of 0.05 days")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
+    p.add_argument("--seed", type=int, default=SEED, help="draw the pairs from another seed: a held-out set")
+    p.add_argument("--only", help="comma-separated pair indices to run (of the --seed's pairs), e.g. 3,6,24")
+    p.add_argument(
+        "--peers-from",
+        type=Path,
+        help="an earlier results JSON of the same seed: take the peers' and the oracle's runs of each pair "
+        "from it (they do not depend on voxscale) and simulate voxscale alone",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.pairs, args.days = min(args.pairs, 7), args.days or 0.05
@@ -350,15 +369,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _reused(path: Path, seed: int, days: float | None) -> dict[int, dict[str, Any]]:
+    """The rows of an earlier run of the same pairs (same seed and length), by index."""
+    doc = json.loads(path.read_text())
+    if doc.get("seed", SEED) != seed:
+        raise SystemExit(f"--peers-from {path}: seed {doc.get('seed')}, not {seed}")
+    rows = doc["rows"]
+    return {r["index"]: r for r in rows if days is None or r["days"] == days}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    todo = pairs(args.pairs, args.days)
-    say(f"{len(todo)} pairs, {args.jobs} at a time")
+    only = sorted({int(i) for i in args.only.split(",") if i.strip()}) if args.only else None
+    todo = pairs(max(only) + 1 if only else args.pairs, args.days, args.seed)
+    if only:
+        todo = [p for p in todo if p.index in only]
+    reuse = _reused(args.peers_from, args.seed, args.days) if args.peers_from else None
+    say(f"{len(todo)} pairs (seed {args.seed}), {args.jobs} at a time")
     started = time.perf_counter()
-    rows = run_all(todo, args.jobs)
+    rows = run_all(todo, args.jobs, reuse)
     days = sum(r["days"] for r in rows)
     doc: dict[str, Any] = {
-        "seed": SEED,
+        "seed": args.seed,
         "pairs": len(rows),
         "simulated_days": days,
         "wall_seconds": time.perf_counter() - started,

@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,17 @@ def ttsd(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def operator_metrics(port: int) -> dict[str, float]:
+    """The operator's own series; labelled ones summed per name (e.g. api requests over methods), except
+    that watch streams opened are kept apart as `..._watch`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    out = {}
+    out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("voxscale_operator_") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+        if not line.startswith("voxscale_operator_"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        name = series.split("{", 1)[0] + ("_watch" if 'method="WATCH"' in series else "")
+        out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -127,8 +132,14 @@ def ready_at_least(cluster: LocalCluster, ns: str, n: int) -> bool:
 
 
 def scale_run(
-    cluster: LocalCluster, op: OperatorProcess, metrics_port: int, ns: str, counts: list[int], window: float = 30
+    cluster: LocalCluster,
+    start_operator: Callable[[str], OperatorProcess],
+    ns: str,
+    counts: list[int],
+    reads: list[str],
+    window: float = 30,
 ) -> list[dict[str, Any]]:
+    """Per count, each --reads mode with an operator of its own, one after the other on the same objects."""
     cluster.kubectl("create", "namespace", ns)
     rows = []
     created = 0
@@ -148,46 +159,63 @@ def scale_run(
             docs = yaml.safe_dump_all(objs[chunk : chunk + 100])
             cluster.kubectl("apply", "-n", ns, "-f", "-", input=docs)
         created = n
-        say(f"{n} TTSDeployments applied; waiting until every one has been evaluated and its pod is Ready")
-        wait_for("status on all", functools.partial(evaluated_at_least, cluster, ns, n), timeout=600, interval=2)
-        wait_for("a Ready pod for all", functools.partial(ready_at_least, cluster, ns, n), timeout=600, interval=2)
-        assert op.proc is not None
-        cpu0, _ = proc_cpu_rss(op.proc.pid)
-        m0 = operator_metrics(metrics_port)
-        t0 = time.monotonic()
-        rounds_seen: list[tuple[float, float, float]] = []
-        while time.monotonic() - t0 < window:
-            m = operator_metrics(metrics_port)
-            rounds_seen.append(
-                (
-                    m["voxscale_operator_last_round_seconds"],
-                    m["voxscale_operator_last_round_ttsdeployments"],
-                    m["voxscale_operator_last_round_queries"],
+        for mode in reads:
+            op = start_operator(mode)
+            try:
+                if len(reads) > 1 or mode == reads[0]:
+                    say(f"{n} TTSDeployments, --reads {mode}: waiting until every one is evaluated, its pod Ready")
+                wait_for(
+                    "status on all", functools.partial(evaluated_at_least, cluster, ns, n), timeout=900, interval=2
                 )
-            )
-            time.sleep(0.5)
-        cpu1, rss = proc_cpu_rss(op.proc.pid)
-        m1 = operator_metrics(metrics_port)
-        wall = time.monotonic() - t0
-        rounds = m1["voxscale_operator_tick_seconds_count"] - m0["voxscale_operator_tick_seconds_count"]
-        queries = m1["voxscale_operator_prometheus_queries_total"] - m0["voxscale_operator_prometheus_queries_total"]
-        evaluated = sum(objs for _, objs, _ in rounds_seen)
-        row = {
-            "ttsdeployments": n,
-            "rounds": int(rounds),
-            "round_seconds_mean": (m1["voxscale_operator_tick_seconds_sum"] - m0["voxscale_operator_tick_seconds_sum"])
-            / max(rounds, 1),
-            "ms_per_ttsdeployment": 1000 * sum(s for s, _, _ in rounds_seen) / max(evaluated, 1),
-            "queries_per_round": queries / max(rounds, 1),
-            "max_queries_in_a_round": max(q for _, _, q in rounds_seen),
-            "evaluations_per_second": n / 10,
-            "operator_cpu_percent": 100 * (cpu1 - cpu0) / wall,
-            "operator_peak_rss_mib": rss,
-        }
-        rows.append(row)
-        say(json.dumps(row))
+                wait_for("a Ready pod", functools.partial(ready_at_least, cluster, ns, n), timeout=900, interval=2)
+                time.sleep(INTERVAL_S * 2 + 2)  # this operator's first rounds (every object is due at once)
+                rows.append({"reads": mode, **measure(op, n, window)})
+            finally:
+                op.stop()
+            say(json.dumps(rows[-1]))
     cluster.kubectl("delete", "namespace", ns, "--wait=false")
     return rows
+
+
+def measure(op: OperatorProcess, n: int, window: float) -> dict[str, Any]:
+    """Round time, CPU, RSS, PromQL queries and API requests per round over `window` seconds."""
+    metrics_port = op.metrics_port
+    assert op.proc is not None
+    cpu0, _ = proc_cpu_rss(op.proc.pid)
+    m0 = operator_metrics(metrics_port)
+    t0 = time.monotonic()
+    rounds_seen: list[tuple[float, float, float]] = []
+    while time.monotonic() - t0 < window:
+        m = operator_metrics(metrics_port)
+        rounds_seen.append(
+            (
+                m["voxscale_operator_last_round_seconds"],
+                m["voxscale_operator_last_round_ttsdeployments"],
+                m["voxscale_operator_last_round_queries"],
+            )
+        )
+        time.sleep(0.5)
+    cpu1, rss = proc_cpu_rss(op.proc.pid)
+    m1 = operator_metrics(metrics_port)
+    wall = time.monotonic() - t0
+    rounds = m1["voxscale_operator_tick_seconds_count"] - m0["voxscale_operator_tick_seconds_count"]
+    queries = m1["voxscale_operator_prometheus_queries_total"] - m0["voxscale_operator_prometheus_queries_total"]
+    requests = m1.get("voxscale_operator_api_requests_total", 0.0) - m0.get("voxscale_operator_api_requests_total", 0.0)
+    evaluated = sum(objs for _, objs, _ in rounds_seen)
+    return {
+        "ttsdeployments": n,
+        "rounds": int(rounds),
+        "round_seconds_mean": (m1["voxscale_operator_tick_seconds_sum"] - m0["voxscale_operator_tick_seconds_sum"])
+        / max(rounds, 1),
+        "ms_per_ttsdeployment": 1000 * sum(s for s, _, _ in rounds_seen) / max(evaluated, 1),
+        "queries_per_round": queries / max(rounds, 1),
+        "api_requests_per_round": requests / max(rounds, 1),
+        "api_requests_per_second": requests / wall,
+        "max_queries_in_a_round": max(q for _, _, q in rounds_seen),
+        "evaluations_per_second": n / 10,
+        "operator_cpu_percent": 100 * (cpu1 - cpu0) / wall,
+        "operator_peak_rss_mib": rss,
+    }
 
 
 def reaction_summary(times: list[float]) -> dict[str, Any]:
@@ -207,6 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--counts", default="10,100,500")
     parser.add_argument("--window", type=float, default=30, help="seconds measured per count (default %(default)s)")
     parser.add_argument("--cluster", default="bench", help="local cluster to use or start (default %(default)s)")
+    parser.add_argument(
+        "--reads",
+        default="watch,list",
+        help="the operator's --reads modes to measure side by side at each count: watch (the caches) and list "
+        "(a LIST per kind per round, the baseline) (default %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     try:
@@ -215,6 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--counts: comma-separated integers, got {args.counts!r}")
     if not args.counts or min(args.counts) < 1 or args.counts != sorted(args.counts):
         parser.error("--counts: ascending, each at least 1 (each count adds TTSDeployments to the last)")
+    args.reads = args.reads.split(",")
+    if not args.reads or not set(args.reads) <= {"watch", "list"}:
+        parser.error(f"--reads: watch, list or both comma-separated, got {','.join(args.reads)!r}")
     if args.trials < 1:
         parser.error("--trials: must be at least 1")
     return args
@@ -236,13 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exporter = PodMetricsExporter(cluster, st).start(job=EXPORTER_JOB)
         kubeconfig = install_operator_rbac(cluster, "voxscale")
-        op = OperatorProcess(kubeconfig, st.prometheus_url, lease_name="voxscale")
-        metrics_port = free_port()
-        op.start(st.dir / "logs", metrics_port=metrics_port)
-        op.wait_leader()
+        log_dir = st.dir / "logs"
+
+        def start_operator(reads: str) -> OperatorProcess:
+            started = OperatorProcess(
+                kubeconfig, st.prometheus_url, lease_name="voxscale", extra_args=[f"--reads={reads}"]
+            )
+            started.start(log_dir, metrics_port=free_port())
+            started.wait_leader()
+            return started
+
+        op = start_operator(args.reads[0])
         reaction = reaction_summary(reaction_times(cluster, exporter, namespaces[0], args.trials))
         say(f"reaction: {json.dumps(reaction)}")
-        rows = scale_run(cluster, op, metrics_port, namespaces[1], args.counts, args.window)
+        op.stop()
+        op = None
+        rows = scale_run(cluster, start_operator, namespaces[1], args.counts, args.reads, args.window)
     finally:
         if op is not None:
             op.stop()

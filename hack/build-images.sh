@@ -5,8 +5,9 @@
 # 3.11 in a venv first on PATH, as python:3.11-slim has it) and tagged with that name; the builds
 # then run with pulls disabled. Elsewhere podman or docker simply pull the real base image.
 #
-#   hack/build-images.sh [operator|inference|piper ...]   (default: operator and inference)
-#   (piper: Piper's own HTTP server, a server nobody here wrote, for the tests that attach to it)
+#   hack/build-images.sh [operator|inference|piper|triton ...]   (default: operator and inference)
+#   (piper: Piper's own HTTP server, a server nobody here wrote, for the tests that attach to it;
+#    triton: NVIDIA Triton from the nvidia-pytriton wheel serving Piper, for the triton metric profile)
 #   VOXSCALE_IMAGE_TAG=dev  VOXSCALE_IMAGE_PREFIX=localhost/voxscale
 #
 # Quiet and instant when an image is up to date: each image carries the label
@@ -62,6 +63,7 @@ inputs_hash() {
   local file="$1" listed
   local context=(pyproject.toml voxscale operator inference crds)
   [ "$file" != Dockerfile.piper ] || context=()
+  [ "$file" != Dockerfile.triton ] || context=(examples/servers/triton)
   if [ ${#context[@]} -eq 0 ]; then listed=""
   elif listed=$(git ls-files -co --exclude-standard -- "${context[@]}" 2>/dev/null); then :
   else listed=$(find "${context[@]}" -type f -not -path '*/__pycache__/*'); fi
@@ -72,7 +74,7 @@ inputs_hash() {
 
 for target in "${targets[@]}"; do
   file="Dockerfile.$target"
-  [ -f "$file" ] || { say "unknown image '$target' (operator, inference or piper)"; exit 2; }
+  [ -f "$file" ] || { say "unknown image '$target' (operator, inference, piper or triton)"; exit 2; }
   inputs=$(inputs_hash "$file")
   label=$(podman image inspect --format '{{index .Labels "voxscale.dev/inputs"}}' "$prefix/$target:$tag" 2>/dev/null || true)
   [ "$label" = "$inputs" ] && continue

@@ -11,7 +11,10 @@ the window, step limit and floors allow (`target`); these functions pick the cou
 
 from __future__ import annotations
 
+import datetime as dt
+
 from voxscale.operator.policy import format_duration
+from voxscale.operator.reversals import REVERSAL_TOLERANCE, REVERSAL_WINDOW_S
 from voxscale.operator.state import Decision, Reason
 from voxscale.operator.tick import Tick
 from voxscale.operator.triggers import kind
@@ -20,16 +23,34 @@ from voxscale.operator.triggers.base import fights
 
 def fighters(tick: Tick, to: int) -> list[str]:
     """What the triggers that would ask to scale up again at `to` replicas would read there (empty:
-    none would). Sized triggers are left out: they recommend a count, not a ratio, and the guard
-    already keeps the fleet at what demand needs."""
-    out = []
-    for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
+    none would). A sized trigger's reading does not depend on the count, so its fight is the SLO
+    model's rebound: the count it asks for once demand swings up as it has lately (`rebound`)."""
+    out = [fight] if (fight := rebounds(tick, to)) is not None else []
+    below = tick.next_history.below_since
+    bands = tick.bands or (0.0,) * len(tick.policy.triggers)
+    for t, r, band in zip(tick.policy.triggers, tick.readings, bands, strict=True):
         if r.value is None or t.sized:
             continue
-        fight = fights(t, r.value, kind(t).summed, tick.current, tick.ready, tick.current - to)
+        # A rule between its thresholds abstains (engine.py's _calm) only while its reading, grown by
+        # the swing seen lately (at least its tolerance), stays below its scale-up threshold there.
+        value = r.value if t.scale_down_below is None or t.name in below else r.value * (1 + band)
+        fight = fights(t, value, kind(t).summed, tick.current, tick.ready, tick.current - to)
         if fight is not None:
             out.append(fight)
     return out
+
+
+def rebounds(tick: Tick, to: int) -> str | None:
+    """Whether the SLO model would ask for more than `to` replicas once demand rises by the swing
+    seen over the last reversal window, at least its tolerance (None: it would not). Sizing from
+    demand has a step at every replica: demand that wobbles around one flips the count up and down,
+    as a ratio without the HPA's tolerance would. A scale-down leaves that band first, so the next
+    swing of the size already seen does not undo it."""
+    slo, d = tick.policy.slo, tick.demand
+    if slo is None or d is None or d.arrival_rps is None or tick.rebound <= to:
+        return None
+    who = "the slo objective" if slo is tick.policy.objective else f"{slo.name}"
+    return f"{who} would ask for {tick.rebound} again once demand {d.arrival_rps:.3g} rps swings up as it has lately"
 
 
 def unfought(tick: Tick, target: int, span: str) -> Decision:
@@ -76,3 +97,25 @@ def guarded(tick: Tick, target: int) -> Decision:
         return unfought(tick, guard, format_duration(tick.policy.scale_down.stabilization_window))
     message = f"{what} needs {guard}: {current} -> {guard} (not {target})"
     return tick.decide(guard, Reason.SCALE_DOWN, "scale-down", message)
+
+
+def undoes(tick: Tick) -> Decision | None:
+    """A scale-down refused because it would undo the last scale-up while the load is about what it
+    was then (None: it would not). That pair is exactly a reversal (reversals.py): the scale-up was
+    answered to a wobble the scale-down window outlasted, not to traffic that turned. So within
+    REVERSAL_WINDOW_S of a scale-up, pods go only once the load has fallen by REVERSAL_TOLERANCE
+    from it - a burst that ends is given back at once, a plateau's noise holds the count. Ray Serve
+    likewise restarts its delays when the direction flips."""
+    last, load = tick.history.last_up, tick.load
+    if last is None or load is None:
+        return None
+    since, then = tick.now - last[0], last[1]
+    window = dt.timedelta(seconds=REVERSAL_WINDOW_S)
+    if since > window or load < (1 - REVERSAL_TOLERANCE) * then:
+        return None
+    left = format_duration(window - since)
+    message = (
+        f"a scale-down would undo the scale-up of {format_duration(since)} ago: load {load:.3g} rps, "
+        f"{then:.3g} then (not {REVERSAL_TOLERANCE:.0%} lower): holding {tick.current} for {left} more"
+    )
+    return tick.decide(tick.current, Reason.WOULD_FLAP, "would-flap", message)

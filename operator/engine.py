@@ -26,7 +26,10 @@ what demand needs.
    highest recommendation over the window lower (schedule floors included, so a window's end is a
    scale-down like any other), no overload, outside the cooldown, step by step, never below the
    floors nor what carries the current and forecast demand within the SLO (N-1), and never to a
-   count at which some trigger would ask to scale up again (its reading predicted there: WouldFlap).
+   count at which some trigger would ask to scale up again (its reading predicted there: WouldFlap;
+   the SLO model's, once demand swings up as it has over the last reversal window), nor undoing a
+   scale-up of the last reversal window while the load is about what it was then. A rule between
+   its thresholds abstains where the SLO model sizes the fleet.
 `paused` freezes the count; the result is always within [min, max].
 
 `decide()` reads as that list: `_evaluate` (phases 1-4) builds the tick's facts (tick.py's Tick),
@@ -44,6 +47,7 @@ from dataclasses import replace
 from voxscale.operator import antiflap, overload
 from voxscale.operator import forecast as fc
 from voxscale.operator.policy import FallbackMode, ScalingPolicy, Trigger, format_duration
+from voxscale.operator.reversals import REVERSAL_TOLERANCE, REVERSAL_WINDOW_S
 from voxscale.operator.state import (
     STALE_MIN,
     STALE_TICKS,
@@ -81,6 +85,7 @@ __all__ = [  # the engine's public face; the data types live in state.py
 
 CAPACITY_SMOOTHING = 0.5  # weight of a new capacity measurement against what was learnt before
 MIN_COLD_STARTS = 3  # pod starts observed before their P90 replaces the spec's coldStart
+REVERSAL_WINDOW = dt.timedelta(seconds=REVERSAL_WINDOW_S)
 
 
 # ------------------------------------------------------------------------------------ phase 1: floors
@@ -258,7 +263,7 @@ def _evaluate(
     headroom, trend = _growth(slo, metrics, now, lookahead)
     readings, model = _readings(policy, observed, metrics, now, above_since, capacity, headroom, trend)
     prediction = _forecast(policy, metrics, now, lookahead)
-    demand, forecast_floor, guard, pending, last_fc = _demand(
+    demand, forecast_floor, guard, rebound, pending, last_fc = _demand(
         policy, observed, metrics, hist, now, lookahead, capacity, prediction, headroom
     )
     best, reactive, sized = _strongest(policy, readings, model)
@@ -293,10 +298,14 @@ def _evaluate(
             pending_forecast=pending,
             last_forecast=last_fc,
             observed_at=now,
+            last_up=hist.last_up,
         ),
         demand=demand,
         guard=guard,
         sized=min(sized, hi),
+        rebound=min(rebound, hi),
+        load=metrics.values.get(slo.name) if slo is not None else None,
+        bands=tuple(_band(t, metrics, now) for t in policy.triggers),
     )
     return tick, raw, best
 
@@ -325,11 +334,13 @@ def _demand(
     capacity: float | None,
     prediction: fc.Forecast | fc.NoForecast | None,
     headroom: float,
-) -> tuple[Demand | None, int, int, PendingForecast | None, tuple[float, float] | None]:
-    """The SLO model's view: demand, forecast floor, scale-down guard, and forecast bookkeeping."""
+) -> tuple[Demand | None, int, int, int, PendingForecast | None, tuple[float, float] | None]:
+    """The SLO model's view: demand, forecast floor, scale-down guard, rebound (what the model asks
+    for at demand risen by the swing seen lately, at least its tolerance: a band, as the HPA's) and
+    forecast bookkeeping."""
     slo = policy.slo
     if slo is None:
-        return None, 0, 0, hist.pending_forecast, hist.last_forecast
+        return None, 0, 0, 0, hist.pending_forecast, hist.last_forecast
     cap = capacity or slo.capacity_rps
     measured = metrics.values.get(slo.name)
     arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom) if measured is not None else (None, None)
@@ -338,6 +349,9 @@ def _demand(
     forecast_needed = min(size(slo, predicted, cap), policy.max_replicas) if predicted is not None else None
     pending, last = _track_forecast(hist, now, lookahead, arrivals, predicted)
     guard = 0 if carried is None else size(slo, max(carried, predicted or 0.0), cap)
+    rebound = (
+        0 if carried is None else size(slo, carried * (1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))), cap)
+    )
     if prediction is None:
         note = "forecast off (spec.scaling.predictive.enabled: false)"
     else:
@@ -354,7 +368,14 @@ def _demand(
         last_forecast=last,
         overload=overload.detect(slo, metrics.inputs(slo), observed.ready * cap, arrivals),
     )
-    return demand, forecast_needed or 0, guard, pending, last
+    return demand, forecast_needed or 0, guard, rebound, pending, last
+
+
+def _band(trigger: Trigger, metrics: Metrics, now: dt.datetime) -> float:
+    """The rise of the load a scale-down must survive (antiflap.py): the swing of demand seen over
+    the last reversal window (forecast.wobble), at least the trigger's tolerance."""
+    seen = fc.wobble(metrics.history, now, REVERSAL_WINDOW) if metrics.history is not None else None
+    return max(trigger.tolerance, seen or 0.0)
 
 
 def _reads_pods(policy: ScalingPolicy, name: str) -> bool:
@@ -535,6 +556,9 @@ def _scale_down(tick: Tick, raw: int, must: int) -> Decision | None:
     if last is not None and now - last.time < down.cooldown:
         left = format_duration(down.cooldown - (now - last.time))
         return tick.decide(current, Reason.COOLDOWN, "cooldown", f"scale-down cooldown {left} left")
+    undoing = antiflap.undoes(tick)
+    if undoing is not None:
+        return undoing
     base = period_base(tick.history, now, down.period, current)
     target = max(stabilised, must, base - step_limit(down, base, up=False))
     if target >= current:
@@ -552,12 +576,15 @@ def _calm(tick: Tick) -> Decision | None:
     window = tick.policy.scale_down.stabilization_window
     span = format_duration(window)
     above_since, below_since = tick.next_history.above_since, tick.next_history.below_since
+    sizes = tick.demand is not None and tick.demand.needed is not None
     for t, r in zip(tick.policy.triggers, tick.readings, strict=True):
-        # Above its scale-up threshold (even if not for long enough yet), or not below its scale-down one.
-        if t.name in above_since or t.name not in below_since:
+        # Above its scale-up threshold (even if not for long enough yet): hold. Between its thresholds a
+        # rule abstains where the SLO model sizes the fleet (WouldFlap then keeps its reading below the
+        # scale-up threshold at the new count); without the model, not below scaleDownBelow holds.
+        if t.name in above_since or (t.name not in below_since and not (sizes and r.value is not None)):
             return tick.decide(current, Reason.STEADY, "steady", f"steady at {current}: {r.note}")
     for t in tick.policy.triggers:
-        if t.scale_down_below is not None and now - below_since[t.name] < window:
+        if t.scale_down_below is not None and t.name in below_since and now - below_since[t.name] < window:
             calm = format_duration(now - below_since[t.name])
             limit = f"{t.scale_down_below:g}{t.unit}"
             message = f"{t.name} below {limit} for {calm} of {span}: holding {current}"

@@ -271,3 +271,22 @@ def _growth(samples: bytes, ahead: int, step_seconds: float) -> float | None:
         return None
     ratios = windows[ok].max(axis=1) / base[ok]
     return float(min(max(np.quantile(ratios, GROWTH_QUANTILE), 1.0), GROWTH_CAP))
+
+
+WOBBLE_MIN_SAMPLES = 3  # samples of the recent span needed before its spread says anything
+WOBBLE_CAP = 1.0  # a swing beyond doubling is a burst: overload answers it at once, no band holds for it
+
+
+def wobble(history: RateHistory, now: dt.datetime, span: dt.timedelta) -> float | None:
+    """How far demand swung over the last `span` with nothing else changing: the spread of the
+    history's samples there (highest / lowest - 1), at most WOBBLE_CAP; None with too few samples.
+
+    A scale-down the next swing of the same size undoes is a flap; the SLO model keeps its
+    scale-downs out of the band this wide (antiflap.py's rebound). A steady load gives a narrow band,
+    a noisy plateau a wide one: the headroom follows the noise actually seen.
+    """
+    rps = history.window(now - span, now)
+    rps = rps[~np.isnan(rps)]
+    if len(rps) < WOBBLE_MIN_SAMPLES or float(np.min(rps)) <= 0:
+        return None
+    return min(float(np.max(rps) / np.min(rps)) - 1.0, WOBBLE_CAP)

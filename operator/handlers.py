@@ -27,6 +27,7 @@ class Runtime:
 
     kube: Kube
     scaler: Scaler
+    watch_reads: bool = True  # the round reads watch-fed caches (issue 24); False: a LIST per kind per round
     task: asyncio.Task[None] | None = None
 
 
@@ -40,6 +41,8 @@ async def _startup(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> 
     settings.posting.level = logging.WARNING  # the scaler posts its own, more useful, Events
     settings.watching.server_timeout = 120
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    if memo.watch_reads:
+        memo.kube.start_watches(memo.scaler.namespaces)
     memo.task = asyncio.create_task(memo.scaler.run_forever())
 
 
@@ -47,6 +50,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> 
 async def _cleanup(memo: Runtime, **_: Any) -> None:
     if memo.task is not None:
         memo.task.cancel()
+    memo.kube.stop_watches()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -14,15 +14,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter
 
 from voxscale.metrics_contract import POD_LABEL_TTSDEPLOYMENT
 from voxscale.operator import children
 from voxscale.operator.crd import GROUP, PLURAL, VERSION
+from voxscale.operator.informers import Index, Informer
 
 log = logging.getLogger("voxscale.operator")
 T = TypeVar("T")
@@ -31,6 +33,27 @@ APPLY_MANAGER = "voxscale-operator"  # owns everything in the children except th
 SCALE_MANAGER = "voxscale-scaler"  # owns spec.replicas, through the scale subresource
 RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+API_REQUESTS = Counter(
+    "voxscale_operator_api_requests",
+    "Kubernetes API requests sent, by HTTP method (WATCH: a watch stream opened).",
+    ["method"],
+)
+
+
+def _counted(api: client.ApiClient) -> client.ApiClient:
+    """Count every request this client sends (voxscale_operator_api_requests): the operator bench
+    reads it to show the requests per round do not grow with the number of objects."""
+    if getattr(api, "_voxscale_counted", False):
+        return api
+    call_api = api.call_api
+
+    def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        API_REQUESTS.labels("WATCH" if "watch=true" in url.lower() else method).inc()
+        return call_api(method, url, *args, **kwargs)
+
+    api.call_api = counted  # type: ignore[method-assign]
+    api._voxscale_counted = True  # type: ignore[attr-defined]
+    return api
 
 
 def load_config() -> None:
@@ -74,13 +97,80 @@ class _Child:
 
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = api_client or client.ApiClient()
+        self.api = _counted(api_client or client.ApiClient())
         self.apps = client.AppsV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.policy = client.PolicyV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self._plurals: dict[tuple[str, str], str] = {}  # (apiVersion, kind) -> resource, from discovery
+        self._informers: dict[str, list[Informer]] = {}  # kind -> one per namespace scope (start_watches)
+        self._starts: Index[PodStarts] | None = None
+
+    # ------------------------------------------------------------------ watch-fed caches
+    def start_watches(self, namespaces: list[str] | None) -> list[Informer]:
+        """Serve the round's reads (Deployments, children, HPAs, pods) from watches instead of a LIST
+        per kind per round (issue 24): one informer per kind and namespace scope. Until an informer's
+        first LIST has answered, the reads LIST as before."""
+        managed = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
+        autoscaling = client.AutoscalingV2Api(self.api)
+        kinds: list[tuple[str, Callable[..., Any], Callable[..., Any], str]] = [
+            ("Deployment", self.apps.list_namespaced_deployment, self.apps.list_deployment_for_all_namespaces, managed),
+            ("Service", self.core.list_namespaced_service, self.core.list_service_for_all_namespaces, managed),
+            (
+                "PodDisruptionBudget",
+                self.policy.list_namespaced_pod_disruption_budget,
+                self.policy.list_pod_disruption_budget_for_all_namespaces,
+                managed,
+            ),
+            (
+                "NetworkPolicy",
+                self.networking.list_namespaced_network_policy,
+                self.networking.list_network_policy_for_all_namespaces,
+                managed,
+            ),
+            (
+                "HorizontalPodAutoscaler",
+                autoscaling.list_namespaced_horizontal_pod_autoscaler,
+                autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
+                "",
+            ),
+            ("Pod", self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces, POD_LABEL_TTSDEPLOYMENT),
+        ]
+        scopes: list[tuple[str, ...]] = [(ns,) for ns in namespaces] if namespaces else [()]
+        for kind, namespaced, everywhere, selector in kinds:
+            self._informers[kind] = [
+                Informer(
+                    f"{kind}s {scope[0] if scope else '(all namespaces)'}",
+                    namespaced if scope else everywhere,
+                    *scope,
+                    label_selector=selector,
+                    transform=_SLIM.get(kind),
+                )
+                for scope in scopes
+            ]
+        self._starts = Index(_pod_owner, starts_of)
+        for informer in self._informers["Pod"]:
+            self._starts.attach(informer)
+        started = [i.start() for group in self._informers.values() for i in group]
+        return started
+
+    def stop_watches(self) -> None:
+        for group in self._informers.values():
+            for informer in group:
+                informer.stop()
+        self._informers, self._starts = {}, None
+
+    def _cached(self, kind: str) -> list[Any] | None:
+        """Every cached object of `kind`, or None when it is not watched or not synced yet."""
+        group = self._informers.get(kind)
+        if not group or not all(i.synced.is_set() for i in group):
+            return None
+        return [o for i in group for o in i.values()]
+
+    def informer_lists(self) -> int:
+        """LIST calls the informers made so far (the first ones, and one per broken watch)."""
+        return sum(i.lists for group in self._informers.values() for i in group)
 
     # ------------------------------------------------------------------ children
     def apply_children(self, ttsd: dict[str, Any]) -> list[str]:
@@ -154,6 +244,9 @@ class Kube:
     # ------------------------------------------------------------------ scaling
     def list_deployments(self, namespaces: list[str] | None) -> dict[tuple[str, str], Any]:
         """Every voxscale-managed Deployment in one list call per namespace scope (not per object)."""
+        cached = self._cached("Deployment")
+        if cached is not None:
+            return {(d.metadata.namespace, d.metadata.name): d for d in cached}
         selector = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
         calls: list[Callable[[], Any]] = (
             [functools.partial(self.apps.list_namespaced_deployment, ns, label_selector=selector) for ns in namespaces]
@@ -184,6 +277,11 @@ class Kube:
         ]
         out: dict[tuple[str, str], set[str]] = {}
         for kind, namespaced, everywhere in per_kind:
+            cached = self._cached(kind)
+            if cached is not None:
+                for item in cached:
+                    out.setdefault((item.metadata.namespace, item.metadata.name), set()).add(kind)
+                continue
             calls = (
                 [functools.partial(namespaced, ns, label_selector=selector) for ns in namespaces]
                 if namespaces
@@ -198,25 +296,29 @@ class Kube:
         """(namespace, API group, kind, name) of every workload an HorizontalPodAutoscaler scales -> that
         HPA, named for a person (KEDA's ScaledObject shows as the owner of the HPA it creates). A
         TTSDeployment's own Deployment is (namespace, "apps", "Deployment", its name)."""
-        autoscaling = client.AutoscalingV2Api(self.api)
-        calls: list[Callable[[], Any]] = (
-            [functools.partial(autoscaling.list_namespaced_horizontal_pod_autoscaler, ns) for ns in namespaces]
-            if namespaces
-            else [autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces]
-        )
+        hpas = self._cached("HorizontalPodAutoscaler")
+        if hpas is None:
+            autoscaling = client.AutoscalingV2Api(self.api)
+            calls: list[Callable[[], Any]] = (
+                [functools.partial(autoscaling.list_namespaced_horizontal_pod_autoscaler, ns) for ns in namespaces]
+                if namespaces
+                else [autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces]
+            )
+            hpas = [hpa for call in calls for hpa in retrying(call, "list HorizontalPodAutoscalers").items]
         out: dict[WorkloadKey, str] = {}
-        for call in calls:
-            for hpa in retrying(call, "list HorizontalPodAutoscalers").items:
-                ref = hpa.spec.scale_target_ref
-                ns = hpa.metadata.namespace
-                group = (ref.api_version or "apps/v1").rpartition("/")[0]
-                owners = [f"{o.kind} {ns}/{o.name}" for o in hpa.metadata.owner_references or []]
-                owned = f" (created by {', '.join(owners)})" if owners else ""
-                out[(ns, group, ref.kind, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
+        for hpa in hpas:
+            ref = hpa.spec.scale_target_ref
+            ns = hpa.metadata.namespace
+            group = (ref.api_version or "apps/v1").rpartition("/")[0]
+            owners = [f"{o.kind} {ns}/{o.name}" for o in hpa.metadata.owner_references or []]
+            owned = f" (created by {', '.join(owners)})" if owners else ""
+            out[(ns, group, ref.kind, ref.name)] = f"HorizontalPodAutoscaler {ns}/{hpa.metadata.name}{owned}"
         return out
 
     def pod_starts(self, namespaces: list[str] | None) -> dict[tuple[str, str], PodStarts]:
         """Each TTSDeployment's pod starts (see `starts_of`), one list call per scope."""
+        if self._starts is not None and self._cached("Pod") is not None:
+            return cast(dict[tuple[str, str], PodStarts], self._starts.views())  # keys: _pod_owner's
         selector = POD_LABEL_TTSDEPLOYMENT
         calls: list[Callable[[], Any]] = (
             [functools.partial(self.core.list_namespaced_pod, ns, label_selector=selector) for ns in namespaces]
@@ -437,6 +539,49 @@ def selector_string(selector: Any) -> str:
         elif op == "DoesNotExist":
             parts.append(f"!{expr.key}")
     return ",".join(parts)
+
+
+def _slim_metadata(obj: Any) -> Any:
+    obj.metadata.managed_fields = None
+    obj.metadata.annotations = None
+    return obj
+
+
+def _slim_pod(pod: Any) -> Any:
+    """What starts_of reads of a pod: metadata (labels, times) and status; not its spec."""
+    pod.spec = None
+    return _slim_metadata(pod)
+
+
+def _slim_deployment(dep: Any) -> Any:
+    """What the round reads of its own Deployment: replicas and ready replicas."""
+    if dep.spec is not None and dep.spec.template is not None:
+        dep.spec.template.spec = None
+    return _slim_metadata(dep)
+
+
+def _keys_only(obj: Any) -> Any:
+    """Children the round only needs to know exist."""
+    obj.spec = None
+    if getattr(obj, "status", None) is not None:  # a NetworkPolicy has none
+        obj.status = None
+    return _slim_metadata(obj)
+
+
+_SLIM: dict[str, Callable[[Any], Any]] = {
+    "Deployment": _slim_deployment,
+    "Service": _keys_only,
+    "PodDisruptionBudget": _keys_only,
+    "NetworkPolicy": _keys_only,
+    "HorizontalPodAutoscaler": _slim_metadata,  # its spec names the target; its owners name KEDA
+    "Pod": _slim_pod,
+}
+
+
+def _pod_owner(pod: Any) -> tuple[str, str] | None:
+    """The TTSDeployment a pod belongs to, by the label its template carries."""
+    owner = (pod.metadata.labels or {}).get(POD_LABEL_TTSDEPLOYMENT)
+    return (pod.metadata.namespace, owner) if owner else None
 
 
 def _is_ready(pod: Any) -> bool:

@@ -25,10 +25,11 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from voxscale.operator import queries, tenancy, triggers
+from voxscale.operator import profiles, queries, tenancy, triggers
 from voxscale.operator.engine import Metrics
 from voxscale.operator.forecast import RateHistory
 from voxscale.operator.policy import ScalingPolicy
+from voxscale.operator.profiles import Pods, Profile, Query, SignalKey, Unavailable
 
 Key = tuple[str, str]  # (namespace, name)
 HISTORY_STEP_SECONDS = 60
@@ -39,6 +40,7 @@ LABELS_LOOKBACK_SECONDS = 300  # series seen this recently explain an empty resu
 STALE_SCRAPES = 3
 STALE_MIN_SECONDS = 10.0
 SCRAPE_WINDOWS = (60, 600)  # seconds: the short one for young pods, the long one across an outage
+BATCH_LABEL = "voxscale_batch"  # which query of a joined request (_query_all) a series answers
 SCRAPE_INTERVAL_UNKNOWN = 60.0
 
 
@@ -63,6 +65,12 @@ class Target:
     # queries recover that name from the pod's (`queries.py`) and this is what an answer is looked up by.
     workload: str = ""
     ordinal_pods: bool = False  # the workload's pods are <workload>-<n> (a StatefulSet)
+    # Where its pod signals come from (spec.metrics.profile): the door's, Triton's, the user's PromQL.
+    profile: Profile = profiles.VOXSCALE
+
+    @property
+    def pods(self) -> Pods:
+        return Pods(self.namespace, self.name, self.workload, self.ordinal_pods)
 
     @property
     def key(self) -> Key:
@@ -165,6 +173,7 @@ class PrometheusSource:
         self._in_flight: dict[Endpoint, _Flight] = {}
         self._arrived: dict[Key, tuple[float, Metrics]] = {}  # answers that came after their round's budget
         self._series_keys: dict[Key, Key] = {}  # object -> the owner its pods have in the batched answers
+        self._targets: dict[Key, Target] = {}  # object -> its latest target (its profile, for the history worker)
         self.backoff = Backoff()
 
     def _client(self, ep: Endpoint) -> PrometheusConnect:
@@ -185,8 +194,40 @@ class PrometheusSource:
         try:
             result: list[dict[str, Any]] = self._client(ep).custom_query(promql)
             return result
-        except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
+        except PrometheusApiClientException as exc:
+            raise QueryError(_describe(ep, exc), refused=True) from exc
+        except (requests.RequestException, ValueError) as exc:
             raise QueryError(_describe(ep, exc)) from exc
+
+    def _query_all(self, ep: Endpoint, queries: Sequence[str]) -> dict[str, list[dict[str, Any]] | QueryError]:
+        """Several instant queries in one request: each wrapped in `label_replace(q, BATCH_LABEL, "<i>",
+        "", "")` and joined with `or` (the label keeps their series apart, so `or` drops none); the
+        answer is split back by that label. A round costs one request per endpoint, not one per signal
+        kind. Should Prometheus refuse the whole (one query of them does not parse, or is not a vector),
+        each is asked alone, so one bad query fails only its own objects."""
+        unique = list(dict.fromkeys(queries))
+        if len(unique) == 1:
+            return {unique[0]: self._one(ep, unique[0])}
+        joined = " or ".join(f'label_replace({q}, "{BATCH_LABEL}", "{i}", "", "")' for i, q in enumerate(unique))
+        try:
+            result = self._query(ep, joined)
+        except QueryError as exc:
+            if not exc.refused:
+                return dict.fromkeys(unique, exc)
+            return {q: self._one(ep, q) for q in unique}
+        split: dict[str, list[dict[str, Any]] | QueryError] = {q: [] for q in unique}
+        for series in result:
+            index = series.get("metric", {}).pop(BATCH_LABEL, None)
+            answer = split[unique[int(index)]] if index is not None else None
+            if isinstance(answer, list):
+                answer.append(series)
+        return split
+
+    def _one(self, ep: Endpoint, promql: str) -> list[dict[str, Any]] | QueryError:
+        try:
+            return self._query(ep, promql)
+        except QueryError as exc:
+            return exc
 
     def fetch(self, targets: Sequence[Target], budget: float | None = None) -> dict[Key, Metrics]:
         """`gather()` for callers that want an answer for every target: one still pending is
@@ -209,6 +250,7 @@ class PrometheusSource:
         for t in targets:
             by_endpoint[t.endpoint].append(t)
             self._series_keys[t.key] = t.series_key  # for the history worker, which knows namespaces only
+            self._targets[t.key] = t
         self._harvest()
         out: dict[Key, Metrics] = {}
         waiting: list[tuple[Endpoint, _Flight, list[Target], bool]] = []
@@ -249,6 +291,7 @@ class PrometheusSource:
         """Drop a late answer for an object no longer tracked."""
         self._arrived.pop(key, None)
         self._series_keys.pop(key, None)
+        self._targets.pop(key, None)
 
     def _take_arrived(self, key: Key, out: dict[Key, Metrics]) -> bool:
         got = self._arrived.pop(key, None)
@@ -283,26 +326,35 @@ class PrometheusSource:
         invalid: dict[Key, dict[str, str]] = defaultdict(dict)
         errors: dict[Key, str] = {}
         namespaces = sorted({t.namespace for t in group})
-        needed: dict[str, list[tuple[Target, str]]] = defaultdict(list)
+        needed: dict[tuple[str, str], list[tuple[Target, str]]] = defaultdict(list)  # (batch key, PromQL)
         for t in group:
             for trig in t.policy.queried:  # the implicit SLO objective's door counters too
                 for role, key in triggers.kind(trig).inputs(trig).items():
                     slot = trig.name if role == "value" else f"{trig.name}.{role}"
-                    if key is not None:
-                        needed[key].append((t, slot))
-                    else:
+                    if key is None:
                         self._custom(ep, t, slot, trig.query or "", values, invalid, errors)
+                        continue
+                    asked = _profile_query(t, key, namespaces)
+                    if isinstance(asked, Unavailable):
+                        if "." not in slot:
+                            invalid[t.key][slot] = asked.message
+                    elif asked.batched:
+                        needed[(key, asked.promql)].append((t, slot))
+                    else:
+                        self._one_series(ep, t, slot, asked.promql, values, invalid, errors)
         idle_latency: list[tuple[Target, str]] = []
-        for batch, users in needed.items():
-            try:
-                result = self._query(ep, triggers.batch_query(batch, namespaces))
-                # The lowest capacity of any GPU product the pods run on: sized for the slowest.
-                samples = _by_owner(result, combine=min)
-            except QueryError as exc:
+        everyone = [u for users in needed.values() for u in users]
+        freshness_queries = self._freshness_queries(namespaces, everyone)
+        answers = self._query_all(ep, [promql for _, promql in needed] + list(freshness_queries)) if needed else {}
+        for (batch, promql), users in needed.items():
+            result = answers[promql]
+            if isinstance(result, QueryError):
                 for t, slot in users:
                     if "." not in slot:  # a secondary input's failure leaves its trigger usable
-                        errors.setdefault(t.key, str(exc))
+                        errors.setdefault(t.key, str(result))
                 continue
+            # The lowest capacity of any GPU product the pods run on: sized for the slowest.
+            samples = _by_owner(result, combine=min)
             garbage = _not_numbers(result)
             for t, slot in users:
                 pods = t.series_key
@@ -313,10 +365,11 @@ class PrometheusSource:
                     if batch == "latency" and garbage[pods].lower() == "nan":
                         idle_latency.append((t, slot))
             missing = [(t, s) for t, s in users if t.series_key not in samples and t.series_key not in garbage]
-            self._explain_missing(ep, batch, missing, invalid)
+            if promql == triggers.batch_query(batch, namespaces):  # a trigger kind's own series: it can explain
+                self._explain_missing(ep, batch, missing, invalid)
         self._read_idle_latency(ep, namespaces, idle_latency, values, invalid)
-        if needed:
-            self._drop_stale(ep, namespaces, [u for users in needed.values() for u in users], values, invalid)
+        for promql, its_users in freshness_queries.items():
+            _drop_stale(answers[promql], its_users, values, invalid)
         return {t.key: Metrics(dict(values[t.key]), errors.get(t.key), invalid=dict(invalid[t.key])) for t in group}
 
     def _read_idle_latency(
@@ -349,28 +402,18 @@ class PrometheusSource:
                     f"returned 'NaN': {rps:.3g} requests/s arrived but none ended in the last {window} (no data)"
                 )
 
-    def _drop_stale(
-        self,
-        ep: Endpoint,
-        namespaces: Sequence[str],
-        users: Sequence[tuple[Target, str]],
-        values: dict[Key, dict[str, float]],
-        invalid: dict[Key, dict[str, str]],
-    ) -> None:
-        """Take out every batched value of an object whose pods' newest samples are too old to describe
-        now (missing data, the reason in `invalid`). Ages unknown (the query failed, no pod series)
-        leave the values as they are: this can only take data away, never invent it."""
-        try:
-            ages = freshness(self._query(ep, queries.sample_freshness(namespaces, SCRAPE_WINDOWS, _SAMPLE)))
-        except QueryError:
-            return
+    @staticmethod
+    def _freshness_queries(
+        namespaces: Sequence[str], users: Sequence[tuple[Target, str]]
+    ) -> dict[str, list[tuple[Target, str]]]:
+        """The queries for the age of each object's newest samples, each with the (object, input)
+        pairs it answers; a profile that cannot read the samples' age asks none (values stay)."""
+        by_query: dict[str, list[tuple[Target, str]]] = defaultdict(list)
         for t, slot in users:
-            fresh = ages.get(t.series_key)
-            if fresh is None or not fresh.stale:
-                continue
-            values[t.key].pop(slot, None)
-            if "." not in slot:
-                invalid[t.key][slot] = fresh.reason()
+            asked = t.profile.freshness(t.pods, namespaces, SCRAPE_WINDOWS, _SAMPLE)
+            if asked is not None:
+                by_query[asked.promql].append((t, slot))
+        return by_query
 
     def _explain_missing(
         self, ep: Endpoint, batch: str, missing: Sequence[tuple[Target, str]], invalid: dict[Key, dict[str, str]]
@@ -395,18 +438,26 @@ class PrometheusSource:
             return None
         return [n for n in names if n != "__name__"]
 
-    def pod_work(self, ep: Endpoint, namespace: str, name: str) -> dict[str, float]:
-        """Requests held by each pod of one TTSDeployment (pods without a finite value are left out)."""
+    def pod_work(
+        self, ep: Endpoint, namespace: str, name: str, profile: Profile = profiles.VOXSCALE
+    ) -> dict[str, float]:
+        """Requests held by each pod of one TTSDeployment (pods without a finite value are left out;
+        none where its metric profile cannot tell)."""
         out: dict[str, float] = {}
-        for series in self._query(ep, queries.pod_work(namespace, name)):
+        asked = profile.pod_work(Pods(namespace, name, name))
+        if asked is None:
+            return out
+        for series in self._query(ep, asked.promql):
             pod, value = series.get("metric", {}).get("pod"), sample_value(_raw_value(series))
             if pod and value is not None:
                 out[pod] = value
         return out
 
-    def pod_work_soon(self, ep: Endpoint, namespace: str, name: str) -> concurrent.futures.Future[dict[str, float]]:
+    def pod_work_soon(
+        self, ep: Endpoint, namespace: str, name: str, profile: Profile = profiles.VOXSCALE
+    ) -> concurrent.futures.Future[dict[str, float]]:
         """`pod_work()` in a worker, for a caller that waits only as long as its own budget."""
-        return self._pool.submit(self.pod_work, ep, namespace, name)
+        return self._pool.submit(self.pod_work, ep, namespace, name, profile)
 
     def arrival_history(
         self, ep: Endpoint, namespaces: Sequence[str], window_seconds: float, lookback: dt.timedelta, now: dt.datetime
@@ -416,30 +467,56 @@ class PrometheusSource:
         Prometheus answers at most 11,000 points per series, so a longer look-back takes a longer step.
         """
         step = max(HISTORY_STEP_SECONDS, math.ceil(lookback.total_seconds() / 10_000))
-        start = now - lookback
-        promql = queries.arrival_rate(namespaces, max(window_seconds, 2 * step))  # >= 2 samples per window
-        self.stats.count()
-        try:
-            result: list[dict[str, Any]] = self._client(ep).custom_query_range(
-                promql, start_time=start, end_time=now, step=f"{step}s"
-            )
-        except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
-            raise QueryError(_describe(ep, exc)) from exc
+        window = max(window_seconds, 2 * step)  # >= 2 samples per window
+        promql = queries.arrival_rate(namespaces, window)
+        result = self._range(ep, promql, now - lookback, now, step)
         n = int(lookback.total_seconds() // step) + 1
         out: dict[Key, RateHistory] = {}
         for series in result:
             labels = series.get("metric", {})
             owner = labels.get(queries.OWNER_LABEL)
-            if not owner or "namespace" not in labels:
+            if owner and "namespace" in labels:
+                out[(labels["namespace"], owner)] = _history(series, now - lookback, step, n)
+        out = self._by_object(out, namespaces)
+        out.update(self._profile_history(ep, namespaces, window, now - lookback, now, step))
+        return out
+
+    def _range(
+        self, ep: Endpoint, promql: str, start: dt.datetime, end: dt.datetime, step: int
+    ) -> list[dict[str, Any]]:
+        self.stats.count()
+        try:
+            result: list[dict[str, Any]] = self._client(ep).custom_query_range(
+                promql, start_time=start, end_time=end, step=f"{step}s"
+            )
+        except (requests.RequestException, PrometheusApiClientException, ValueError) as exc:
+            raise QueryError(_describe(ep, exc)) from exc
+        return result
+
+    def _profile_history(
+        self, ep: Endpoint, namespaces: Sequence[str], window: float, start: dt.datetime, end: dt.datetime, step: int
+    ) -> dict[Key, RateHistory]:
+        """The arrival history of the objects whose metric profile is not the door's: one range query per
+        distinct arrivals query (Triton's per model, batched; a user's per object)."""
+        n = int((end - start).total_seconds() // step) + 1
+        key = SignalKey.parse(f"arrivals:{window:g}")
+        assert key is not None
+        by_query: dict[Query, list[Target]] = defaultdict(list)
+        for t in list(self._targets.values()):
+            if t.namespace in namespaces and t.endpoint == ep and t.profile is not profiles.VOXSCALE:
+                asked = t.profile.signal(key, t.pods, namespaces)
+                if isinstance(asked, Query):
+                    by_query[asked].append(t)
+        out: dict[Key, RateHistory] = {}
+        for asked, group in by_query.items():
+            result = self._range(ep, asked.promql, start, end, step)
+            if not asked.batched:
+                if len(result) == 1:
+                    out[group[0].key] = _history(result[0], start, step, n)
                 continue
-            rps = np.full(n, np.nan)
-            for ts, value in series.get("values", []):
-                i = round((float(ts) - start.timestamp()) / step)
-                v = float(value)
-                if 0 <= i < n and math.isfinite(v) and v >= 0:
-                    rps[i] = v
-            out[(labels["namespace"], owner)] = RateHistory(start, float(step), rps)
-        return self._by_object(out, namespaces)
+            owned = {_owner_of(series): series for series in result}
+            out.update({t.key: _history(owned[t.series_key], start, step, n) for t in group if t.series_key in owned})
+        return out
 
     def _by_object(self, found: dict[Key, RateHistory], namespaces: Sequence[str]) -> dict[Key, RateHistory]:
         """A batched answer keyed by pod owner, re-keyed for the objects attached to another workload
@@ -467,36 +544,110 @@ class PrometheusSource:
     ) -> None:
         """A custom trigger's own query: one series, one number; anything else is that trigger's missing data."""
         promql = queries.custom(promql, t.namespace, t.name, t.workload or None, t.ordinal_pods)
+        self._one_series(ep, t, trigger, promql, values, invalid, errors)
+
+    def _one_series(
+        self,
+        ep: Endpoint,
+        t: Target,
+        trigger: str,
+        promql: str,
+        values: dict[Key, dict[str, float]],
+        invalid: dict[Key, dict[str, str]],
+        errors: dict[Key, str],
+    ) -> None:
+        """An object's own query, its placeholders filled (a custom trigger's, a promql profile's): one
+        series, one number, run only if tenancy scoping allows it; anything else is that input's missing
+        data (a secondary input's trouble, "slo.backlog", leaves its trigger usable and is not said)."""
+        problem: str | None = None
         if self.scope_custom_queries:
-            problem = tenancy.scope_problem(promql, t.namespace)
-            if problem is not None:
-                invalid[t.key][trigger] = f"not run: the query {problem}"
+            scope = tenancy.scope_problem(promql, t.namespace)
+            problem = None if scope is None else f"not run: the query {scope}"
+        if problem is None:
+            try:
+                value, problem = _one_value(self._query(ep, promql))
+            except QueryError as exc:
+                if "." not in trigger:
+                    errors.setdefault(t.key, str(exc))
                 return
-        try:
-            result = self._query(ep, promql)
-        except QueryError as exc:
-            errors.setdefault(t.key, str(exc))
-            return
-        if result and not isinstance(result[0], dict):  # a scalar or string result: [time, "value"]
-            raw = str(result[1]) if len(result) == 2 else ""
-            value = sample_value(raw)
-            if value is None:
-                invalid[t.key][trigger] = f"returned {raw!r} (a scalar or string), which is not a number (no data)"
-            else:
+            if value is not None:
                 values[t.key][trigger] = value
-        elif len(result) > 1:
-            invalid[t.key][trigger] = f"returned {len(result)} series; the query must return one (aggregate it)"
-        elif result:
-            raw = _raw_value(result[0])
-            value = sample_value(raw)
-            if value is None:
-                invalid[t.key][trigger] = f"returned {raw!r}, which is not a number (no data)"
-            else:
-                values[t.key][trigger] = value
+        if problem is not None and "." not in trigger:
+            invalid[t.key][trigger] = problem
+
+
+def _one_value(result: list[Any]) -> tuple[float | None, str | None]:
+    """The number an object's own query returned, or why there is none (None, None: no series)."""
+    if result and not isinstance(result[0], dict):  # a scalar or string result: [time, "value"]
+        raw = str(result[1]) if len(result) == 2 else ""
+        value = sample_value(raw)
+        return (
+            (value, None)
+            if value is not None
+            else (None, f"returned {raw!r} (a scalar or string), which is not a number (no data)")
+        )
+    if len(result) > 1:
+        return None, f"returned {len(result)} series; the query must return one (aggregate it)"
+    if result:
+        raw = _raw_value(result[0])
+        value = sample_value(raw)
+        return (value, None) if value is not None else (None, f"returned {raw!r}, which is not a number (no data)")
+    return None, None
+
+
+def _profile_query(t: Target, key: str, namespaces: Sequence[str]) -> Query | Unavailable:
+    """The PromQL answering a trigger's batch key for this object: its metric profile's for a pod
+    signal, the trigger kind's own otherwise (a GPU exporter's series are the same under every profile)."""
+    signal = SignalKey.parse(key)
+    if signal is None:
+        return Query(triggers.batch_query(key, namespaces))
+    return t.profile.signal(signal, t.pods, namespaces)
+
+
+def _owner_of(series: dict[str, Any]) -> Key:
+    labels = series.get("metric", {})
+    return (labels.get("namespace", ""), labels.get(queries.OWNER_LABEL, ""))
+
+
+def _history(series: dict[str, Any], start: dt.datetime, step: int, n: int) -> RateHistory:
+    """A range query's series as a rate history of `n` steps from `start` (gaps and garbage: NaN)."""
+    rps = np.full(n, np.nan)
+    for ts, value in series.get("values", []):
+        i = round((float(ts) - start.timestamp()) / step)
+        v = float(value)
+        if 0 <= i < n and math.isfinite(v) and v >= 0:
+            rps[i] = v
+    return RateHistory(start, float(step), rps)
 
 
 class QueryError(RuntimeError):
-    pass
+    """A query without an answer. `refused`: Prometheus answered with an error (the query itself, e.g.
+    a user's PromQL that does not parse), as opposed to no answer at all (unreachable, timed out)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def _drop_stale(
+    answer: list[dict[str, Any]] | QueryError,
+    users: Sequence[tuple[Target, str]],
+    values: dict[Key, dict[str, float]],
+    invalid: dict[Key, dict[str, str]],
+) -> None:
+    """Take out every batched value of an object whose pods' newest samples are too old to describe
+    now (missing data, the reason in `invalid`). Ages unknown (the query failed, no pod series)
+    leave the values as they are: this can only take data away, never invent it."""
+    if isinstance(answer, QueryError):
+        return
+    ages = freshness(answer)
+    for t, slot in users:
+        fresh = ages.get(t.series_key)
+        if fresh is None or not fresh.stale:
+            continue
+        values[t.key].pop(slot, None)
+        if "." not in slot:
+            invalid[t.key][slot] = fresh.reason()
 
 
 def _notify(

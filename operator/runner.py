@@ -87,6 +87,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # container's pid is 1, so two replicas on one node would otherwise share one identity.
     default_identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     p.add_argument("--identity", default=default_identity, help="this replica's Lease identity (default: $POD_NAME)")
+    p.add_argument(
+        "--reads",
+        choices=("watch", "list"),
+        default="watch",
+        help="where a scaling round reads Deployments, pods, children and HPAs: caches fed by watches "
+        "(default), or one LIST per kind per round (the behaviour before the caches; the operator bench's "
+        "baseline)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -145,8 +153,10 @@ def _prepare(args: argparse.Namespace) -> Runtime:
     from voxscale.operator.kube import Kube
     from voxscale.operator.prometheus import PrometheusSource
     from voxscale.operator.scaler import Scaler
+    from voxscale.operator.writes import StatusWriter
 
     kube = Kube()
+    writer = StatusWriter(kube.replace_status).start()  # statuses are written off the round's path
     scaler = Scaler(
         kube,
         PrometheusSource(scope_custom_queries=args.scope_custom_queries),
@@ -154,9 +164,10 @@ def _prepare(args: argparse.Namespace) -> Runtime:
         namespaces=args.namespace or None,
         allowed_prometheus_urls=tuple(args.allowed_prometheus_url),
         round_budget=args.round_budget,
+        status_writer=writer,
     )
     crd.schema()  # cached for the process: the first object's defaults no longer parse the CRD file
-    return handlers.Runtime(kube, scaler)
+    return handlers.Runtime(kube, scaler, watch_reads=args.reads == "watch")
 
 
 def _lead_alive(args: argparse.Namespace) -> LeaseElector:

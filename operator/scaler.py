@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
-from voxscale.operator import children
+from voxscale.operator import children, profiles
 from voxscale.operator import status as st
 from voxscale.operator.endpoints import EndpointResolver
 from voxscale.operator.engine import Decision, History, Metrics, Observed, decide
@@ -36,6 +36,7 @@ from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, form
 from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
 from voxscale.operator.reversals import FLAPPING_HORIZON_S, REVERSAL_WINDOW_S, Move, count_reversals, flapping
 from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
+from voxscale.operator.writes import StatusWriter, TokenBucket
 
 log = logging.getLogger("voxscale.operator.scaler")
 
@@ -55,6 +56,10 @@ LAST_ROUND_QUERIES = Gauge("voxscale_operator_last_round_queries", "PromQL queri
 LAST_ROUND_PENDING = Gauge(
     "voxscale_operator_last_round_pending",
     "TTSDeployments of the latest round that kept their last decision (no answer within the budget).",
+)
+LAST_ROUND_DEFERRED = Gauge(
+    "voxscale_operator_last_round_deferred",
+    "TTSDeployments that were due but left to the next round (the round's evaluation budget was spent).",
 )
 
 _PER_OBJECT = ["namespace", "ttsdeployment"]
@@ -83,13 +88,20 @@ SPEC_INVALID = Gauge(
 _DECISION_GAUGES = (DESIRED, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
 _PER_OBJECT_GAUGES = (*_DECISION_GAUGES, READY, SPEC_INVALID, REVERSALS)
 
+EVALUATION_BUDGET_SECONDS = 0.5  # a round evaluates what fits in this; the rest of the due objects wait a round
+MIN_OBJECTS_PER_ROUND = 50
 STATUS_REFRESH_SECONDS = 30.0  # refresh status messages at least this often
+# Refreshes of unchanged status (running clocks, the last decision's time), all objects together: a
+# steady fleet of thousands costs a bounded number of writes per second, not one per object per 30 s.
+# A change anyone acts on is written at once, outside this budget.
+STATUS_REFRESHES_PER_SECOND = 10.0
 
 
 @dataclass
 class Tracked:
     body: dict[str, Any]
     policy: ScalingPolicy | None = None
+    profile: profiles.Profile = profiles.VOXSCALE  # where its pod signals come from (spec.metrics)
     spec_error: str | None = None
     generation: int = -1
     next_due: float = 0.0
@@ -136,8 +148,11 @@ class Scaler:
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         allowed_prometheus_urls: tuple[str, ...] = (),
         round_budget: float = ROUND_BUDGET_SECONDS,
+        status_writer: StatusWriter | None = None,
     ) -> None:
         self.kube = kube
+        # Where statuses go: a background writer (the operator's), or straight to the API (tests).
+        self.status_writer = status_writer
         self.source = source or PrometheusSource()
         self.endpoints = EndpointResolver(
             kube.secret_data if kube is not None else None,
@@ -154,6 +169,8 @@ class Scaler:
         self._lock = threading.Lock()
         self.tracked: dict[Key, Tracked] = {}
         self._queries_counted = 0  # stats.queries already added to PROM_QUERIES (history reads count too)
+        self._seconds_per_object = 0.001  # evaluation cost per object (EWMA over rounds; a prior until measured)
+        self._refreshes = TokenBucket(STATUS_REFRESHES_PER_SECOND, burst=10 * STATUS_REFRESHES_PER_SECOND)
 
     # ---------------------------------------------------------------- registry (fed by kopf events)
     def upsert(self, body: dict[str, Any]) -> None:
@@ -176,6 +193,7 @@ class Scaler:
         if generation != tr.generation:
             tr.generation = generation
             try:
+                tr.profile = profiles.from_spec(body["spec"])
                 tr.policy, tr.spec_error = ScalingPolicy.from_spec(body["spec"]), None
             except SpecError as exc:
                 tr.policy, tr.spec_error = None, str(exc)
@@ -188,6 +206,8 @@ class Scaler:
         with self._lock:
             self.tracked.pop(key, None)
             TRACKED.set(len(self.tracked))
+        if self.status_writer is not None:
+            self.status_writer.forget(key)
         self.history.forget(key)
         self.source.forget(key)
         self.endpoints.forget(key)
@@ -223,7 +243,7 @@ class Scaler:
         Prometheus at most `round_budget` seconds from its start; objects without an answer by then
         keep their last decision."""
         mono = time.monotonic()
-        due = self.due(mono)
+        due, deferred = self._this_round(self.due(mono))
         if not due:
             return 0
         started = time.perf_counter()
@@ -241,6 +261,7 @@ class Scaler:
         with self._lock:
             everyone = list(self.tracked.values())
         rivals = children.attached_writers([o.body for o in everyone], {o.key: o.writes for o in everyone})
+        evaluating = time.perf_counter()
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
             tr.next_due = mono + interval
@@ -267,13 +288,26 @@ class Scaler:
                     self._evaluate(tr, work, m, now, pods, problem)
             except Exception:
                 log.exception("evaluating %s/%s failed", *tr.key)
+        per_object = (time.perf_counter() - evaluating) / len(due)
+        self._seconds_per_object = 0.7 * self._seconds_per_object + 0.3 * per_object
         self._count_queries(queries_before)
         elapsed = time.perf_counter() - started
         TICK_SECONDS.observe(elapsed)
         LAST_ROUND_SECONDS.set(elapsed)
         LAST_ROUND_OBJECTS.set(len(due))
         LAST_ROUND_PENDING.set(len(pending))
+        LAST_ROUND_DEFERRED.set(deferred)
         return len(due)
+
+    def _this_round(self, due: list[Tracked]) -> tuple[list[Tracked], int]:
+        """The due objects this round evaluates, and how many wait for the next: the longest-waiting
+        first, as many as EVALUATION_BUDGET_SECONDS of evaluation fits at the cost per object measured
+        in past rounds (at least MIN_OBJECTS_PER_ROUND). A fleet of thousands created at once spreads
+        over a few rounds instead of one round growing with it; each keeps its interval as long as
+        the fleet's evaluations fit in it."""
+        due.sort(key=lambda tr: tr.next_due)
+        fits = max(MIN_OBJECTS_PER_ROUND, int(EVALUATION_BUDGET_SECONDS / max(self._seconds_per_object, 1e-6)))
+        return due[:fits], max(0, len(due) - fits)
 
     def _targets(self, due: list[Tracked]) -> tuple[list[Target], dict[Key, str], dict[Key, tuple[str, str]]]:
         """What to query for the due objects, from the endpoint cache (a Secret is never read here):
@@ -296,7 +330,7 @@ class Scaler:
             else:
                 ref = tr.target
                 workload, ordinal = (ref.name, ref.ordinal_pods) if ref is not None else ("", False)
-                targets.append(Target(tr.key[0], tr.key[1], tr.policy, endpoint, workload, ordinal))
+                targets.append(Target(tr.key[0], tr.key[1], tr.policy, endpoint, workload, ordinal, tr.profile))
         return targets, errors, pending
 
     def _read_target(self, ref: children.TargetRef) -> tuple[Workload | None, PodStarts, str | None]:
@@ -439,7 +473,7 @@ class Scaler:
                 return
             # Bounded by the round's budget, not the object's timeout (up to 1 m): unranked pods are
             # the fallback anyway. A query still running goes on in its worker and is discarded.
-            work = self.source.pod_work_soon(endpoint, ns, workload).result(timeout=self.round_budget)
+            work = self.source.pod_work_soon(endpoint, ns, workload, tr.profile).result(timeout=self.round_budget)
             self.kube.set_deletion_costs(ns, deletion_costs(work))
         except (QueryError, SpecError, ApiException, concurrent.futures.TimeoutError) as exc:
             log.warning("%s/%s: could not rank pods for the scale-down (%r)", ns, name, exc)
@@ -551,7 +585,8 @@ class Scaler:
         """Replace status with this round's (see status.build), at once when something a user, a
         controller or a new leader acts on changed; sentences with running clocks ("below 40% for
         1m10s of 5m") refresh at most every STATUS_REFRESH_SECONDS, so a steady fleet does not turn
-        into one status write per object per interval."""
+        into one status write per object per interval, and only while the shared budget of
+        STATUS_REFRESHES_PER_SECOND allows (thousands of objects: a longer refresh, not more writes)."""
         body = tr.body
         seen = st.Observation(
             generation=tr.generation,
@@ -574,11 +609,19 @@ class Scaler:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
         tr.reported_error = tr.spec_error
         new = st.build(tr.status or body.get("status") or {}, seen, decision, tr.history, now)
+        if decision is not None and isinstance(new.get("lastDecision"), dict):
+            # Which metric profile fed it and what that profile approximated.
+            new["lastDecision"] = {**new["lastDecision"], "signals": profiles.describe(tr.profile)}
         significant = {**st.significant(new), "specError": tr.spec_error}
         mono = time.monotonic()
-        if significant == tr.written and mono - tr.written_at < STATUS_REFRESH_SECONDS:
+        if significant == tr.written and (
+            mono - tr.written_at < STATUS_REFRESH_SECONDS or new == tr.status or not self._refreshes.take()
+        ):
             return
-        self.kube.replace_status(tr.key[0], tr.key[1], new)
+        if self.status_writer is not None:
+            self.status_writer.put(tr.key, new)
+        else:
+            self.kube.replace_status(tr.key[0], tr.key[1], new)
         tr.status, tr.written, tr.written_at = new, significant, mono
 
 
@@ -590,15 +633,23 @@ def _own_workload(dep: Any) -> Workload | None:
     return Workload(replicas, int((dep.status.ready_replicas if dep.status else None) or 0), "")
 
 
+_SET_SERIES: set[tuple[str, Key]] = set()  # (gauge, object) series _set_or_remove has set
+
+
 def _set_or_remove(gauge: Gauge, key: Key, value: float | None) -> None:
+    """Set the series, or remove it when there is no value. A series never set costs nothing to
+    "remove" (prometheus_client's remove() reads the environment each call: per object per round)."""
     if value is None:
-        _remove_series(key, (gauge,))
+        if (gauge._name, key) in _SET_SERIES:
+            _remove_series(key, (gauge,))
     else:
         gauge.labels(*key).set(value)
+        _SET_SERIES.add((gauge._name, key))
 
 
 def _remove_series(key: Key, gauges: Iterable[Gauge | Counter]) -> None:
     for gauge in gauges:
+        _SET_SERIES.discard((gauge._name, key))
         with contextlib.suppress(KeyError):
             gauge.remove(*key)
 

@@ -118,6 +118,9 @@ class History:
     pending_forecast: PendingForecast | None = None
     last_forecast: tuple[float, float] | None = None  # (predicted, actual) peak of the last closed window
     observed_at: dt.datetime | None = None  # the tick that wrote this memory
+    # The last scale-up and the load (arrivals over the rate window) then: a scale-down that would undo
+    # it while the load is about the same is a reversal (operator/reversals.py), refused (antiflap.py).
+    last_up: tuple[dt.datetime, float] | None = None
 
     def resumed(self, now: dt.datetime, interval: dt.timedelta) -> History:
         """This memory as a tick at `now` may trust it. "Below 40 % since 10:00" claims every tick
@@ -154,6 +157,7 @@ class History:
             else None,
             "lastForecast": list(self.last_forecast) if self.last_forecast else None,
             "observedAt": self.observed_at.isoformat() if self.observed_at else None,
+            "lastUp": [self.last_up[0].isoformat(), self.last_up[1]] if self.last_up else None,
         }
 
     @classmethod
@@ -163,6 +167,7 @@ class History:
         ts = dt.datetime.fromisoformat
         pf = d.get("pendingForecast")
         last = d.get("lastForecast")
+        up = d.get("lastUp")
         return cls(
             above_since={k: ts(v) for k, v in (d.get("aboveSince") or {}).items()},
             below_since={k: ts(v) for k, v in (d.get("belowSince") or {}).items()},
@@ -174,6 +179,7 @@ class History:
             pending_forecast=PendingForecast(ts(pf[0]), ts(pf[1]), float(pf[2]), float(pf[3])) if pf else None,
             last_forecast=(float(last[0]), float(last[1])) if last else None,
             observed_at=ts(d["observedAt"]) if d.get("observedAt") else None,
+            last_up=(ts(up[0]), float(up[1])) if up else None,
         )
 
 

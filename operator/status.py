@@ -298,7 +298,7 @@ SIGNIFICANT = ("observedGeneration", "replicas", "readyReplicas", "desiredReplic
 # The engine's memory that a new leader acts on: a clock or an event it misses or reads stale changes
 # what it does. The rest (recommendations, learnt capacity) moves every round and is rewritten with
 # the periodic refresh.
-SIGNIFICANT_ENGINE = ("aboveSince", "belowSince", "dataSince", "events", "pendingForecast", "lastForecast")
+SIGNIFICANT_ENGINE = ("aboveSince", "belowSince", "dataSince", "events", "pendingForecast", "lastForecast", "lastUp")
 
 
 def significant(status: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,13 @@ class Tick:
     demand: Demand | None
     guard: int  # the fewest replicas that carry current and forecast demand within the SLO (0: no model)
     sized: int  # the highest count sized from demand (reached at once, past step limits), 0 with none
+    # What the SLO model would ask for again at demand risen by its tolerance (0: no model or no data):
+    # a scale-down below it is one the next ordinary wobble of the load would undo.
+    rebound: int = 0
+    load: float | None = None  # arrivals over the SLO model's rate window (None: no model or no data)
+    # Per user trigger: the rise of its reading a scale-down must survive while it sits between its
+    # thresholds (the swing of demand seen lately, at least its tolerance); empty: none.
+    bands: tuple[float, ...] = ()
 
     @property
     def overload(self) -> str | None:
@@ -62,6 +69,8 @@ class Tick:
         p = self.policy
         keep = max(p.scale_up.period, p.scale_down.period, p.scale_up.cooldown, p.scale_down.cooldown)
         hist = replace(self.next_history, events=tuple(e for e in events if self.now - e.time <= keep)[-20:])
+        if desired > self.current and self.load is not None and self.policy.mode is not ScalingMode.ADVISORY:
+            hist = replace(hist, last_up=(self.now, self.load))
         return Decision(
             desired=desired,
             current=self.current,

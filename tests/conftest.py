@@ -45,6 +45,13 @@ def piper_image() -> str:
     return build_image("piper")
 
 
+@pytest.fixture(scope="session")
+def triton_image() -> str:
+    """NVIDIA Triton from the nvidia-pytriton wheel serving Piper on the CPU (Dockerfile.triton): a
+    server nobody here wrote that publishes its own metrics (the triton metric profile)."""
+    return build_image("triton")
+
+
 @pytest.fixture
 def reap_clusters() -> Iterator[Callable[[str], None]]:
     """Register the names of clusters a test (or its subprocess) starts: each is torn down with

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
@@ -25,7 +26,7 @@ from voxscale.operator.engine import Decision, History, Metrics, Observed, decid
 from voxscale.operator.forecast import RateHistory
 from voxscale.operator.kube import Kube, Workload, selector_string
 from voxscale.operator.policy import ScalingMode, ScalingPolicy
-from voxscale.operator.prometheus import Endpoint, PrometheusSource, Target
+from voxscale.operator.prometheus import Endpoint, PrometheusSource, QueryError, Target
 from voxscale.operator.scaler import Scaler
 
 NOW = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
@@ -128,6 +129,10 @@ class CannedPrometheus(PrometheusSource):
             {"metric": {"namespace": "ns", "ttsdeployment": owner}, "value": [time.time(), str(v)]}
             for owner, v in self.by_owner.items()
         ]
+
+    def _query_all(self, ep: Endpoint, queries: Sequence[str]) -> dict[str, list[dict[str, Any]] | QueryError]:
+        """Each query answered alone (the joined request is tested on the real Prometheus, test_queries)."""
+        return {q: self._one(ep, q) for q in queries}
 
 
 def test_an_attached_object_reads_its_workloads_series_not_its_namesakes() -> None:

@@ -155,11 +155,11 @@ def test_operator_network_policy_is_off_by_default_and_allows_only_what_the_oper
 
 
 def test_operator_may_manage_the_inference_network_policy() -> None:
-    """spec.networkPolicy.enabled: the operator applies, lists (to restore) and deletes (when turned off) it."""
+    """spec.networkPolicy.enabled: the operator applies, watches (to restore) and deletes (when turned off) it."""
     rules = next(d for d in render() if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "vx-voxscale")["rules"]
     rule = next(r for r in rules if r["resources"] == ["networkpolicies"])
     assert rule["apiGroups"] == ["networking.k8s.io"]
-    assert set(rule["verbs"]) == {"get", "list", "create", "patch", "delete"}
+    assert set(rule["verbs"]) == {"get", "list", "watch", "create", "patch", "delete"}
 
 
 def test_namespaced_install_grants_roles_only_in_those_namespaces() -> None:

@@ -64,6 +64,14 @@ def _kpa(min_replicas: int = 1, max_replicas: int = 100) -> KpaModel:
     return KpaModel(ScalingPolicy.from_spec(spec), CapacityModel(slots=10))  # target 7 per pod
 
 
+def test_another_seed_draws_a_held_out_set_of_the_same_kinds() -> None:
+    """bench/generalize.py --seed: the same kinds in the same order, other numbers."""
+    held, ours = generators.pairs(7, 0.01, 22), generators.pairs(7, 0.01)
+    assert [(p.trace_kind, p.manifest_kind) for p in held] == [(p.trace_kind, p.manifest_kind) for p in ours]
+    assert {p.seed for p in held} == {22} and {p.seed for p in ours} == {generators.SEED}
+    assert not np.array_equal(generators.build(held[0])[0].rps, generators.build(ours[0])[0].rps)
+
+
 def test_kpa_stable_mode_sizes_to_70_percent_of_the_slots() -> None:
     kpa = _kpa()
     assert kpa.decide(0.0, 4, stable=28.0, panic=28.0) == 4

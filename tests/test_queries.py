@@ -16,7 +16,7 @@ from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import free_port, wait_for
 from voxscale.operator import queries, triggers
 from voxscale.operator.policy import SpecError, TriggerType
-from voxscale.operator.prometheus import Endpoint, PrometheusSource, Target
+from voxscale.operator.prometheus import Endpoint, PrometheusSource, QueryError, Target
 from voxscale.operator.triggers.gpu import GpuUtilization
 
 POD_RE = re.compile(queries._POD_NAME)
@@ -156,8 +156,9 @@ def test_gpu_query_joins_dcgm_series_with_or_without_honor_labels(cluster: Local
         why = absent.invalid["g"]
         assert "none carries pod/exported_pod of this TTSDeployment's pods (absent-<hash>-<id>" in why
         assert "exported_namespace" in why and "exported_pod" in why  # the labels seen
-        # One batched query for every object, one look-up of label names, one of the samples' age.
-        assert source.stats.queries == 3
+        # One request for every object (the batched query and the samples' age joined, see
+        # PrometheusSource._query_all), one look-up of label names.
+        assert source.stats.queries == 2
     finally:
         for suffix in ("honor", "default"):
             cluster.remove_scrape_targets(f"{job}-{suffix}")
@@ -189,3 +190,27 @@ def test_a_gpu_exporter_sending_nan_or_inf_is_named_not_taken_for_a_label_mismat
     finally:
         cluster.remove_scrape_targets(job)
         server.shutdown()
+
+
+def test_a_rounds_queries_travel_as_one_request_and_a_bad_one_fails_alone(prometheus_url: str) -> None:
+    """PrometheusSource._query_all on the real Prometheus: the joined request's answer splits back into
+    each query's own series (label sets that collide across queries included); a query Prometheus
+    refuses fails only itself, the others are asked alone; an unreachable Prometheus fails all at once."""
+    source = PrometheusSource()
+    ep = Endpoint(prometheus_url)
+    one = 'label_replace(vector(1), "owner", "a", "", "")'
+    two = 'label_replace(vector(2), "owner", "a", "", "") or label_replace(vector(3), "owner", "b", "", "")'
+    answers = source._query_all(ep, [one, two, one])
+    assert source.stats.queries == 1
+    assert answers[one] == [{"metric": {"owner": "a"}, "value": answers[one][0]["value"]}]
+    assert answers[one][0]["value"][1] == "1"
+    assert sorted((s["metric"]["owner"], s["value"][1]) for s in answers[two]) == [("a", "2"), ("b", "3")]
+
+    bad = "sum(rate(oops[1m]"  # does not parse
+    answers = source._query_all(ep, [one, bad])
+    assert source.stats.queries == 1 + 3  # the joined request, refused; then each alone
+    assert isinstance(answers[bad], QueryError) and answers[bad].refused
+    assert answers[one][0]["value"][1] == "1"
+
+    down = source._query_all(Endpoint(f"http://127.0.0.1:{free_port()}"), [one, two])
+    assert all(isinstance(a, QueryError) and not a.refused for a in down.values())

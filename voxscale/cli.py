@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("env", _cluster_env, "print export lines for KUBECONFIG, the Prometheus URL and PATH")
     build = csub.add_parser("build", help="build the pinned binaries into the cache (no-op when cached)")
     build.add_argument(
-        "component", nargs="*", help="etcd, kubernetes, kubernetes-node, pause, kwok, helm (default: all)"
+        "component",
+        nargs="*",
+        help="etcd, kubernetes, kubernetes-node, pause, kwok, helm, prometheus, prometheus-operator "
+        "(default: all but prometheus-operator, which only its test builds)",
     )
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.add_argument("-v", "--verbose", action="store_true", help="print where each component lives")

@@ -117,6 +117,40 @@ def _require_files(module: str) -> Callable[[GoComponent], dict[str, str]]:
     return files
 
 
+_VERSIONED_REPLACE = re.compile(r"^\s*(?:replace\s+)?([\w./-]+)\s+=>\s+([\w./-]+)\s+(v\S+)\s*$", re.MULTILINE)
+
+
+def versioned_replaces(go_mod: str) -> list[str]:
+    """A go.mod's `replace A => B vX` lines (not the ones into a local path), as `A => B vX`."""
+    return [f"{a} => {b} {v}" for a, b, v in _VERSIONED_REPLACE.findall(go_mod)]
+
+
+def required_version(go_mod: str, module: str) -> str:
+    """The version a go.mod requires of `module`."""
+    found = re.search(rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v\S+)", go_mod, re.MULTILINE)
+    if found is None:
+        raise KeyError(f"the go.mod requires no {module}")
+    return found.group(1)
+
+
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
+
+
+def _prometheus_operator_files(c: GoComponent) -> dict[str, str]:
+    # Prometheus' go.mod replaces cloud.google.com/go with a release that no longer holds
+    # compute/metadata; replace lines bind only the main module, so without them here `go mod tidy`
+    # finds that package in two modules. The wrapper carries the Prometheus release's own replaces.
+    upstream = Path(_go_mod_download(f"{PROMETHEUS_OPERATOR_MODULE}@{c.version}")["GoMod"]).read_text()
+    prometheus = required_version(upstream, "github.com/prometheus/prometheus")
+    prom_go_mod = Path(_go_mod_download(f"github.com/prometheus/prometheus@{prometheus}")["GoMod"]).read_text()
+    replaces = "\n".join(f"\t{r}" for r in versioned_replaces(prom_go_mod))
+    go_mod = (
+        f"module voxscale.local/{c.name}\n\ngo 1.26\n\nrequire {PROMETHEUS_OPERATOR_MODULE} {c.version}\n\n"
+        f"replace (\n{replaces}\n)\n"
+    )
+    return {"go.mod": go_mod, "tools.go": _tools_go(c.packages)}
+
+
 def _etcd_files(c: GoComponent) -> dict[str, str]:
     # etcd's server module carries relative replace lines, so it cannot be `go install`ed directly:
     # a two-line main that calls etcdmain.Main builds the real server from the published modules.
@@ -216,6 +250,18 @@ def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]
             tags=("remove_all_sd", "enable_kubernetes_sd"),
             files=_require_files("github.com/prometheus/prometheus"),
         ),
+        # Only tests/test_prometheus_operator.py builds it (ON_DEMAND, never in `needed()`): the real
+        # prometheus-operator turns the chart's ServiceMonitor/PodMonitor/PrometheusRule into Prometheus
+        # configuration. Its own replace lines point into its repo and are ignored here: the
+        # published pkg/apis and pkg/client modules of the same version are used instead.
+        "prometheus-operator": GoComponent(
+            name="prometheus-operator",
+            version=v["prometheus-operator"],
+            binaries=("operator",),
+            packages=(f"{PROMETHEUS_OPERATOR_MODULE}/cmd/operator",),
+            ldflags=(f"-X github.com/prometheus/common/version.Version={v['prometheus-operator'].lstrip('v')}",),
+            files=_prometheus_operator_files,
+        ),
         "pause": GoComponent(
             name="pause", version=v["pause"], binaries=("pause",), packages=(".",), files=_pause_files
         ),
@@ -311,6 +357,10 @@ def build(comp: GoComponent, force: bool = False) -> Path:
     return comp.bin_dir
 
 
+# Components that no cluster runs; only the test that needs one builds it (a cold build takes minutes).
+ON_DEMAND = frozenset({"prometheus-operator"})
+
+
 def needed(real_node: bool = False) -> list[str]:
     """The components a local cluster runs: the real worker node adds kubelet, kube-proxy, pause
     and a Prometheus with Kubernetes service discovery."""
@@ -319,9 +369,10 @@ def needed(real_node: bool = False) -> list[str]:
 
 
 def ensure_all(names: list[str] | None = None, force: bool = False) -> dict[str, Path]:
-    """Build whatever is missing; say nothing when everything is cached."""
+    """Build whatever is missing; say nothing when everything is cached. With no names: every
+    component but the ON_DEMAND ones (`make deps` never waits for a build only one test needs)."""
     comps = components()
-    wanted = names or list(comps)
+    wanted = names or [n for n in comps if n not in ON_DEMAND]
     unknown = sorted(set(wanted) - set(comps))
     if unknown:
         raise KeyError(f"unknown component(s) {unknown}; known: {sorted(comps)}")

@@ -126,6 +126,7 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     health_port: int = 0  # set by start(): where /healthz answers, as the chart's liveness probe asks
     metrics_port: int = 0  # set by start(): where the operator's own /metrics answers
+    extra_args: list[str] = field(default_factory=list)  # more `voxscale operator` flags
 
     def healthz(self) -> int:
         """The liveness probe's view: the HTTP status of GET /healthz (0 when nothing answers)."""
@@ -155,7 +156,7 @@ class OperatorProcess:
             f"--health-port={self.health_port}",
             "--bind=127.0.0.1",
         ]
-        cmd += [f"--namespace={ns}" for ns in self.namespaces]
+        cmd += [f"--namespace={ns}" for ns in self.namespaces] + self.extra_args
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -252,9 +252,10 @@ class Pair:
     trace_kind: str
     manifest_kind: str
     days: float
+    seed: int = SEED  # another seed draws a held-out set of the same kinds
 
 
-def pairs(count: int, days: float | None) -> list[Pair]:
+def pairs(count: int, days: float | None, seed: int = SEED) -> list[Pair]:
     """Pair i: trace kind t = i mod 7, manifest kind (t + i // 7) mod 6: every 42 pairs meet every
     combination once, and any run of 7 pairs has every trace kind and 6 manifest kinds."""
     kinds, manifests = list(TRACE_KINDS), MANIFEST_KINDS
@@ -262,13 +263,13 @@ def pairs(count: int, days: float | None) -> list[Pair]:
     for i in range(count):
         t = i % len(kinds)
         tk, mk = kinds[t], manifests[(t + i // len(kinds)) % len(manifests)]
-        out.append(Pair(i, tk, mk, days if days is not None else (2.0 if tk in TWO_DAYS else 1.0)))
+        out.append(Pair(i, tk, mk, days if days is not None else (2.0 if tk in TWO_DAYS else 1.0), seed))
     return out
 
 
 def build(pair: Pair) -> tuple[Trace, dict[str, Any], CapacityModel]:
-    """(trace, defaulted manifest, capacity) of a pair, all drawn from (SEED, index)."""
-    rng = np.random.default_rng([SEED, pair.index])
+    """(trace, defaulted manifest, capacity) of a pair, all drawn from (pair.seed, index)."""
+    rng = np.random.default_rng([pair.seed, pair.index])
     peak_replicas = int(rng.integers(2, 21))
     cold = float(rng.choice(COLD_STARTS))
     doc = manifest(rng, pair.manifest_kind, peak_replicas, f"pair-{pair.index}")

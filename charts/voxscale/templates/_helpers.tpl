@@ -32,7 +32,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 # Children, by server-side apply; replicas through the scale subresource.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["patch"]
@@ -44,26 +44,27 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["apps"]
   resources: ["statefulsets/scale"]
   verbs: ["get", "patch"]
-# (list: a Service or PDB deleted by hand is re-applied at the next round)
+# (list, watch: the round reads its children from watches; one deleted by hand is re-applied at the
+# next round)
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The inference pods' NetworkPolicy (spec.networkPolicy.enabled); removed when turned off.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Another autoscaler on our Deployment (an HPA, or KEDA's, which is one) is detected, not fought.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 # Pod start times (creation to Ready): the forecast floor looks ahead by their P90. Patch: the
 # pod-deletion-cost annotation, so a scale-down removes idle pods before busy ones.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "patch"]
+  verbs: ["list", "watch", "patch"]
 # Decisions and errors as Events.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
