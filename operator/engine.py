@@ -211,7 +211,10 @@ def _forecast(
     if not pred.enabled or policy.slo is None:
         return None
     if metrics.history is None:
-        return fc.NoForecast("no arrival history could be read", dt.timedelta(0))
+        return fc.NoForecast(
+            "no arrival history read yet (it is read in the background; a failed read is retried with back-off)",
+            dt.timedelta(0),
+        )
     return fc.forecast(metrics.history, now, lookahead, pred.timezone, pred.min_history)
 
 

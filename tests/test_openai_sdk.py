@@ -155,7 +155,10 @@ def test_instructions_are_applied_and_the_reading_is_in_a_header(client: openai.
     assert len(calm) > 1.1 * len(plain)  # calm stretches durations and slow lowers the speed (measured 1.2x)
     pirate, headers = _pcm(client, text, instructions="Talk like a pirate.")
     assert headers["x-voxscale-instructions"] == "not understood, rendered neutral"
-    assert pirate == plain  # same seed, nothing applied: the same audio
+    # Same seed, nothing applied: the same audio, up to float rounding between synthesis threads (a
+    # fresh-clone make test once saw one sample differ by 1 LSB).
+    same, other = np.frombuffer(plain, dtype="<i2"), np.frombuffer(pirate, dtype="<i2")
+    assert same.shape == other.shape and int(np.abs(same.astype(np.int32) - other).max()) <= 2
 
 
 def _sse_events(client: openai.OpenAI, text: str, fmt: str) -> tuple[list[dict[str, Any]], dict[str, str]]:

@@ -99,8 +99,12 @@ def test_forecast_floor_prewarms_before_a_peak_learnt_from_backfilled_history(
     assert (st["demand"].get("arrivalRps") or 0) < 10  # nothing live asked for it (maybe no data yet)
     assert dt.datetime.now(dt.UTC) < now + dt.timedelta(minutes=3), "not before the learnt peak time"
 
-    # Its first round with data may come a little after the other object's.
-    quiet = wait_for("no-history's forecast note", lambda: status(cluster, namespace, "no-history").get("forecast"))
+    # Its history is read in the background: until that read has answered, the note says it is not read yet.
+    def note() -> dict[str, Any] | None:
+        forecast = status(cluster, namespace, "no-history").get("forecast") or {}
+        return forecast if "read yet" not in forecast.get("message", "read yet") else None
+
+    quiet = wait_for("no-history's forecast note once its history is read", note, timeout=60)
     assert quiet["message"].startswith("no forecast:") and "needs 24 h" in quiet["message"], quiet
     assert replicas(cluster, namespace, "no-history") == 1  # reactive: 2 rps needs one
 
