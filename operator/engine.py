@@ -45,6 +45,7 @@ import math
 from dataclasses import replace
 
 from voxscale.operator import antiflap, overload
+from voxscale.operator import capacity as cap
 from voxscale.operator import forecast as fc
 from voxscale.operator.policy import FallbackMode, ScalingPolicy, Trigger, format_duration
 from voxscale.operator.reversals import REVERSAL_TOLERANCE, REVERSAL_WINDOW_S
@@ -83,7 +84,6 @@ __all__ = [  # the engine's public face; the data types live in state.py
     "schedule_floor_at",
 ]
 
-CAPACITY_SMOOTHING = 0.5  # weight of a new capacity measurement against what was learnt before
 MIN_COLD_STARTS = 3  # pod starts observed before their P90 replaces the spec's coldStart
 REVERSAL_WINDOW = dt.timedelta(seconds=REVERSAL_WINDOW_S)
 
@@ -126,14 +126,16 @@ def _threshold_clocks(
 
 
 # ---------------------------------------------------------------------------------- phase 3: learning
-def _learn_capacity(slo: Trigger | None, metrics: Metrics, hist: History) -> float | None:
-    """A replica's capacity: smoothed measurements taken under load; None until there is one."""
-    measured = metrics.values.get(f"{slo.name}.capacity") if slo else None
-    if measured is None or not math.isfinite(measured) or measured <= 0:
-        return hist.capacity_rps
-    if hist.capacity_rps is None:
-        return measured
-    return CAPACITY_SMOOTHING * measured + (1 - CAPACITY_SMOOTHING) * hist.capacity_rps
+def _learn_capacity(slo: Trigger | None, metrics: Metrics, hist: History) -> tuple[cap.Learnt, cap.Capacity | None]:
+    """A replica's capacity in requests and in characters (capacity.py), updated by this tick's
+    measurement under load; and what it serves now in the unit that predicts it better (None until
+    there is a measurement)."""
+    if slo is None:
+        return hist.capacity, cap.now(hist.capacity, None)
+    inputs = metrics.inputs(slo)
+    per_request = cap.chars_per_request(metrics.values.get(slo.name), inputs.get("characters"))
+    learnt = cap.learn(hist.capacity, inputs.get("capacity"), per_request)
+    return learnt, cap.now(learnt, per_request)
 
 
 def _learn_cold_start(observed: Observed, hist: History) -> float | None:
@@ -168,7 +170,7 @@ def _readings(
     metrics: Metrics,
     now: dt.datetime,
     above_since: dict[str, dt.datetime],
-    capacity: float | None,
+    capacity: cap.Capacity | None,
     headroom: float,
     trend: float,
 ) -> tuple[list[TriggerReading], TriggerReading | None]:
@@ -188,8 +190,9 @@ def _readings(
             step_up=step_up,
             above_for=now - above_since[trig.name] if trig.name in above_since else None,
             inputs=metrics.inputs(trig),
-            capacity_rps=capacity,
+            capacity_rps=capacity.rps if capacity is not None else None,
             capacity_measured=capacity is not None,
+            capacity_unit=capacity.unit if capacity is not None else "",
             headroom=headroom,
             trend=trend,
             needed=needed,
@@ -258,16 +261,16 @@ def _evaluate(
     missing = [n for n in metrics.missing(policy) if not (current == 0 and _reads_pods(policy, n))]
     complete = metrics.error is None and not missing
     above_since, below_since = _threshold_clocks(policy, metrics, now, hist)
-    capacity = _learn_capacity(slo, metrics, hist)
+    learnt, measured = _learn_capacity(slo, metrics, hist)
     cold_start = _learn_cold_start(observed, hist)
     lookahead = dt.timedelta(seconds=cold_start) if cold_start is not None else policy.predictive.cold_start
     lookahead += policy.interval
 
     headroom, trend = _growth(slo, metrics, now, lookahead)
-    readings, model = _readings(policy, observed, metrics, now, above_since, capacity, headroom, trend)
+    readings, model = _readings(policy, observed, metrics, now, above_since, measured, headroom, trend)
     prediction = _forecast(policy, metrics, now, lookahead)
     demand, forecast_floor, guard, rebound, pending, last_fc = _demand(
-        policy, observed, metrics, hist, now, lookahead, capacity, prediction, headroom
+        policy, observed, metrics, hist, now, lookahead, measured, prediction, headroom
     )
     best, reactive, sized = _strongest(policy, readings, model)
     raw = min(max(reactive, schedule_floor, forecast_floor, lo), hi)
@@ -296,7 +299,7 @@ def _evaluate(
             data_since=(hist.data_since or now) if complete else None,
             recommendations=recs,
             events=hist.events,
-            capacity_rps=capacity,
+            capacity=learnt,
             cold_start_seconds=cold_start,
             pending_forecast=pending,
             last_forecast=last_fc,
@@ -334,7 +337,7 @@ def _demand(
     hist: History,
     now: dt.datetime,
     lookahead: dt.timedelta,
-    capacity: float | None,
+    capacity: cap.Capacity | None,
     prediction: fc.Forecast | fc.NoForecast | None,
     headroom: float,
 ) -> tuple[Demand | None, int, int, int, PendingForecast | None, tuple[float, float] | None]:
@@ -344,32 +347,32 @@ def _demand(
     slo = policy.slo
     if slo is None:
         return None, 0, 0, 0, hist.pending_forecast, hist.last_forecast
-    cap = capacity or slo.capacity_rps
+    per_replica = capacity.rps if capacity is not None else slo.capacity_rps
     measured = metrics.values.get(slo.name)
     arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom) if measured is not None else (None, None)
-    needed = size(slo, carried, cap) if carried is not None else None
+    needed = size(slo, carried, per_replica) if carried is not None else None
     predicted = prediction.peak_rps if isinstance(prediction, fc.Forecast) else None
-    forecast_needed = min(size(slo, predicted, cap), policy.max_replicas) if predicted is not None else None
+    forecast_needed = min(size(slo, predicted, per_replica), policy.max_replicas) if predicted is not None else None
     pending, last = _track_forecast(hist, now, lookahead, arrivals, predicted)
-    guard = 0 if carried is None else size(slo, max(carried, predicted or 0.0), cap)
-    rebound = (
-        0 if carried is None else size(slo, carried * (1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))), cap)
-    )
+    guard = 0 if carried is None else size(slo, max(carried, predicted or 0.0), per_replica)
+    swing = 1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))
+    rebound = 0 if carried is None else size(slo, carried * swing, per_replica)
     if prediction is None:
         note = "forecast off (spec.scaling.predictive.enabled: false)"
     else:
         note = prediction.note if isinstance(prediction, fc.Forecast) else f"no forecast: {prediction.reason}"
     demand = Demand(
         arrival_rps=arrivals,
-        capacity_rps=cap,
+        capacity_rps=per_replica,
         capacity_measured=capacity is not None,
+        capacity_unit=capacity.unit if capacity is not None else None,
         needed=needed,
         forecast_rps=predicted,
         forecast_needed=forecast_needed,
         forecast_note=note,
         lookahead=lookahead,
         last_forecast=last,
-        overload=overload.detect(slo, metrics.inputs(slo), observed.ready * cap, arrivals),
+        overload=overload.detect(slo, metrics.inputs(slo), observed.ready * per_replica, arrivals),
     )
     return demand, forecast_needed or 0, guard, rebound, pending, last
 

@@ -137,6 +137,12 @@ def arrival_rate(namespaces: Iterable[str], seconds: float) -> str:
     return _rate(mc.REQUESTS_RECEIVED.name, namespaces, seconds)
 
 
+def character_rate(namespaces: Iterable[str], seconds: float) -> str:
+    """Input characters per second arriving at each TTSDeployment's pods (the unit of work: a
+    request's cost follows the length of its text)."""
+    return _rate(mc.INPUT_CHARACTERS.name, namespaces, seconds)
+
+
 def capacity(namespaces: Iterable[str], seconds: float, min_busy: float) -> str:
     """One replica's capacity (completed requests per busy second) per TTSDeployment and GPU product,
     only where the pods were busy at least `min_busy` of the window: a lightly loaded replica's batches

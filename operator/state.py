@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from voxscale.operator import forecast as fc
+from voxscale.operator.capacity import Learnt, Unit
 from voxscale.operator.policy import ScalingPolicy, Trigger
 
 
@@ -113,7 +114,7 @@ class History:
     data_since: dt.datetime | None = None
     recommendations: tuple[tuple[dt.datetime, int], ...] = ()
     events: tuple[ScaleEvent, ...] = ()
-    capacity_rps: float | None = None  # one replica's capacity, learnt under load
+    capacity: Learnt = field(default_factory=Learnt)  # one replica's capacity, learnt under load (capacity.py)
     cold_start_seconds: float | None = None  # P90 of observed pod starts
     pending_forecast: PendingForecast | None = None
     last_forecast: tuple[float, float] | None = None  # (predicted, actual) peak of the last closed window
@@ -150,7 +151,12 @@ class History:
             "dataSince": self.data_since.isoformat() if self.data_since else None,
             "recommendations": [[t.isoformat(), n] for t, n in self.recommendations],
             "events": [[e.time.isoformat(), e.old, e.new] for e in self.events],
-            "capacityRps": self.capacity_rps,
+            "capacityRps": self.capacity.rps,
+            "capacityCharsPerSecond": self.capacity.chars,
+            "capacityErrors": {
+                Unit.REQUESTS.value: self.capacity.error_rps,
+                Unit.CHARACTERS.value: self.capacity.error_chars,
+            },
             "coldStartSeconds": self.cold_start_seconds,
             "pendingForecast": [pf.made.isoformat(), pf.until.isoformat(), pf.predicted_rps, pf.actual_peak_rps]
             if pf
@@ -174,7 +180,7 @@ class History:
             data_since=ts(d["dataSince"]) if d.get("dataSince") else None,
             recommendations=tuple((ts(t), int(n)) for t, n in d.get("recommendations") or []),
             events=tuple(ScaleEvent(ts(t), int(o), int(n)) for t, o, n in d.get("events") or []),
-            capacity_rps=_opt_float(d.get("capacityRps")),
+            capacity=_learnt(d),
             cold_start_seconds=_opt_float(d.get("coldStartSeconds")),
             pending_forecast=PendingForecast(ts(pf[0]), ts(pf[1]), float(pf[2]), float(pf[3])) if pf else None,
             last_forecast=(float(last[0]), float(last[1])) if last else None,
@@ -189,6 +195,16 @@ def _is_finite_number(v: Any) -> bool:
 
 def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+def _learnt(d: dict[str, Any]) -> Learnt:
+    errors = d.get("capacityErrors") or {}
+    return Learnt(
+        rps=_opt_float(d.get("capacityRps")),
+        chars=_opt_float(d.get("capacityCharsPerSecond")),
+        error_rps=_opt_float(errors.get(Unit.REQUESTS)),
+        error_chars=_opt_float(errors.get(Unit.CHARACTERS)),
+    )
 
 
 @dataclass(frozen=True)
@@ -209,6 +225,7 @@ class Demand:
     arrival_rps: float | None
     capacity_rps: float
     capacity_measured: bool
+    capacity_unit: Unit | None  # the unit the measured capacity was read in (None: assumed)
     needed: int | None  # replicas the SLO needs at the current demand
     forecast_rps: float | None
     forecast_needed: int | None

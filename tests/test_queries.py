@@ -75,6 +75,7 @@ def test_slo_trigger_reads_arrivals_capacity_and_backlog_in_batches() -> None:
         "backlog": "queue",
         "p95": "latency",  # overload: p95 beyond the objective
         "refused": "refused:30",  # overload: requests answered 429
+        "characters": "characters:30",  # the unit of work (operator/capacity.py)
     }
     refused = triggers.batch_query("refused:30", ["ns"])
     assert "voxscale_requests_total{" in refused and 'code="429"' in refused and "[30s]" in refused
@@ -84,6 +85,8 @@ def test_slo_trigger_reads_arrivals_capacity_and_backlog_in_batches() -> None:
     # completed / busy per GPU product, only where the pods were busy enough for it to mean capacity
     assert "voxscale_completed_requests_total" in cap and "voxscale_busy_seconds_total" in cap
     assert "gpu_product" in cap and ">= 0.6" in cap
+    chars = triggers.batch_query("characters:30", ["ns"])
+    assert "rate(voxscale_input_characters_total{" in chars and "[30s]" in chars
 
 
 def test_a_trigger_without_settings_gets_the_defaults_from_the_crd() -> None:

@@ -25,6 +25,7 @@ class Signal(StrEnum):
     REFUSED = "refused"  # requests/s refused for want of room
     QUEUE = "queue"  # requests waiting, summed over the pods
     LATENCY = "latency"  # p95 seconds over the last minute
+    CHARACTERS = "characters"  # input characters/s arriving (the unit of work; optional)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ APPROXIMATED: dict[Approximation, str] = {
         "no completions and busy-seconds queries: capacity is the spec's replicaCapacity, never measured"
     ),
 }
+
+
+# A server that publishes no input-character counter: the capacity is learnt in requests only.
+NO_CHARACTERS = (
+    "no input-character counter under this profile: capacity is learnt in requests per second only, so a shift "
+    "to longer or shorter texts is seen once the pods are measured under load again"
+)
 
 
 class Profile(Protocol):

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from voxscale.operator import queries
-from voxscale.operator.profiles.base import Approximation, Pods, Query, Signal, SignalKey, Unavailable
+from voxscale.operator.profiles.base import (
+    NO_CHARACTERS,
+    Approximation,
+    Pods,
+    Query,
+    Signal,
+    SignalKey,
+    Unavailable,
+)
 from voxscale.operator.triggers.slo import CAPACITY_MIN_BUSY
 
 WINDOW = "$window"
@@ -82,4 +90,5 @@ _MISSING = {
         "not read under spec.metrics.profile promql: no p95; use a promql trigger on your own latency series"
     ),
     Signal.ARRIVALS: "spec.metrics.promql.arrivals is required",
+    Signal.CHARACTERS: NO_CHARACTERS,
 }

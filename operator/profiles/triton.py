@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from voxscale.operator import queries
-from voxscale.operator.profiles.base import Approximation, Pods, Query, Signal, SignalKey, Unavailable
+from voxscale.operator.profiles.base import (
+    NO_CHARACTERS,
+    Approximation,
+    Pods,
+    Query,
+    Signal,
+    SignalKey,
+    Unavailable,
+)
 from voxscale.operator.triggers.slo import CAPACITY_MIN_BUSY
 
 SUCCESS = "nv_inference_request_success"
@@ -86,6 +94,8 @@ class Triton:
             return Query(self._rate(namespaces, window, _names(FAILURE), REJECTED))
         if key.signal is Signal.QUEUE:
             return Query(queries.per_owner(self._sel(namespaces, _names(PENDING))))
+        if key.signal is Signal.CHARACTERS:
+            return Unavailable(NO_CHARACTERS)
         return Unavailable(
             "not published by Triton (its request durations are counters, not a histogram): no p95 under "
             "spec.metrics.profile triton; use an slo trigger, or a promql trigger on your own latency series"

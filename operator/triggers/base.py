@@ -27,6 +27,7 @@ class Context:
     inputs: Mapping[str, float]  # the trigger's secondary inputs this tick (role -> value), when present
     capacity_rps: float | None = None  # one replica's capacity, measured or assumed (SLO kinds)
     capacity_measured: bool = False
+    capacity_unit: str = ""  # the unit a measured capacity was read in ("requests", "characters")
     headroom: float = 1.0  # demand's usual rise over a pod start (slo kinds size for demand x this)
     trend: float = 1.0  # the rise under way now, extrapolated over a pod start (slo kinds lean on it a little)
     needed: int | None = None  # what the SLO model sizes for the demand now (None: no model or no data)

@@ -3,8 +3,9 @@
 Demand is every request counted at the pods' door, refused ones included, so it stays visible when
 queues are full (a full queue reads the same at 2x and at 10x overload; demand does not). Capacity is
 what one replica serves per second, measured on the pods as completed requests / busy seconds while
-they are busy enough for that to mean something; until then it is the `replicaCapacity` figure from
-the spec, and the explanation says so. The sizing is the M/M/c model in `queueing.py`.
+they are busy enough for that to mean something, and read now in requests or in input characters,
+whichever predicts it better as the request mix shifts (`capacity.py`); until then it is the
+`replicaCapacity` figure from the spec, and the explanation says so. The sizing is the M/M/c model in `queueing.py`.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def demand(arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0) 
 
 
 class Slo:
-    prefixes: tuple[str, ...] = ("arrivals:", "capacity:", "refused:")
+    prefixes: tuple[str, ...] = ("arrivals:", "capacity:", "refused:", "characters:")
     reads_pods = True
     summed = False
 
@@ -96,6 +97,7 @@ class Slo:
             "value": f"arrivals:{window}",
             "recent": f"arrivals:{recent}",
             "capacity": f"capacity:{window}",
+            "characters": f"characters:{window}",  # the unit of work: capacity.py
             "backlog": "queue",
             "p95": "latency",  # overload: p95 beyond the objective
             "refused": f"refused:{window}",  # overload: requests answered 429
@@ -108,6 +110,8 @@ class Slo:
             return queries.arrival_rate(namespaces, seconds)
         if kind == "refused":
             return queries.refused_rate(namespaces, seconds)
+        if kind == "characters":
+            return queries.character_rate(namespaces, seconds)
         return queries.capacity(namespaces, seconds, CAPACITY_MIN_BUSY)
 
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
@@ -116,7 +120,9 @@ class Slo:
         arriving, carried = demand(value, ctx.inputs, ctx.headroom)
         need = size(trigger, carried, capacity)
         grown = f" +{ctx.headroom - 1:.0%} rise" if ctx.headroom > 1.005 else ""
-        source = "measured" if ctx.capacity_measured else "assumed: not yet measured under load"
+        source = "assumed: not yet measured under load"
+        if ctx.capacity_measured:
+            source = f"measured, in {ctx.capacity_unit}"
         queued = f" + {backlog:.0f} queued" if backlog >= 1 else ""
         note = (
             f"demand {arriving:.3g} rps{grown}{queued} = {carried / capacity:.1f} replicas at {capacity:.3g} rps each "

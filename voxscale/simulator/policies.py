@@ -30,6 +30,8 @@ class Signals:
     # One replica's capacity (requests/s) as the pods measure it (served / busy time), only when they
     # were busy enough for the figure to mean something this tick; None otherwise.
     capacity_rps: float | None = None
+    # Input characters per second arriving, over the rate window (the unit of work); None as arrival_rps.
+    arrival_chars_rps: float | None = None
     # False during a metrics outage: a real autoscaler's queries come back empty.
     metrics_up: bool = True
     # Seconds a new pod takes to turn Ready, as the operator observes on the pods.
@@ -70,6 +72,8 @@ def signals_to_metrics(policy: ScalingPolicy, s: Signals, history: RateHistory |
                 values[f"{t.name}.recent"] = s.arrival_recent_rps
             if s.capacity_rps is not None:
                 values[f"{t.name}.capacity"] = s.capacity_rps
+            if s.arrival_chars_rps is not None:
+                values[f"{t.name}.characters"] = s.arrival_chars_rps
             if s.p95_seconds is not None:
                 values[f"{t.name}.p95"] = s.p95_seconds
     return Metrics(values, history=history)

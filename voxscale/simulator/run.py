@@ -21,6 +21,10 @@ from voxscale.simulator.policies import Autoscaler, Signals, VoxscaleAutoscaler
 from voxscale.simulator.traces import Trace
 
 SERIES_POINTS = 3000  # time-series samples kept per run, for plots
+# Input characters of a request of the capacity model's mix (cost 1). The simulator's premise: a
+# request's service time follows the length of its text, so a mix `cost` times as long carries
+# `cost` times the characters (a request log's size column gives the cost the same way).
+CHARACTERS_PER_REQUEST = 200.0
 CAPACITY_MIN_BUSY = 0.6  # share of busy slots over the window above which a measured capacity is reported
 # Reversals (a scale event undoing the one before it within a window while the load changed less than
 # a share) are counted with operator/reversals.py: the operator's status and metrics use the same.
@@ -132,6 +136,7 @@ class _Rates:
 
     width: int
     arrivals: np.ndarray  # prefix sums of arrivals, one more entry than steps
+    characters: np.ndarray  # prefix sums of their input characters (CHARACTERS_PER_REQUEST x the mix's cost)
     busy: list[float] = field(default_factory=lambda: [0.0])
     slots: list[float] = field(default_factory=lambda: [0.0])
 
@@ -143,6 +148,11 @@ class _Rates:
         """Mean arrival rate over the `width` steps up to step i (fewer at the start)."""
         lo = max(0, i + 1 - width)
         return float(self.arrivals[i + 1] - self.arrivals[lo]) / ((i + 1 - lo) * dt_s)
+
+    def character_rate(self, i: int, width: int, dt_s: float) -> float:
+        """Mean input characters per second arriving over the `width` steps up to step i."""
+        lo = max(0, i + 1 - width)
+        return float(self.characters[i + 1] - self.characters[lo]) / ((i + 1 - lo) * dt_s)
 
     def loaded(self) -> bool:
         """Busy enough over the window (>= CAPACITY_MIN_BUSY of the slots) for a measured capacity."""
@@ -174,6 +184,7 @@ def _signals(
         arrival_rps=rates.arrival_rps(i, rates.width, dt_s) if ready else None,
         arrival_recent_rps=rates.arrival_rps(i, max(1, rates.width // 4), dt_s) if ready else None,
         capacity_rps=capacity.slots / queue.service_seconds if rates.loaded() else None,
+        arrival_chars_rps=rates.character_rate(i, rates.width, dt_s) if ready else None,
         metrics_up=metrics_up,
         pod_start_seconds=capacity.cold_start_seconds,
     )
@@ -205,9 +216,14 @@ def simulate(
     queue = ReplicaQueue(capacity, stochastic=stochastic, seed=seed)
     fleet = Fleet(initial_replicas, capacity.cold_start_seconds)
     arrivals = draw_arrivals(trace, stochastic, seed)
-    rates = _Rates(max(1, round(rate_window_seconds / dt_s)), np.concatenate([[0.0], np.cumsum(arrivals)]))
-    ups = trace.metrics_up.tolist() if trace.metrics_up is not None else None
     costs = _costs(trace)
+    chars = arrivals * CHARACTERS_PER_REQUEST * (trace.cost if trace.cost is not None else 1.0)
+    rates = _Rates(
+        max(1, round(rate_window_seconds / dt_s)),
+        np.concatenate([[0.0], np.cumsum(arrivals)]),
+        np.concatenate([[0.0], np.cumsum(chars)]),
+    )
+    ups = trace.metrics_up.tolist() if trace.metrics_up is not None else None
     reads_latency = bool(getattr(autoscaler, "reads_latency", True))
     day_steps = round(86400 / dt_s) if len(trace.rps) > round(86400 / dt_s) else -1
     day1: _Day1 | None = None
