@@ -33,11 +33,22 @@ def fighters(tick: Tick, to: int) -> list[str]:
             continue
         # A rule between its thresholds abstains (engine.py's _calm) only while its reading, grown by
         # the swing seen lately (at least its tolerance), stays below its scale-up threshold there.
-        value = r.value if t.scale_down_below is None or t.name in below else r.value * (1 + band)
+        reading = _lately(tick, t.name, r.value)
+        value = reading if t.scale_down_below is None or t.name in below else reading * (1 + band)
         fight = fights(t, value, kind(t).summed, tick.current, tick.ready, tick.current - to)
         if fight is not None:
             out.append(fight)
     return out
+
+
+def _lately(tick: Tick, name: str, value: float) -> float:
+    """The reading to predict from: the current one, or the highest load an average read over the
+    last reversal window, as a reading at today's ready count, if that is higher (engine.py's
+    _track_loads; totals keep no such memory)."""
+    seen = tick.next_history.loads.get(name)
+    if seen is None:
+        return value
+    return max(value, max(seen[1], seen[2]) / max(tick.ready, 1))
 
 
 def rebounds(tick: Tick, to: int) -> str | None:
@@ -73,7 +84,7 @@ def _quiet(tick: Tick) -> str:
     quiet = ", ".join(
         f"{r.name} {r.value:.3g} < {t.scale_down_below:g}{t.unit}"
         for t, r in zip(tick.policy.triggers, tick.readings, strict=True)
-        if t.scale_down_below is not None and r.value is not None
+        if t.scale_down_below is not None and r.value is not None and r.value < t.scale_down_below
     )
     if not quiet and tick.demand is not None and tick.demand.needed is not None:
         quiet = f"demand {tick.demand.arrival_rps:.3g} rps needs {tick.demand.needed}"

@@ -163,6 +163,13 @@ def _growth(slo: Trigger | None, metrics: Metrics, now: dt.datetime, lookahead: 
     return learnt or 1.0, under_way
 
 
+def _burst(slo: Trigger | None, metrics: Metrics, now: dt.datetime, lookahead: dt.timedelta) -> float:
+    """Requests/s the largest recent burst rose by within a pod start (0: none lately, or no model)."""
+    if slo is None or metrics.history is None:
+        return 0.0
+    return fc.burst(metrics.history, now, lookahead) or 0.0
+
+
 # --------------------------------------------------------------------------- phase 4: recommendations
 def _readings(
     policy: ScalingPolicy,
@@ -173,6 +180,7 @@ def _readings(
     capacity: cap.Capacity | None,
     headroom: float,
     trend: float,
+    burst: float,
 ) -> tuple[list[TriggerReading], TriggerReading | None]:
     """Each user trigger's reading, and the SLO model's (the slo trigger's, or the implicit objective's).
     The model is read first: a threshold trigger that fires then steps at least to what demand needs."""
@@ -194,6 +202,7 @@ def _readings(
             capacity_measured=capacity is not None,
             capacity_unit=capacity.unit if capacity is not None else "",
             headroom=headroom,
+            burst=burst,
             trend=trend,
             needed=needed,
             stuck=observed.stuck,
@@ -267,10 +276,11 @@ def _evaluate(
     lookahead += policy.interval
 
     headroom, trend = _growth(slo, metrics, now, lookahead)
-    readings, model = _readings(policy, observed, metrics, now, above_since, measured, headroom, trend)
+    burst = _burst(slo, metrics, now, lookahead)
+    readings, model = _readings(policy, observed, metrics, now, above_since, measured, headroom, trend, burst)
     prediction = _forecast(policy, metrics, now, lookahead)
     demand, forecast_floor, guard, rebound, pending, last_fc = _demand(
-        policy, observed, metrics, hist, now, lookahead, measured, prediction, headroom
+        policy, observed, metrics, hist, now, lookahead, measured, prediction, headroom, burst
     )
     best, reactive, sized = _strongest(policy, readings, model)
     raw = min(max(reactive, schedule_floor, forecast_floor, lo), hi)
@@ -305,6 +315,7 @@ def _evaluate(
             last_forecast=last_fc,
             observed_at=now,
             last_up=hist.last_up,
+            loads=_track_loads(policy, readings, observed.ready, now, hist.loads),
         ),
         demand=demand,
         guard=guard,
@@ -340,6 +351,7 @@ def _demand(
     capacity: cap.Capacity | None,
     prediction: fc.Forecast | fc.NoForecast | None,
     headroom: float,
+    burst: float,
 ) -> tuple[Demand | None, int, int, int, PendingForecast | None, tuple[float, float] | None]:
     """The SLO model's view: demand, forecast floor, scale-down guard, rebound (what the model asks
     for at demand risen by the swing seen lately, at least its tolerance: a band, as the HPA's) and
@@ -349,14 +361,18 @@ def _demand(
         return None, 0, 0, 0, hist.pending_forecast, hist.last_forecast
     per_replica = capacity.rps if capacity is not None else slo.capacity_rps
     measured = metrics.values.get(slo.name)
-    arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom) if measured is not None else (None, None)
+    arrivals, carried, swung = None, None, None
+    if measured is not None:
+        arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom, burst)
+        # The rebound band swings the demand without the burst headroom, which holds for a swing already.
+        swing = 1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))
+        swung = max(carried, demand_now(measured, metrics.inputs(slo), headroom)[1] * swing)
     needed = size(slo, carried, per_replica) if carried is not None else None
     predicted = prediction.peak_rps if isinstance(prediction, fc.Forecast) else None
     forecast_needed = min(size(slo, predicted, per_replica), policy.max_replicas) if predicted is not None else None
     pending, last = _track_forecast(hist, now, lookahead, arrivals, predicted)
     guard = 0 if carried is None else size(slo, max(carried, predicted or 0.0), per_replica)
-    swing = 1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))
-    rebound = 0 if carried is None else size(slo, carried * swing, per_replica)
+    rebound = 0 if swung is None else size(slo, swung, per_replica)
     if prediction is None:
         note = "forecast off (spec.scaling.predictive.enabled: false)"
     else:
@@ -375,6 +391,37 @@ def _demand(
         overload=overload.detect(slo, metrics.inputs(slo), observed.ready * per_replica, arrivals),
     )
     return demand, forecast_needed or 0, guard, rebound, pending, last
+
+
+LOAD_BUCKET = dt.timedelta(seconds=REVERSAL_WINDOW_S / 2)
+
+
+def _track_loads(
+    policy: ScalingPolicy,
+    readings: list[TriggerReading],
+    ready: int,
+    now: dt.datetime,
+    loads: dict[str, tuple[dt.datetime, float, float]],
+) -> dict[str, tuple[dt.datetime, float, float]]:
+    """Each ratio trigger's highest load over the last half to whole reversal window, in two buckets
+    (a few numbers in status, not every sample). One reading is one noisy sample, and right after a
+    scale-down it may not show the new count yet: a scale-down checked against it alone steps on
+    down until the rule fires again. Load is the reading times the ready pods (the HPA's ratio: what
+    the fleet carries), for averages only: a total such as a queue is a backlog that adding pods
+    drains, so its past peak says nothing of the total at a smaller fleet."""
+    out: dict[str, tuple[dt.datetime, float, float]] = {}
+    for t, r in zip(policy.triggers, readings, strict=True):
+        if t.sized or kind(t).summed:
+            continue
+        start, cur, prev = loads.get(t.name, (now, 0.0, 0.0))
+        if now - start >= 2 * LOAD_BUCKET:
+            start, cur, prev = now, 0.0, 0.0
+        elif now - start >= LOAD_BUCKET:
+            start, cur, prev = start + LOAD_BUCKET, 0.0, cur
+        if r.value is not None:
+            cur = max(cur, r.value * max(ready, 1))
+        out[t.name] = (start, cur, prev)
+    return out
 
 
 def _band(trigger: Trigger, metrics: Metrics, now: dt.datetime) -> float:

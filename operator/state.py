@@ -122,6 +122,10 @@ class History:
     # The last scale-up and the load (arrivals over the rate window) then: a scale-down that would undo
     # it while the load is about the same is a reversal (operator/reversals.py), refused (antiflap.py).
     last_up: tuple[dt.datetime, float] | None = None
+    # Per averaged ratio trigger (GPU, latency, PromQL averages), the highest load it read lately
+    # (engine.py's _track_loads): (start of the current bucket, highest this bucket, highest the
+    # bucket before), load = reading x ready pods. WouldFlap predicts from it, not from one sample.
+    loads: dict[str, tuple[dt.datetime, float, float]] = field(default_factory=dict)
 
     def resumed(self, now: dt.datetime, interval: dt.timedelta) -> History:
         """This memory as a tick at `now` may trust it. "Below 40 % since 10:00" claims every tick
@@ -164,6 +168,7 @@ class History:
             "lastForecast": list(self.last_forecast) if self.last_forecast else None,
             "observedAt": self.observed_at.isoformat() if self.observed_at else None,
             "lastUp": [self.last_up[0].isoformat(), self.last_up[1]] if self.last_up else None,
+            "loads": {k: [t.isoformat(), cur, prev] for k, (t, cur, prev) in self.loads.items()},
         }
 
     @classmethod
@@ -186,6 +191,7 @@ class History:
             last_forecast=(float(last[0]), float(last[1])) if last else None,
             observed_at=ts(d["observedAt"]) if d.get("observedAt") else None,
             last_up=(ts(up[0]), float(up[1])) if up else None,
+            loads={k: (ts(t), float(cur), float(prev)) for k, (t, cur, prev) in (d.get("loads") or {}).items()},
         )
 
 

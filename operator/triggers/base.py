@@ -29,6 +29,7 @@ class Context:
     capacity_measured: bool = False
     capacity_unit: str = ""  # the unit a measured capacity was read in ("requests", "characters")
     headroom: float = 1.0  # demand's usual rise over a pod start (slo kinds size for demand x this)
+    burst: float = 0.0  # requests/s a recent burst rose by within a pod start (slo kinds hold room for it)
     trend: float = 1.0  # the rise under way now, extrapolated over a pod start (slo kinds lean on it a little)
     needed: int | None = None  # what the SLO model sizes for the demand now (None: no model or no data)
     stuck: int = 0  # pods not Ready for longer than a cold start (ImagePullBackOff...): not on their way

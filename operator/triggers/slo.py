@@ -75,11 +75,15 @@ def overload(
     return None
 
 
-def demand(arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0) -> tuple[float, float]:
+def demand(
+    arrivals: float, inputs: Mapping[str, float], headroom: float = 1.0, burst: float = 0.0
+) -> tuple[float, float]:
     """(requests/s arriving, what the fleet must carry by the time a pod it orders now is Ready):
-    arrivals grown by the headroom, plus the backlog to work off."""
+    arrivals grown by the headroom, or by the burst recent traffic showed within a pod start if that
+    is more (forecast.burst), plus the backlog to work off."""
     arriving = max(arrivals, inputs.get("recent", arrivals))
-    return arriving, arriving * headroom + inputs.get("backlog", 0.0) / BACKLOG_DRAIN_SECONDS
+    grown = max(arriving * headroom, arriving + burst)
+    return arriving, grown + inputs.get("backlog", 0.0) / BACKLOG_DRAIN_SECONDS
 
 
 class Slo:
@@ -117,9 +121,11 @@ class Slo:
     def recommend(self, trigger: Trigger, value: float, ctx: Context) -> Recommendation:
         capacity = ctx.capacity_rps or trigger.capacity_rps
         backlog = ctx.inputs.get("backlog", 0.0)
-        arriving, carried = demand(value, ctx.inputs, ctx.headroom)
+        arriving, carried = demand(value, ctx.inputs, ctx.headroom, ctx.burst)
         need = size(trigger, carried, capacity)
         grown = f" +{ctx.headroom - 1:.0%} rise" if ctx.headroom > 1.005 else ""
+        if arriving + ctx.burst > arriving * ctx.headroom:
+            grown = f" +{ctx.burst:.3g} rps for bursts seen lately"
         source = "assumed: not yet measured under load"
         if ctx.capacity_measured:
             source = f"measured, in {ctx.capacity_unit}"
@@ -140,5 +146,5 @@ class Slo:
         windows cannot tell from a ramp) overshoots by no more than that."""
         if ctx.trend <= ctx.headroom:
             return need
-        rising = size(trigger, demand(value, ctx.inputs, ctx.trend)[1], capacity)
+        rising = size(trigger, demand(value, ctx.inputs, ctx.trend, ctx.burst)[1], capacity)
         return min(rising, need + TREND_MAX_EXTRA)
