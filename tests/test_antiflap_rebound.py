@@ -137,3 +137,19 @@ def test_without_the_model_a_rule_between_its_thresholds_still_holds() -> None:
     run = Run(pol, replicas=4)
     run.run(300, 10, lambda _now: Metrics({"gpu": 172 / run.ready}))
     assert run.replicas == 4
+
+
+def test_a_noisy_low_reading_after_a_scale_down_does_not_take_the_fleet_on_down() -> None:
+    """WouldFlap predicts an averaged rule's reading from the highest load it read over the reversal
+    window (load = reading x ready pods), not from one sample: pair 139 of the generalization bench
+    stepped 10 -> 8 -> 6 on such samples and the GPU rule fired again at 6, 76 times a day."""
+    gpu = {"name": "gpu", "type": "gpuUtilization", "scaleUpAbove": 63, "sustainFor": "1m", "scaleDownBelow": 31}
+    quick = {"stabilizationWindow": "0s", "cooldown": "0s"}
+    pol = policy({"triggers": [gpu], "scaleDown": quick}, {"min": 1, "max": 20})
+    run = Run(pol, replicas=10)
+    # The fleet carries 10 x 40 % = 400 % of one pod, read as 40 % each; then below-threshold samples.
+    run.run(60, 10, lambda _now: Metrics({"gpu": 40.0, "slo": 30.0}))
+    # Readings that do not follow the count (as one noisy sample right after a scale-down may not).
+    run.run(120, 10, lambda _now: Metrics({"gpu": 20.0, "slo": 30.0}))
+    # 400 % over 6 pods would read 67 % > 63 %: the fleet never goes below 7 on these samples.
+    assert min(d.desired for _, d in run.decisions) >= 7
