@@ -120,7 +120,8 @@ def test_measured_capacity_replaces_the_assumed_one_and_is_remembered() -> None:
     assert "at 8 rps each (measured, in requests)" in d.message and d.desired == replicas_for_slo(40, 8, 8, 2.0)
     restored = History.from_dict(d.history.to_dict())
     later = decide(pol, Observed(d.desired, d.desired), Metrics({"slo": 40.0}), T0 + dt.timedelta(seconds=10), restored)
-    assert "(measured, in requests)" in later.message  # not measured this tick (load too light): the learnt figure stays
+    # Not measured this tick (load too light): the learnt figure stays.
+    assert "(measured, in requests)" in later.message
 
 
 def test_no_triggers_means_the_slo_trigger_and_the_forecast_floor() -> None:
