@@ -42,13 +42,12 @@ def fighters(tick: Tick, to: int) -> list[str]:
 
 
 def _lately(tick: Tick, name: str, value: float) -> float:
-    """The reading to predict from: the current one, or the highest load an average read over the
-    last reversal window, as a reading at today's ready count, if that is higher (engine.py's
-    _track_loads; totals keep no such memory)."""
+    """The reading to predict from: the current one, or the mean load an average read over the last
+    few minutes, as a reading at today's ready count, if that is higher (engine.py's _track_loads;
+    totals keep no such memory)."""
     seen = tick.next_history.loads.get(name)
-    if seen is None:
-        return value
-    return max(value, max(seen[1], seen[2]) / max(tick.ready, 1))
+    mean = seen.mean() if seen is not None else None
+    return value if mean is None else max(value, mean / max(tick.ready, 1))
 
 
 def rebounds(tick: Tick, to: int) -> str | None:

@@ -510,3 +510,133 @@ def attached_writers(ttsds: list[dict[str, Any]], writes: dict[tuple[str, str], 
             if key != first:
                 out[key] = f"{KIND} {first[0]}/{first[1]} (attached first)"
     return out
+
+
+# ---------------------------------------------------------------- image pre-pull (spec.prePull)
+PREPULL_SUFFIX = "-prepull"
+PREPULL_LABEL = "voxscale.io/prepull-for"  # on the DaemonSet and its pods: the TTSDeployment they pull for
+PREPULL_HOLD_CONTAINER = "hold"
+# What keeps each pre-pull pod running once its images are pulled: the pod sandbox ("pause") image,
+# which every node already holds because every pod's sandbox runs it - so it adds no pull of its own.
+# A cluster whose runtime uses another sandbox image sets the operator's VOXSCALE_PREPULL_HOLD_IMAGE.
+PREPULL_HOLD_IMAGE = "registry.k8s.io/pause:3.10"
+PREPULL_NOOP_COMMAND = ("true",)
+# A pre-pull pod does nothing but exist: the least the scheduler and the kubelet accept.
+PREPULL_RESOURCES = {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "32Mi"}}
+# The pod keys copied from the server's pod template: where its pods can land, and how its images are pulled.
+PREPULL_PLACEMENT_KEYS = ("nodeSelector", "affinity", "tolerations", "imagePullSecrets", "priorityClassName")
+
+
+def prepull_enabled(ttsd: dict[str, Any]) -> bool:
+    """spec.prePull.enabled (the CRD's default, false, when spec.prePull is absent)."""
+    return bool(crd.default_spec(ttsd.get("spec") or {}).get("prePull", {}).get("enabled"))
+
+
+def prepull_name(name: str) -> str:
+    return f"{name}{PREPULL_SUFFIX}"
+
+
+def prepull_images(pod_spec: dict[str, Any]) -> list[str]:
+    """Every distinct image of a pod template's init containers and containers, in order: the server's
+    and, behind the door sidecar, the door's too - whichever a new pod would wait for."""
+    out: list[str] = []
+    for container in [*pod_spec.get("initContainers", []), *pod_spec.get("containers", [])]:
+        image = container.get("image")
+        if image and image not in out:
+            out.append(image)
+    return out
+
+
+def prepull_labels(name: str) -> dict[str, str]:
+    """Never the inference pods' selector label: a pre-pull pod must not join the Service, the pod-start
+    samples or the $pods of a query."""
+    return {
+        "app.kubernetes.io/name": "voxscale-prepull",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        PREPULL_LABEL: name,
+    }
+
+
+def prepull_daemonset(
+    ttsd: dict[str, Any],
+    pod_spec: dict[str, Any],
+    hold_image: str = PREPULL_HOLD_IMAGE,
+    command: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The DaemonSet `<name>-prepull` that pulls the server's images on every node its pods can land on.
+
+    `pod_spec`: the server's pod template spec (spec.model's Deployment, or the attached workload's).
+    Its nodeSelector, affinity, tolerations, imagePullSecrets and priorityClassName are copied, so the
+    DaemonSet covers exactly the nodes the scheduler could give a new server pod, pulling as it would.
+
+    The no-op: each image runs as an init container whose command is spec.prePull.command (default
+    `true`), which exits at once; a pod is Ready only after its init containers succeeded, so
+    numberReady counts the nodes that hold every image. The kubelet pulls an image before it creates
+    the container, so the pull happens whatever the command does - but an init container that fails
+    is restarted forever and its pod never turns Ready, so the command must exist in the image (an
+    image without `true` - distroless, scratch - names one it has). The alternatives were worse: the
+    server's own entrypoint would load the model (and ask for a GPU); a main container whose command
+    fails keeps the pod unready and restarting; an image volume needs containerd >= 2.1. Then a
+    `hold` container of the sandbox image (every node has it already) keeps the pod, and so the
+    exited init containers, alive: the kubelet's image garbage collector leaves an image alone while
+    a container that used it exists, so the pulled images stay on the node until pre-pull is off.
+    """
+    meta = ttsd["metadata"]
+    name = meta["name"]
+    full = crd.default_spec(ttsd.get("spec") or {})
+    noop = list(command or full.get("prePull", {}).get("command") or PREPULL_NOOP_COMMAND)
+    restricted = {**_restricted(), "runAsNonRoot": True}
+    pull = [
+        {
+            "name": f"pull-{i}",
+            "image": image,
+            # Never `Never` (nothing would be pulled) and never `Always` (each restart would pull again).
+            "imagePullPolicy": "IfNotPresent",
+            "command": noop,
+            "resources": PREPULL_RESOURCES,
+            "securityContext": restricted,
+        }
+        for i, image in enumerate(prepull_images(pod_spec))
+    ]
+    hold = {
+        "name": PREPULL_HOLD_CONTAINER,
+        "image": hold_image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": PREPULL_RESOURCES,
+        "securityContext": restricted,
+    }
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 1,
+        # Any user: `true` and pause run as anyone, and a namespace under the restricted policy admits it.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65535,
+            "runAsGroup": 65535,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": pull,
+        "containers": [hold],
+    }
+    for key in PREPULL_PLACEMENT_KEYS:
+        if pod_spec.get(key):
+            spec[key] = pod_spec[key]
+    labels = prepull_labels(name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": prepull_name(name),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(ttsd)],
+        },
+        "spec": {
+            "selector": {"matchLabels": {PREPULL_LABEL: name}},
+            # Nothing serves from these pods: replacing all at once starts every node's pull of a new image at once.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
+            "template": {"metadata": {"labels": labels}, "spec": spec},
+        },
+    }

@@ -55,6 +55,7 @@ from voxscale.operator.state import (
     Decision,
     Demand,
     History,
+    Loads,
     Metrics,
     Observed,
     PendingForecast,
@@ -393,34 +394,30 @@ def _demand(
     return demand, forecast_needed or 0, guard, rebound, pending, last
 
 
-LOAD_BUCKET = dt.timedelta(seconds=REVERSAL_WINDOW_S / 2)
+LOAD_BUCKET = dt.timedelta(seconds=REVERSAL_WINDOW_S / 4)
 
 
 def _track_loads(
-    policy: ScalingPolicy,
-    readings: list[TriggerReading],
-    ready: int,
-    now: dt.datetime,
-    loads: dict[str, tuple[dt.datetime, float, float]],
-) -> dict[str, tuple[dt.datetime, float, float]]:
-    """Each ratio trigger's highest load over the last half to whole reversal window, in two buckets
-    (a few numbers in status, not every sample). One reading is one noisy sample, and right after a
-    scale-down it may not show the new count yet: a scale-down checked against it alone steps on
-    down until the rule fires again. Load is the reading times the ready pods (the HPA's ratio: what
-    the fleet carries), for averages only: a total such as a queue is a backlog that adding pods
-    drains, so its past peak says nothing of the total at a smaller fleet."""
-    out: dict[str, tuple[dt.datetime, float, float]] = {}
+    policy: ScalingPolicy, readings: list[TriggerReading], ready: int, now: dt.datetime, loads: dict[str, Loads]
+) -> dict[str, Loads]:
+    """Each averaged ratio trigger's load over the last quarter to half reversal window, as sums and
+    counts of two buckets (a few numbers in status, not every sample). One reading is one noisy
+    sample, and right after a scale-down it may not show the new count yet: a scale-down checked
+    against it alone stepped on down until the rule fired again. Load is the reading times the ready
+    pods (the HPA's ratio: what the fleet carries); a total such as a queue is a backlog that adding
+    pods drains, so its past says nothing of the total at a smaller fleet, and keeps none."""
+    out: dict[str, Loads] = {}
     for t, r in zip(policy.triggers, readings, strict=True):
         if t.sized or kind(t).summed:
             continue
-        start, cur, prev = loads.get(t.name, (now, 0.0, 0.0))
-        if now - start >= 2 * LOAD_BUCKET:
-            start, cur, prev = now, 0.0, 0.0
-        elif now - start >= LOAD_BUCKET:
-            start, cur, prev = start + LOAD_BUCKET, 0.0, cur
+        seen = loads.get(t.name) or Loads(now)
+        if now - seen.start >= 2 * LOAD_BUCKET:
+            seen = Loads(now)
+        elif now - seen.start >= LOAD_BUCKET:
+            seen = Loads(seen.start + LOAD_BUCKET, 0.0, 0, seen.total, seen.count)
         if r.value is not None:
-            cur = max(cur, r.value * max(ready, 1))
-        out[t.name] = (start, cur, prev)
+            seen = replace(seen, total=seen.total + r.value * max(ready, 1), count=seen.count + 1)
+        out[t.name] = seen
     return out
 
 

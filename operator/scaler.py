@@ -26,6 +26,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
+from voxscale import metrics_contract as mc
 from voxscale.operator import children, profiles
 from voxscale.operator import status as st
 from voxscale.operator.endpoints import EndpointResolver
@@ -33,6 +34,7 @@ from voxscale.operator.engine import Decision, History, Metrics, Observed, decid
 from voxscale.operator.history import HistoryReader
 from voxscale.operator.kube import Kube, NotReady, PodStarts, Workload, starts_of
 from voxscale.operator.policy import ScalingMode, ScalingPolicy, SpecError, format_duration
+from voxscale.operator.prepull import PrePuller
 from voxscale.operator.prometheus import Key, Pending, PrometheusSource, QueryError, Target
 from voxscale.operator.reversals import FLAPPING_HORIZON_S, REVERSAL_WINDOW_S, Move, count_reversals, flapping
 from voxscale.operator.runner import ROUND_BUDGET_SECONDS  # the `--round-budget` default, set with the flag
@@ -57,6 +59,16 @@ LAST_ROUND_PENDING = Gauge(
     "voxscale_operator_last_round_pending",
     "TTSDeployments of the latest round that kept their last decision (no answer within the budget).",
 )
+EVALUATION_WAIT = Histogram(
+    "voxscale_operator_evaluation_wait_seconds",
+    "Seconds between two evaluations of a TTSDeployment: its interval, plus the rounds it waited while the "
+    "fleet's evaluations did not fit the round's budget.",
+    buckets=(1, 5, 10, 11, 12.5, 15, 20, 30, 60, 120),
+)
+LAST_ROUND_LONGEST_WAIT = Gauge(
+    "voxscale_operator_last_round_longest_wait_seconds",
+    "The longest an object of the latest round went since its previous evaluation.",
+)
 LAST_ROUND_DEFERRED = Gauge(
     "voxscale_operator_last_round_deferred",
     "TTSDeployments that were due but left to the next round (the round's evaluation budget was spent).",
@@ -67,7 +79,9 @@ DESIRED = Gauge("voxscale_operator_desired_replicas", "The engine's latest decis
 READY = Gauge("voxscale_operator_ready_replicas", "Ready pods of the TTSDeployment.", _PER_OBJECT)
 MAX = Gauge("voxscale_operator_max_replicas", "spec.replicas.max of the TTSDeployment.", _PER_OBJECT)
 METRICS_OK = Gauge("voxscale_operator_metrics_available", "1 while every trigger has data.", _PER_OBJECT)
-ADVISED = Gauge("voxscale_operator_advised_replicas", "What advisory mode would set (not written).", _PER_OBJECT)
+ADVISED = Gauge(mc.OPERATOR_ADVISED_REPLICAS.name, mc.OPERATOR_ADVISED_REPLICAS.help, _PER_OBJECT)
+# The other side of the advice: the replicas the workload has (what a shadowed autoscaler set).
+WORKLOAD_REPLICAS = Gauge(mc.OPERATOR_WORKLOAD_REPLICAS.name, mc.OPERATOR_WORKLOAD_REPLICAS.help, _PER_OBJECT)
 REVERSALS = Counter(
     "voxscale_operator_reversals",
     "Scale moves (or advice) undone within 10 min while the load changed < 20 % (operator/reversals.py).",
@@ -85,7 +99,7 @@ SPEC_INVALID = Gauge(
     "voxscale_operator_spec_invalid", "1 while the spec cannot be parsed (decision series removed).", _PER_OBJECT
 )
 # Series that hold only while the engine decides for the object; removed while its spec is invalid.
-_DECISION_GAUGES = (DESIRED, MAX, METRICS_OK, ADVISED, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
+_DECISION_GAUGES = (DESIRED, MAX, METRICS_OK, ADVISED, WORKLOAD_REPLICAS, DEMAND, CAPACITY, FORECAST, FORECAST_ACTUAL)
 _PER_OBJECT_GAUGES = (*_DECISION_GAUGES, READY, SPEC_INVALID, REVERSALS)
 
 EVALUATION_BUDGET_SECONDS = 0.5  # a round evaluates what fits in this; the rest of the due objects wait a round
@@ -120,8 +134,11 @@ class Tracked:
     reported_stuck: frozenset[str] = frozenset()  # stuck pods already told in an Event
     moves: list[Move] = field(default_factory=list)  # this leader's recent moves (or changes of advice)
     start_phases: tuple[tuple[float, float, float], ...] = ()  # of its Ready pods, this round
+    prepull: st.Condition | None = None  # ImagePrePulled this round (None: spec.prePull is off)
     reported_left: frozenset[str] = frozenset()  # children of a former spec.model already told in an Event
     reported_flapping: bool = False
+    evaluated_at: float | None = None  # monotonic start of the round that last evaluated it
+    expected_kinds: frozenset[str] | None = None  # the children its spec asks for (at `generation`)
 
     @property
     def key(self) -> Key:
@@ -171,6 +188,7 @@ class Scaler:
         self._queries_counted = 0  # stats.queries already added to PROM_QUERIES (history reads count too)
         self._seconds_per_object = 0.001  # evaluation cost per object (EWMA over rounds; a prior until measured)
         self._refreshes = TokenBucket(STATUS_REFRESHES_PER_SECOND, burst=10 * STATUS_REFRESHES_PER_SECOND)
+        self.prepull = PrePuller(kube, self.namespaces)  # spec.prePull's DaemonSets (operator/prepull.py)
 
     # ---------------------------------------------------------------- registry (fed by kopf events)
     def upsert(self, body: dict[str, Any]) -> None:
@@ -200,6 +218,11 @@ class Scaler:
             # A shape the schema refuses can still be stored from before a CRD change: say it, never crash.
             except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
                 tr.policy, tr.spec_error = None, f"spec: {exc}"
+            try:
+                # Per spec, not per round: it fills in the CRD's defaults (a deep copy and a schema walk).
+                tr.expected_kinds = frozenset(children.expected_kinds(body))
+            except Exception:  # said where the round asks for it (_restore_children), as before the cache
+                tr.expected_kinds = None
             tr.next_due = 0.0  # evaluate a changed spec at once
 
     def remove(self, key: Key) -> None:
@@ -258,13 +281,20 @@ class Scaler:
         starts = self.kube.pod_starts(self.namespaces)
         present = self.kube.list_children(self.namespaces)
         foreign = self.kube.foreign_autoscalers(self.namespaces)
+        self._prepull(due)
         with self._lock:
             everyone = list(self.tracked.values())
         rivals = children.attached_writers([o.body for o in everyone], {o.key: o.writes for o in everyone})
         evaluating = time.perf_counter()
+        longest_wait = 0.0
         for tr in due:
             interval = tr.policy.interval.total_seconds() if tr.policy else 10.0
             tr.next_due = mono + interval
+            if tr.evaluated_at is not None:
+                waited = mono - tr.evaluated_at
+                EVALUATION_WAIT.observe(waited)
+                longest_wait = max(longest_wait, waited)
+            tr.evaluated_at = mono
             m = gathered.metrics.get(tr.key) or Metrics(error=endpoint_errors.get(tr.key, "not queried"))
             m = replace(m, history=self.history.get(tr.key))
             try:
@@ -297,6 +327,7 @@ class Scaler:
         LAST_ROUND_OBJECTS.set(len(due))
         LAST_ROUND_PENDING.set(len(pending))
         LAST_ROUND_DEFERRED.set(deferred)
+        LAST_ROUND_LONGEST_WAIT.set(longest_wait)
         return len(due)
 
     def _this_round(self, due: list[Tracked]) -> tuple[list[Tracked], int]:
@@ -361,6 +392,16 @@ class Scaler:
             return f"TTSDeployment {ref.namespace}/{work.created_by} (which created it)"
         return rival
 
+    def _prepull(self, due: list[Tracked]) -> None:
+        """Keep the due objects' pre-pull DaemonSets; a failure there never stops the scaling round."""
+        try:
+            conditions = self.prepull.round([tr.body for tr in due])
+        except Exception:
+            log.exception("keeping the pre-pull DaemonSets failed; retrying next round")
+            return
+        for tr in due:
+            tr.prepull = conditions.get(tr.key)
+
     def _count_queries(self, before_round: int) -> None:
         """PROM_QUERIES counts every query (background history reads included) exactly once."""
         total = self.source.stats.queries
@@ -378,7 +419,8 @@ class Scaler:
     def _restore_children(self, tr: Tracked, present: set[str]) -> None:
         """Re-apply the children when a Service or PDB the spec calls for is gone (the Deployment is
         checked in `_evaluate`)."""
-        missing = sorted(children.expected_kinds(tr.body) - {"Deployment"} - present)
+        kinds = tr.expected_kinds if tr.expected_kinds is not None else children.expected_kinds(tr.body)
+        missing = sorted(kinds - {"Deployment"} - present)
         if missing:
             applied = self.kube.apply_children(tr.body)
             message = f"{', '.join(missing)} missing (deleted?): applied {', '.join(applied)}"
@@ -559,6 +601,7 @@ class Scaler:
         """This decision's series; a series it has no value for is removed, never left at an old one
         (advice after advisory mode ended, demand after its data went)."""
         DESIRED.labels(*key).set(decision.current if advisory else decision.desired)
+        WORKLOAD_REPLICAS.labels(*key).set(decision.current)
         READY.labels(*key).set(ready)
         MAX.labels(*key).set(max_replicas)
         METRICS_OK.labels(*key).set(1 if decision.metrics_available else 0)
@@ -604,19 +647,23 @@ class Scaler:
             shadowing=tr.shadowing,
             flapping=flapping(tr.moves, now.timestamp()) if decision is not None else None,
             start_phases=tr.start_phases,
+            prepull=tr.prepull,
         )
         if tr.spec_error and tr.spec_error != tr.reported_error:
             self.kube.event(body, "Warning", "InvalidSpec", tr.spec_error)
         tr.reported_error = tr.spec_error
-        new = st.build(tr.status or body.get("status") or {}, seen, decision, tr.history, now)
+        previous = tr.status or body.get("status") or {}
+        significant = {**st.significant_of(previous, seen, decision, tr.history, now), "specError": tr.spec_error}
+        mono = time.monotonic()
+        if significant == tr.written and (
+            mono - tr.written_at < STATUS_REFRESH_SECONDS or not self._refreshes.available()
+        ):
+            return  # nothing to write, so the document is not built (most evaluations of a steady fleet)
+        new = st.build(previous, seen, decision, tr.history, now)
         if decision is not None and isinstance(new.get("lastDecision"), dict):
             # Which metric profile fed it and what that profile approximated.
             new["lastDecision"] = {**new["lastDecision"], "signals": profiles.describe(tr.profile)}
-        significant = {**st.significant(new), "specError": tr.spec_error}
-        mono = time.monotonic()
-        if significant == tr.written and (
-            mono - tr.written_at < STATUS_REFRESH_SECONDS or new == tr.status or not self._refreshes.take()
-        ):
+        if significant == tr.written and (new == tr.status or not self._refreshes.take()):
             return
         if self.status_writer is not None:
             self.status_writer.put(tr.key, new)

@@ -106,6 +106,29 @@ STALE_MIN = dt.timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
+class Loads:
+    """One trigger's load (reading x ready pods) over two buckets: the one begun at `start` and the
+    one before it, as sums and counts, so their mean is read without keeping every sample."""
+
+    start: dt.datetime
+    total: float = 0.0
+    count: int = 0
+    previous_total: float = 0.0
+    previous_count: int = 0
+
+    def mean(self) -> float | None:
+        n = self.count + self.previous_count
+        return (self.total + self.previous_total) / n if n else None
+
+    def to_list(self) -> list[Any]:
+        return [self.start.isoformat(), self.total, self.count, self.previous_total, self.previous_count]
+
+    @classmethod
+    def from_list(cls, v: list[Any]) -> Loads:
+        return cls(dt.datetime.fromisoformat(v[0]), float(v[1]), int(v[2]), float(v[3]), int(v[4]))
+
+
+@dataclass(frozen=True)
 class History:
     """The engine's own small memory between ticks (serialisable, so a restart loses nothing)."""
 
@@ -122,10 +145,9 @@ class History:
     # The last scale-up and the load (arrivals over the rate window) then: a scale-down that would undo
     # it while the load is about the same is a reversal (operator/reversals.py), refused (antiflap.py).
     last_up: tuple[dt.datetime, float] | None = None
-    # Per averaged ratio trigger (GPU, latency, PromQL averages), the highest load it read lately
-    # (engine.py's _track_loads): (start of the current bucket, highest this bucket, highest the
-    # bucket before), load = reading x ready pods. WouldFlap predicts from it, not from one sample.
-    loads: dict[str, tuple[dt.datetime, float, float]] = field(default_factory=dict)
+    # Per averaged ratio trigger (GPU, latency, PromQL averages), the load it read lately (engine.py's
+    # _track_loads). WouldFlap predicts from its mean, not from one sample.
+    loads: dict[str, Loads] = field(default_factory=dict)
 
     def resumed(self, now: dt.datetime, interval: dt.timedelta) -> History:
         """This memory as a tick at `now` may trust it. "Below 40 % since 10:00" claims every tick
@@ -168,7 +190,7 @@ class History:
             "lastForecast": list(self.last_forecast) if self.last_forecast else None,
             "observedAt": self.observed_at.isoformat() if self.observed_at else None,
             "lastUp": [self.last_up[0].isoformat(), self.last_up[1]] if self.last_up else None,
-            "loads": {k: [t.isoformat(), cur, prev] for k, (t, cur, prev) in self.loads.items()},
+            "loads": {k: v.to_list() for k, v in self.loads.items()},
         }
 
     @classmethod
@@ -191,7 +213,7 @@ class History:
             last_forecast=(float(last[0]), float(last[1])) if last else None,
             observed_at=ts(d["observedAt"]) if d.get("observedAt") else None,
             last_up=(ts(up[0]), float(up[1])) if up else None,
-            loads={k: (ts(t), float(cur), float(prev)) for k, (t, cur, prev) in (d.get("loads") or {}).items()},
+            loads={k: Loads.from_list(v) for k, v in (d.get("loads") or {}).items()},
         )
 
 

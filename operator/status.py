@@ -166,6 +166,7 @@ def demand(decision: Decision) -> dict[str, Any] | None:
         "arrivalRps": _round(d.arrival_rps),
         "replicaCapacityRps": _round(d.capacity_rps),
         "capacitySource": "measured" if d.capacity_measured else "assumed",
+        "capacityUnit": d.capacity_unit.value if d.capacity_unit is not None else None,
         "neededReplicas": d.needed,
     }
 
@@ -212,6 +213,7 @@ class Observation:
     flapping: Flapping | None = None  # the reversals of the last hour (None before the first decision)
     # (scheduling, pull and start, loading) seconds of each Ready pod's start (operator/kube.py start_phases)
     start_phases: tuple[tuple[float, float, float], ...] = ()
+    prepull: Condition | None = None  # ImagePrePulled (operator/prepull.py); None: spec.prePull is off
 
 
 def build(
@@ -219,15 +221,7 @@ def build(
 ) -> dict[str, Any]:
     """The complete status document: no None values, nothing carried over but lastScaleTime and the
     conditions' transition times."""
-    conditions = [
-        ready_condition(
-            seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found, seen.target, seen.target_problem
-        ),
-        *scaling_conditions(
-            decision, seen.spec_error, seen.paused, seen.conflict, seen.pending, seen.target, seen.shadowing
-        ),
-        *flapping_condition(seen.flapping),
-    ]
+    conditions = conditions_of(seen, decision)
     out: dict[str, Any] = {
         "observedGeneration": seen.generation,
         "replicas": seen.replicas,
@@ -254,6 +248,42 @@ def build(
             out["lastScaleTime"] = iso(now)
     document: dict[str, Any] = without_nulls(out)
     return document
+
+
+def conditions_of(seen: Observation, decision: Decision | None) -> list[Condition]:
+    """Every condition of the status, in order (`build` stamps their transition times)."""
+    return [
+        ready_condition(
+            seen.ready, seen.replicas, seen.min_replicas, seen.deployment_found, seen.target, seen.target_problem
+        ),
+        *scaling_conditions(
+            decision, seen.spec_error, seen.paused, seen.conflict, seen.pending, seen.target, seen.shadowing
+        ),
+        *flapping_condition(seen.flapping),
+        *([seen.prepull] if seen.prepull is not None else []),
+    ]
+
+
+def significant_of(
+    previous: dict[str, Any], seen: Observation, decision: Decision | None, history: History, now: dt.datetime
+) -> dict[str, Any]:
+    """`significant(build(...))` without building the document (issue 24: most evaluations of a steady
+    fleet write nothing, and the whole document - sentences, last decision, forecast, cold start - cost
+    a third of an evaluation). tests/test_status_lazy.py holds the two equal over generated inputs."""
+    decided = seen.spec_error is None and decision is not None
+    scaled = decided and decision is not None and decision.changed and not seen.advisory and not seen.pending
+    engine = history.to_dict()
+    return {
+        "observedGeneration": seen.generation,
+        "replicas": seen.replicas,
+        "readyReplicas": seen.ready,
+        "desiredReplicas": (decision.current if seen.advisory else decision.desired) if decided and decision else None,
+        "advisedReplicas": decision.desired if decided and decision and seen.advisory else None,
+        "reason": "InvalidSpec" if seen.spec_error is not None else decision.rule if decision is not None else None,
+        "lastScaleTime": iso(now) if scaled else previous.get("lastScaleTime"),
+        "conditions": [(c.type, c.status, c.reason) for c in conditions_of(seen, decision)],
+        "engine": {k: without_nulls(engine.get(k)) for k in SIGNIFICANT_ENGINE},
+    }
 
 
 def cold_start(phases: tuple[tuple[float, float, float], ...]) -> dict[str, Any] | None:

@@ -27,13 +27,18 @@ class TokenBucket:
         self.tokens, self.at = burst, clock()
 
     def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
+        if not self.available():
             return False
         self.tokens -= 1
         return True
+
+    def available(self) -> bool:
+        """Whether a take() now would succeed (it takes nothing): the caller can skip the work a
+        refused take() would throw away."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens >= 1
 
 
 class StatusWriter:

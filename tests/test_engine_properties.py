@@ -129,15 +129,20 @@ def test_invariants_hold_over_random_policies_and_metric_streams(data: st.DataOb
             # 3. never a scale-down while data is missing...
             assert d.metrics_available, d.message
             # 4. ...nor inside the stabilisation window: every tick in it had complete data, and every
-            #    trigger with a scale-down threshold stayed below it.
+            #    trigger with a scale-down threshold stayed below it - or, where the SLO model sized the
+            #    fleet, a rule between its thresholds abstained (engine.py's _calm): not above its
+            #    scale-up threshold when the scale-down is decided.
             window = pol.scale_down.stabilization_window
             recent = [t for when, t in seen if run.now - when <= window]
             assert (run.now - seen[0][0]) >= window, "scaled down before a whole window of history"
+            sized = d.demand is not None and d.demand.needed is not None
             for t in recent:
                 assert t.values is not None and not t.dropped, d.message
                 for trig in pol.triggers:
-                    if trig.scale_down_below is not None:
+                    if trig.scale_down_below is not None and not sized:
                         assert t.values[trig.name] < trig.scale_down_below, d.message
+                    if trig.scale_up_above is not None and t is recent[-1]:
+                        assert t.values[trig.name] <= trig.scale_up_above, d.message
         run.now += dt.timedelta(seconds=tick.step)
 
 

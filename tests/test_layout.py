@@ -39,7 +39,17 @@ def test_folders_map_to_voxscale_subpackages() -> None:
 
 def test_every_component_is_pinned_in_the_one_versions_file() -> None:
     pins = binaries.pinned_versions()
-    assert set(pins) == {"kubernetes", "etcd", "kwok", "helm", "prometheus", "pause", "prometheus-operator"}
+    assert set(pins) == {
+        "kubernetes",
+        "etcd",
+        "kwok",
+        "helm",
+        "prometheus",
+        "pause",
+        "prometheus-operator",
+        "registry",
+        "metrics-server",
+    }
     comps = binaries.components(pins)
     assert {c.version for c in comps.values()} == set(pins.values())
     assert pins["etcd"].startswith(("v3.5.", "v3.6."))
@@ -73,7 +83,8 @@ def test_kubernetes_wrapper_replaces_each_staging_module_with_its_published_vers
 
 def test_kubernetes_binaries_are_version_stamped() -> None:
     pins = {"kubernetes": "v1.35.4", "etcd": "v3.6.1", "kwok": "v0.8.0", "helm": "v3.21.4"}
-    comp = binaries.components({**pins, "prometheus": "v0.316.0", "pause": "v1", "prometheus-operator": "v0.93.0"})
+    on_demand = {"prometheus-operator": "v0.93.0", "registry": "v3.1.2", "metrics-server": "v0.8.0"}
+    comp = binaries.components({**pins, "prometheus": "v0.316.0", "pause": "v1", **on_demand})
     flags = " ".join(comp["kubernetes"].ldflags)
     assert "-X k8s.io/component-base/version.gitVersion=v1.35.4" in flags
     assert "-X k8s.io/client-go/pkg/version.gitVersion=v1.35.4" in flags

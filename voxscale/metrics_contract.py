@@ -188,3 +188,22 @@ DOOR_METRICS: tuple[Metric, ...] = (
     DOOR_CONCURRENCY_LIMIT,
     DOOR_SERVER_READY,
 )
+
+# --- The operator's own /metrics: advice beside what the workload runs ---------------------------------------
+# Advisory mode (spec.scaling.mode: advisory) shadows another autoscaler (an HPA, KEDA) and writes nothing.
+# Both sides of the comparison come from one scrape of the operator, at the same instant: what voxscale
+# would set, and the replicas the workload has (in advisory mode: what the shadowed autoscaler set), so a
+# day of both is two series in Prometheus, without kube-state-metrics. Labels: namespace, ttsdeployment.
+OPERATOR_OBJECT_LABELS = ("namespace", "ttsdeployment")
+OPERATOR_ADVISED_REPLICAS = Metric(
+    "voxscale_operator_advised_replicas",
+    Kind.GAUGE,
+    "What advisory mode would set (not written).",
+    labels=OPERATOR_OBJECT_LABELS,
+)
+OPERATOR_WORKLOAD_REPLICAS = Metric(
+    "voxscale_operator_workload_replicas",
+    Kind.GAUGE,
+    "spec.replicas of the scaled workload as read this round (in advisory mode: what the shadowed autoscaler set).",
+    labels=OPERATOR_OBJECT_LABELS,
+)

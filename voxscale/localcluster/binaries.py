@@ -285,6 +285,28 @@ def components(versions: dict[str, str] | None = None) -> dict[str, GoComponent]
             ),
             files=_require_files(f"helm.sh/helm/v{helm_major}"),
         ),
+        # Only tests/test_hpa_advisory_e2e.py builds it (ON_DEMAND): the resource metrics API
+        # (metrics.k8s.io) a real HorizontalPodAutoscaler reads, from the real node's kubelet.
+        # metricsserver.py runs it; its go.mod has no replace lines, so the plain wrapper builds it.
+        "metrics-server": GoComponent(
+            name="metrics-server",
+            version=v["metrics-server"],
+            binaries=("metrics-server",),
+            packages=("sigs.k8s.io/metrics-server/cmd/metrics-server",),
+            # What its own Makefile stamps (it reports the client-go version variable as its own).
+            ldflags=(f"-X k8s.io/client-go/pkg/version.gitVersion={v['metrics-server']}",),
+            files=_require_files("sigs.k8s.io/metrics-server"),
+        ),
+        # Only the pre-pull test and bench build it (ON_DEMAND): an OCI registry on 127.0.0.1 for the real
+        # node's containerd to pull from, so an image pull is a real one (registry.py). No replace lines.
+        "registry": GoComponent(
+            name="registry",
+            version=v["registry"],
+            binaries=("registry",),
+            packages=("github.com/distribution/distribution/v3/cmd/registry",),
+            ldflags=(f"-X github.com/distribution/distribution/v3/version.version={v['registry']}",),
+            files=_require_files("github.com/distribution/distribution/v3"),
+        ),
     }
 
 
@@ -358,7 +380,7 @@ def build(comp: GoComponent, force: bool = False) -> Path:
 
 
 # Components that no cluster runs; only the test that needs one builds it (a cold build takes minutes).
-ON_DEMAND = frozenset({"prometheus-operator"})
+ON_DEMAND = frozenset({"prometheus-operator", "metrics-server", "registry"})
 
 
 def needed(real_node: bool = False) -> list[str]:

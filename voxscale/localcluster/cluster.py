@@ -72,6 +72,9 @@ class ClusterState:
     prometheus_port: int
     gpu_nodes: int
     real_node: bool = False  # a real kubelet node besides kwok's fake ones (components enabled on it)
+    # kube-controller-manager's and kube-scheduler's client QPS (burst twice it); 0: their defaults
+    # (20 and 50 QPS), which make a bench creating thousands of pods wait on client-side throttling.
+    api_qps: int = 0
     # The real node's local ports (0 without one).
     kubelet_port: int = 0
     kubelet_healthz_port: int = 0
@@ -264,7 +267,30 @@ def _apiserver_command(ctx: ClusterContext) -> list[str]:
         "--kubelet-preferred-address-types=InternalIP",
         f"--kubelet-client-certificate={ctx.state.dir / 'pki' / 'apiserver-kubelet-client.crt'}",
         f"--kubelet-client-key={ctx.state.dir / 'pki' / 'apiserver-kubelet-client.key'}",
+        *_aggregation_flags(ctx),
         "--profiling=false",
+    ]
+
+
+def _aggregation_flags(ctx: ClusterContext) -> list[str]:
+    """The aggregation layer, so an APIService (metrics-server's v1beta1.metrics.k8s.io) is served
+    through this API server: it forwards the caller's identity in X-Remote-* headers, presenting the
+    front-proxy client cert (pki.front_proxy, made by `_setup_pki`).
+
+    Aggregator routing sends a request to the APIService's endpoint address itself instead of its
+    Service's ClusterIP: this API server is a host process, and a ClusterIP is reachable from the host
+    only through kube-proxy's rules, which a cluster without a real node does not have. The endpoint is
+    the real node's bridge address (metricsserver.py) or a pod on it, both local to this machine; it
+    also applies to webhooks, which no component here registers."""
+    fp = pki.front_proxy_files(ctx.state.dir / "pki")
+    headers = [f"--requestheader-{flag}={value}" for flag, value in pki.REQUEST_HEADERS.items()]
+    return [
+        f"--requestheader-client-ca-file={fp.ca}",
+        f"--requestheader-allowed-names={pki.FRONT_PROXY_CLIENT}",
+        *headers,
+        f"--proxy-client-cert-file={fp.client.cert}",
+        f"--proxy-client-key-file={fp.client.key}",
+        "--enable-aggregator-routing=true",
     ]
 
 
@@ -286,6 +312,7 @@ def _controller_manager_command(ctx: ClusterContext) -> list[str]:
         f"--service-account-private-key-file={ctx.service_account.key}",
         f"--root-ca-file={ctx.ca.pair.cert}",
         "--profiling=false",
+        *_api_qps_flags(ctx.state),
     ]
 
 
@@ -297,7 +324,13 @@ def _scheduler_command(ctx: ClusterContext) -> list[str]:
         "--secure-port=0",
         "--leader-elect=false",
         "--profiling=false",
+        *_api_qps_flags(ctx.state),
     ]
+
+
+def _api_qps_flags(st: ClusterState) -> list[str]:
+    """A controller's client rate limit when `up(api_qps=...)` raised it (opt-in: the defaults otherwise)."""
+    return [f"--kube-api-qps={st.api_qps}", f"--kube-api-burst={2 * st.api_qps}"] if st.api_qps > 0 else []
 
 
 def _kwok_command(ctx: ClusterContext) -> list[str]:
@@ -523,7 +556,9 @@ class LocalCluster:
             self._spawn(st, name, st.commands[name])
 
     # ----------------------------------------------------------------- lifecycle
-    def up(self, gpu_nodes: int = 4, timeout: float = 120.0, real_node: bool = False) -> ClusterState:
+    def up(self, gpu_nodes: int = 4, timeout: float = 120.0, real_node: bool = False, api_qps: int = 0) -> ClusterState:
+        """`api_qps` > 0: kube-controller-manager and kube-scheduler send up to that many requests a
+        second (burst twice it) instead of their defaults; for benches that create thousands of pods."""
         if self.is_up():
             st = self.state
             assert st is not None
@@ -547,6 +582,7 @@ class LocalCluster:
             prometheus_port=_free_port(),
             gpu_nodes=gpu_nodes,
             real_node=real_node,
+            api_qps=api_qps,
             owner=os.environ.get(OWNER_ENV, ""),
         )
         if real_node:
@@ -602,6 +638,7 @@ class LocalCluster:
         )
         ctx.issue_kubeconfig("admin", "voxscale-admin", "system:masters", path=st.kubeconfig)
         ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client")  # what a kubelet admits
+        pki.front_proxy(st.dir / "pki")  # the aggregation layer's own CA and client cert
         return ctx
 
     def _launch(self, ctx: ClusterContext, component: Component) -> None:

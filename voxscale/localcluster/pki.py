@@ -47,12 +47,13 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
 class LocalCA:
     """Issues certificates for one local cluster; everything it writes lives in `directory`."""
 
-    def __init__(self, directory: Path) -> None:
-        """Open the CA kept in `directory`, or make one there: a component started after `up` (the
-        real node's kubelet) gets its certificate from the same CA the API server trusts."""
+    def __init__(self, directory: Path, stem: str = "ca", common_name: str = "voxscale-local-ca") -> None:
+        """Open the CA kept in `directory` as `<stem>.crt/.key`, or make one there: a component started
+        after `up` (the real node's kubelet) gets its certificate from the same CA the API server trusts.
+        A second stem makes a second, independent CA (the aggregation layer's front proxy)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.pair = KeyPair(directory / "ca.crt", directory / "ca.key")
+        self.pair = KeyPair(directory / f"{stem}.crt", directory / f"{stem}.key")
         if self.pair.cert.exists() and self.pair.key.exists():
             key = serialization.load_pem_private_key(self.pair.key.read_bytes(), password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -63,8 +64,8 @@ class LocalCA:
         now = dt.datetime.now(dt.UTC)
         self._cert = (
             x509.CertificateBuilder()
-            .subject_name(_name("voxscale-local-ca"))
-            .issuer_name(_name("voxscale-local-ca"))
+            .subject_name(_name(common_name))
+            .issuer_name(_name(common_name))
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
@@ -135,3 +136,37 @@ def service_account_keys(directory: Path) -> KeyPair:
     )
     _write_key(key, pair.key)
     return pair
+
+
+# The aggregation layer (kube-apiserver proxying e.g. metrics.k8s.io to metrics-server). The API server
+# authenticates the user and forwards the request with X-Remote-* headers, presenting a client cert
+# from a CA of its own: an extension API server believes those headers only from a cert that chains to
+# `requestheader-client-ca-file` *and* carries an allowed name. A CA separate from the cluster's keeps
+# an ordinary client cert (which the cluster CA issues to every component) from asserting any user.
+FRONT_PROXY_CLIENT = "front-proxy-client"  # --requestheader-allowed-names
+REQUEST_HEADERS = {  # --requestheader-<flag>: the header names kubeadm and every distribution use
+    "username-headers": "X-Remote-User",
+    "group-headers": "X-Remote-Group",
+    "extra-headers-prefix": "X-Remote-Extra-",
+}
+
+
+@dataclass(frozen=True)
+class FrontProxy:
+    ca: Path  # --requestheader-client-ca-file
+    client: KeyPair  # --proxy-client-cert-file / --proxy-client-key-file
+
+
+def front_proxy_files(directory: Path) -> FrontProxy:
+    """Where `front_proxy` keeps the front-proxy CA and client cert in a cluster's PKI folder (pure)."""
+    return FrontProxy(
+        directory / "front-proxy-ca.crt",
+        KeyPair(directory / f"{FRONT_PROXY_CLIENT}.crt", directory / f"{FRONT_PROXY_CLIENT}.key"),
+    )
+
+
+def front_proxy(directory: Path) -> FrontProxy:
+    """Make the front-proxy CA and the API server's proxy client cert in `directory`."""
+    ca = LocalCA(directory, stem="front-proxy-ca", common_name="voxscale-front-proxy-ca")
+    ca.issue(FRONT_PROXY_CLIENT, FRONT_PROXY_CLIENT)
+    return front_proxy_files(directory)

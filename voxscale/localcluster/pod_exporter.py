@@ -33,6 +33,7 @@ class Load:
     loading_gpu_percent: float | None = None
     arrivals_rps: float | None = None  # requests/s arriving at the Service, spread over Ready pods
     capacity_rps: float = 16.0  # what one pod completes per busy second
+    characters_per_request: float = 200.0  # input characters each arriving request carries
 
 
 @dataclass
@@ -41,10 +42,12 @@ class PodCounters:
     completed: float = 0.0
     busy_seconds: float = 0.0
     refused: float = 0.0  # 429: what arrives beyond the pod's capacity (its queue is full)
+    characters: float = 0.0  # input characters of the requests received
 
-    def advance(self, rps: float, capacity: float, seconds: float) -> None:
+    def advance(self, rps: float, capacity: float, seconds: float, characters_per_request: float = 200.0) -> None:
         served = min(rps, capacity)
         self.received += rps * seconds
+        self.characters += rps * seconds * characters_per_request
         self.completed += served * seconds
         self.busy_seconds += served / capacity * seconds
         self.refused += (rps - served) * seconds
@@ -104,13 +107,16 @@ class PodMetricsExporter(Collector):
         completed = CounterMetricFamily(mc.COMPLETED_REQUESTS.name, mc.COMPLETED_REQUESTS.help, labels=product)
         busy = CounterMetricFamily(mc.BUSY_SECONDS.name, mc.BUSY_SECONDS.help, labels=product)
         requests = CounterMetricFamily(mc.REQUESTS.name, mc.REQUESTS.help, labels=["code", "pod", "namespace"])
+        chars = CounterMetricFamily(mc.INPUT_CHARACTERS.name, mc.INPUT_CHARACTERS.help, labels=["pod", "namespace"])
         for (ns, pod), c in list(self._counters.items()):
             received.add_metric([pod, ns], c.received)
+            chars.add_metric([pod, ns], c.characters)
             completed.add_metric([GPU_PRODUCT, pod, ns], c.completed)
             busy.add_metric([GPU_PRODUCT, pod, ns], c.busy_seconds)
             requests.add_metric(["200", pod, ns], c.completed)
             requests.add_metric(["429", pod, ns], c.refused)
         yield received
+        yield chars
         yield completed
         yield busy
         yield requests
@@ -122,7 +128,9 @@ class PodMetricsExporter(Collector):
             ready = [pod for pod, r in self._pods.get((ns, name), []) if r]
             for pod in ready:
                 per_pod = load.arrivals_rps / len(ready)
-                self._counters.setdefault((ns, pod), PodCounters()).advance(per_pod, load.capacity_rps, seconds)
+                self._counters.setdefault((ns, pod), PodCounters()).advance(
+                    per_pod, load.capacity_rps, seconds, load.characters_per_request
+                )
 
     def _refresh(self) -> None:
         while not self._stop.wait(0.5):

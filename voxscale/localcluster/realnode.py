@@ -12,8 +12,11 @@ Limits that shape the choices here:
   So the operator runs on the pod network like any pod (two replicas on one node do not clash) and is
   told the API server's and Prometheus' addresses (`api_server_env`, `prometheus_url`). Nothing
   listens on another interface: only packets that enter on the bridge from a pod are forwarded.
-- No registry is reachable: images are copied from podman's store into containerd's
+- No outside registry is reachable: images are copied from podman's store into containerd's
   (`load_images`, like `kind load`), the sandbox ("pause") image included, which is built here.
+  A registry on 127.0.0.1 (registry.py) can be added for what must be a real pull (the image
+  pre-pull bench): containerd reads per-registry hosts.toml files from `hosts_dir`, where
+  `allow_plain_http_registry` declares that one's plain-HTTP address.
 - One real node per machine: the bridge, the iptables rules and containerd's image store are
   machine-wide. The image store lives in the cache (~/.cache/voxscale/containerd) so a 6 GB
   inference image is copied once, not once per cluster.
@@ -214,6 +217,8 @@ def _containerd_config(st: ClusterState) -> str:
             },
         },
         "cni": {"bin_dir": CNI_BIN_DIR, "conf_dir": str(node / "cni" / "net.d")},
+        # Read at each pull, so a registry started after containerd is found (allow_plain_http_registry).
+        "registry": {"config_path": str(hosts_dir(st))},
     }
     config = {
         "version": 2,
@@ -225,6 +230,69 @@ def _containerd_config(st: ClusterState) -> str:
         "plugins": {"io.containerd.grpc.v1.cri": cri},
     }
     return _toml(config)
+
+
+def hosts_dir(st: ClusterState) -> Path:
+    """containerd's registry hosts folder: <registry host:port>/hosts.toml for each registry it may use."""
+    return _node_dir(st) / "certs.d"
+
+
+def registry_hosts_toml(address: str) -> str:
+    """A hosts.toml that sends pulls of `<address>/...` images to that registry over plain HTTP (a
+    registry on loopback serves no TLS; containerd otherwise speaks HTTPS to every registry)."""
+    url = f"http://{address}"
+    return f'server = "{url}"\n\n[host."{url}"]\n  capabilities = ["pull", "resolve"]\n'
+
+
+def allow_plain_http_registry(st: ClusterState, address: str) -> Path:
+    """Let the real node's containerd (so the kubelet) pull from the registry at `address`
+    (127.0.0.1:<port>). Image pulls are made by containerd on the host, so loopback is reachable
+    although the pods' network is not. Returns the hosts.toml written."""
+    path = hosts_dir(st) / address / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(registry_hosts_toml(address))
+    return path
+
+
+def images(st: ClusterState) -> dict[str, str]:
+    """Every image name containerd's CRI namespace holds (tags, repo@digest and the CRI's sha256:<id>
+    names) -> the manifest digest it points at."""
+    out = {}
+    for line in ctr(st, "images", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3:
+            out[fields[0]] = fields[2]
+    return out
+
+
+def snapshot_keys(st: ClusterState) -> set[str]:
+    """The overlayfs snapshots containerd holds; an unpacked layer stack's keys are its chain IDs."""
+    return {line.split()[0] for line in ctr(st, "snapshots", "ls").stdout.splitlines()[1:] if line.split()}
+
+
+def remove_exited_containers(st: ClusterState) -> list[str]:
+    """Delete the containers with no running task (those of deleted pods, which the kubelet's own
+    garbage collection would remove within a minute); their snapshots hold their image's layers."""
+    running = {line.split()[0] for line in ctr(st, "tasks", "ls").stdout.splitlines()[1:] if line.split()}
+    gone = [c for c in ctr(st, "containers", "ls", "--quiet").stdout.split() if c not in running]
+    for container in gone:
+        ctr(st, "containers", "delete", container, check=False)
+    return gone
+
+
+def forget_images(st: ClusterState, refs: list[str]) -> None:
+    """Remove images from the node and collect what nothing else uses (content and snapshots), as if the
+    node had never pulled them. `--sync` waits for containerd's garbage collection; with nothing to
+    remove, a throwaway tag of the sandbox image is removed instead, which collects all the same."""
+    present = images(st)
+    gone = [r for r in refs if r in present] or [_gc_tag(st)]
+    ctr(st, "images", "rm", "--sync", *gone)
+
+
+def _gc_tag(st: ClusterState) -> str:
+    tag = "localhost/voxscale/gc-trigger:latest"
+    ctr(st, "images", "tag", "--force", PAUSE_IMAGE, tag)
+    return tag
 
 
 def _toml(table: dict[str, object], prefix: str = "") -> str:
@@ -421,7 +489,8 @@ def _kubelet_config(ctx: ClusterContext) -> dict[str, object]:
         "resolvConf": "",  # no cluster DNS here; pods get the Default DNS policy
         "enforceNodeAllocatable": [],
         "evictionHard": {},  # a busy test machine must not evict the pods under test
-        "imageGCHighThresholdPercent": 100,  # images are copied in, never pulled: never collect them
+        # Images are copied in (or pulled from registry.py, by what removes them itself): never collect them.
+        "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": False,
         "maxPods": 30,

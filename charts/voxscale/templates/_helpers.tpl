@@ -56,6 +56,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The image pre-pull DaemonSet <name>-prepull (spec.prePull.enabled); removed when turned off.
+- apiGroups: ["apps"]
+  resources: ["daemonsets"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # Another autoscaler on our Deployment (an HPA, or KEDA's, which is one) is detected, not fought.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
