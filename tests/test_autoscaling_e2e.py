@@ -48,6 +48,18 @@ def status(cluster: LocalCluster, ns: str, name: str) -> dict[str, Any]:
     return dict(get_json(cluster, "ttsd", name, "-n", ns).get("status", {}))
 
 
+def scale_decision(cluster: LocalCluster, ns: str, name: str, timeout: float = 30) -> dict[str, Any]:
+    """The status's lastDecision once it is the one that set the Deployment's replicas. The operator
+    writes the status after the scale (its status writer batches the writes), so a read right after
+    the new count shows can still find the decision before it."""
+
+    def caught_up() -> dict[str, Any] | None:
+        decision = status(cluster, ns, name).get("lastDecision") or {}
+        return decision if decision.get("to") == replicas(cluster, ns, name) else None
+
+    return dict(wait_for(f"{ns}/{name}'s status to show the decision behind its replicas", caught_up, timeout))
+
+
 def metrics_available(cluster: LocalCluster, ns: str, name: str) -> str | None:
     conds = {c["type"]: c for c in status(cluster, ns, name).get("conditions", [])}
     return conds.get("MetricsAvailable", {}).get("status")
@@ -82,7 +94,7 @@ def test_gpu_above_threshold_scales_up_in_time_then_steps_down_after_the_window(
     reaction = time.monotonic() - crossed
     # Within the sustain time plus one interval and one scrape (and a little for the API round trips).
     assert sustain - 1 <= reaction <= sustain + INTERVAL + SCRAPE + 4, reaction
-    decision = status(cluster, namespace, "gpu-app")["lastDecision"]
+    decision = scale_decision(cluster, namespace, "gpu-app")
     assert decision["rule"] == "gpu" and "gpu 90% > 75%" in decision["message"]
     events = get_json(cluster, "events", "-n", namespace, "--field-selector", "involvedObject.name=gpu-app")
     assert any(e["reason"] == "ScaledUp" and "gpu 90% > 75%" in e["message"] for e in events["items"])
@@ -110,7 +122,7 @@ def test_queue_above_threshold_scales_up_while_gpu_is_low(
     settle(cluster, namespace, "q-app", 1)
     exporter.set(namespace, "q-app", gpu=20, queue_per_pod=31)
     wait_for("queue-driven scale-up", lambda: replicas(cluster, namespace, "q-app") >= 2, timeout=30)
-    decision = status(cluster, namespace, "q-app")["lastDecision"]
+    decision = scale_decision(cluster, namespace, "q-app")
     assert decision["rule"] == "queue", decision
     assert decision["metrics"]["gpu"] == 20
 
@@ -141,7 +153,7 @@ def test_schedule_floor_applies_at_its_time(
     wait_for("floor 3", lambda: replicas(cluster, namespace, "cron-app") == 3, timeout=INTERVAL + 8)
     late = (dt.datetime.now(dt.UTC) - floor_at).total_seconds()
     assert late <= INTERVAL + 4, late
-    decision = status(cluster, namespace, "cron-app")["lastDecision"]
+    decision = scale_decision(cluster, namespace, "cron-app")
     assert decision["rule"] == "schedule:launch" and decision["activeSchedule"] == "launch"
 
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.inference_helpers import ServerProcess
-from tests.test_autoscaling_e2e import replicas, status, ttsd
+from tests.test_autoscaling_e2e import replicas, scale_decision, ttsd
 from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import OperatorProcess, get_json, wait_for
 
@@ -69,7 +69,7 @@ def test_latency_and_promql_triggers_scale_on_a_real_servers_metrics(
     try:
         callers = keep_busy(server.url, stop)
         wait_for("a scale-up from the real server's latency", lambda: replicas(cluster, namespace, name) >= 2, 120)
-        decision = status(cluster, namespace, name)["lastDecision"]
+        decision = scale_decision(cluster, namespace, name)
         assert decision["rule"] == "latency", decision
         assert decision["metrics"]["latency"] > 1.0 and decision["metrics"]["arrivals"] > 0, decision
     finally:

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from tests.test_autoscaling_e2e import INTERVAL, replicas, status, ttsd
+from tests.test_autoscaling_e2e import INTERVAL, replicas, scale_decision, status, ttsd
 from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import OperatorProcess, instant_query, wait_for
 from voxscale.localcluster.pod_exporter import PodMetricsExporter
@@ -57,7 +57,7 @@ def test_a_three_minute_gpu_rule_does_not_delay_the_answer_to_refused_requests(
     wait_for("a scale-up", lambda: replicas(cluster, namespace, "refusing") > 1, timeout=30, interval=0.2)
     late = time.monotonic() - seen
     assert late <= 2 * INTERVAL + 1, f"scaled up {late:.1f} s after the refusals showed (interval {INTERVAL} s)"
-    decision = status(cluster, namespace, "refusing")["lastDecision"]
+    decision = scale_decision(cluster, namespace, "refusing")
     assert decision["to"] >= 5, decision  # sized from demand (70 rps / 16), not one step of the rule
     assert "rule gpu" in decision["message"] or "demand" in decision["message"], decision
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -95,9 +96,22 @@ def real_ttsd(name: str, inference_image: str, min_replicas: int = 1, max_replic
     }
 
 
-def service_url(cluster: LocalCluster, namespace: str, name: str) -> str:
+def service_url(cluster: LocalCluster, namespace: str, name: str, timeout: float = 60) -> str:
+    """The Service's ClusterIP URL, once it takes connections. A pod turns Ready before kube-proxy
+    has programmed it as the Service's endpoint; until then the Service's REJECT rule answers
+    "connection refused", which a load started at once would count as failed requests."""
     svc = get_json(cluster, "service", name, "-n", namespace)
-    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+    host, port = svc["spec"]["clusterIP"], int(svc["spec"]["ports"][0]["port"])
+    wait_for(f"Service {namespace}/{name} to take connections", lambda: _connects(host, port), timeout, 0.5)
+    return f"http://{host}:{port}"
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def pods(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
