@@ -162,15 +162,8 @@ def metrics_server_binary() -> Path:
 
 @pytest.fixture(scope="module")
 def real_cluster(metrics_server_binary: Path, operator_image: str, piper_image: str) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(CLUSTER)
-    st = cluster.up(gpu_nodes=1, real_node=True, timeout=300)
-    try:
-        cluster.load_images([operator_image, piper_image])
-        cluster.kubectl("create", "namespace", NAMESPACE)
+    with realpods.real_node_cluster(CLUSTER, [operator_image, piper_image], namespace=NAMESPACE) as cluster:
         yield cluster
-    finally:
-        cluster.down(quiet=True)
-        assert realnode.leftovers(st) == [], "cluster down left these behind"
 
 
 @pytest.fixture(scope="module")

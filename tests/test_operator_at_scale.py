@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hst
 
+from tests.kube_helpers import RecordingKube
 from voxscale.operator.engine import Metrics
 from voxscale.operator.kube import Kube, PodStarts
 from voxscale.operator.scaler import EVALUATION_BUDGET_SECONDS, MIN_OBJECTS_PER_ROUND, STATUS_REFRESH_SECONDS, Scaler
@@ -30,26 +31,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class CountingKube:
-    def __init__(self) -> None:
-        self.writes: list[str] = []
-
-    def replace_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        self.writes.append(name)
-
-    def event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        pass
-
-    def scale(self, ns: str, name: str, replicas: int) -> None:
-        pass
-
-    def set_deletion_costs(self, ns: str, costs: dict[str, int]) -> None:
-        pass
-
-    def secret_data(self, ns: str, name: str) -> dict[str, str]:
-        raise AssertionError("no Secret is read here")
 
 
 def ttsd(name: str) -> dict[str, Any]:
@@ -74,7 +55,7 @@ def test_unchanged_status_refreshes_share_a_budget_and_changes_are_written_at_on
 ) -> None:
     clock = Clock()
     monkeypatch.setattr("voxscale.operator.scaler.time.monotonic", clock)
-    kube = CountingKube()
+    kube = RecordingKube()
     scaler = Scaler(cast(Kube, kube))
     scaler._refreshes = TokenBucket(rate=5, burst=50, clock=clock)
     names = [f"tts-{i:03d}" for i in range(300)]
@@ -149,7 +130,7 @@ def test_the_writer_writes_each_objects_newest_status_once_in_order_and_survives
 
 # ------------------------------------------------------------------ rounds that spread a large fleet
 def test_a_round_takes_the_longest_waiting_objects_that_fit_its_budget() -> None:
-    scaler = Scaler(cast(Kube, CountingKube()))
+    scaler = Scaler(cast(Kube, RecordingKube()))
     for i in range(1000):
         scaler.upsert(ttsd(f"tts-{i:04d}"))
     for i, tr in enumerate(scaler.tracked.values()):

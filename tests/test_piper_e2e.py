@@ -116,16 +116,9 @@ def serving_pods(cluster: LocalCluster) -> set[str]:
 
 @pytest.fixture(scope="module")
 def real_cluster(operator_image: str, piper_image: str) -> Iterator[LocalCluster]:
-    cluster = LocalCluster("piper")
-    st = cluster.up(gpu_nodes=1, real_node=True, timeout=300)
-    try:
-        cluster.load_images([operator_image, piper_image])
-        realpods.install_operator(st, operator_image)
-        cluster.kubectl("create", "namespace", NAMESPACE)
+    images = [operator_image, piper_image]
+    with realpods.real_node_cluster("piper", images, operator_image, NAMESPACE) as cluster:
         yield cluster
-    finally:
-        cluster.down(quiet=True)
-        assert realnode.leftovers(st) == [], "cluster down left these behind"
 
 
 def test_the_examples_validate_against_the_crd() -> None:

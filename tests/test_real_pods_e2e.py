@@ -31,14 +31,8 @@ NAME = "tts"
 
 @pytest.fixture(scope="module")
 def real_cluster(operator_image: str, inference_image: str) -> Iterator[LocalCluster]:
-    cluster = LocalCluster("real-pods")
-    st = cluster.up(gpu_nodes=1, real_node=True, timeout=300)
-    try:
-        cluster.load_images([operator_image, inference_image])
+    with realpods.real_node_cluster("real-pods", [operator_image, inference_image]) as cluster:
         yield cluster
-    finally:
-        cluster.down(quiet=True)
-        assert realnode.leftovers(st) == [], "cluster down left these behind"
 
 
 def prometheus(st: ClusterState, query: str) -> list[dict[str, Any]]:

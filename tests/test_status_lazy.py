@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 from tests.engine_helpers import T0, Run, policy
+from tests.kube_helpers import RecordingKube
 from voxscale.operator import status as st
 from voxscale.operator.engine import Metrics
 from voxscale.operator.kube import Kube, PodStarts
@@ -91,31 +92,6 @@ class Clock:
         return self.t
 
 
-class FakeKube:
-    def __init__(self) -> None:
-        self.writes: list[dict[str, Any]] = []
-        self.applied: list[str] = []
-
-    def replace_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        self.writes.append(status)
-
-    def event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        pass
-
-    def scale(self, ns: str, name: str, replicas: int) -> None:
-        pass
-
-    def set_deletion_costs(self, ns: str, costs: dict[str, int]) -> None:
-        pass
-
-    def secret_data(self, ns: str, name: str) -> dict[str, str]:
-        raise AssertionError("no Secret is read here")
-
-    def apply_children(self, body: dict[str, Any]) -> list[str]:
-        self.applied.append(body["metadata"]["name"])
-        return ["Service"]
-
-
 def ttsd(generation: int = 1, network_policy: bool = False) -> dict[str, Any]:
     return {
         "metadata": {"namespace": "ns", "name": "a", "generation": generation, "uid": "u1"},
@@ -145,7 +121,7 @@ def test_the_document_is_built_only_when_it_may_be_written(monkeypatch: pytest.M
         return real_build(*args)
 
     monkeypatch.setattr(st, "build", counted_build)
-    kube = FakeKube()
+    kube = RecordingKube()
     scaler = Scaler(cast(Kube, kube))
     scaler._refreshes = TokenBucket(rate=1, burst=1, clock=clock)
     scaler.upsert(ttsd())
@@ -166,15 +142,15 @@ def test_the_document_is_built_only_when_it_may_be_written(monkeypatch: pytest.M
     clock.t += 1  # one token back
     evaluate(T0 + dt.timedelta(seconds=41))
     assert (len(built), len(kube.writes)) == (2, 2)  # refreshed
-    assert kube.writes[-1]["lastDecision"]["time"] == "2026-03-02T00:00:41Z"
+    assert kube.statuses[-1]["lastDecision"]["time"] == "2026-03-02T00:00:41Z"
     clock.t += 1
     evaluate(T0 + dt.timedelta(seconds=42), queue=40.0)  # a scale-up: written at once, out of budget
     assert (len(built), len(kube.writes)) == (3, 3)
-    assert kube.writes[-1]["desiredReplicas"] > 2
+    assert kube.statuses[-1]["desiredReplicas"] > 2
 
 
 def test_the_children_a_spec_asks_for_follow_its_generation() -> None:
-    kube = FakeKube()
+    kube = RecordingKube()
     scaler = Scaler(cast(Kube, kube))
     scaler.upsert(ttsd())
     tr = scaler.tracked[("ns", "a")]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.test_piper_e2e import manifests, prometheus
-from voxscale.localcluster import realnode, realpods
+from voxscale.localcluster import realpods
 from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import REPO, get_json, wait_for
 from voxscale.operator.profiles import Approximation
@@ -52,16 +52,9 @@ def ttsd(cluster: LocalCluster) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def real_cluster(operator_image: str, triton_image: str) -> Iterator[LocalCluster]:
-    cluster = LocalCluster("triton-e2e")
-    st = cluster.up(gpu_nodes=1, real_node=True, timeout=300)
-    try:
-        cluster.load_images([operator_image, triton_image])
-        realpods.install_operator(st, operator_image)
-        cluster.kubectl("create", "namespace", NAMESPACE)
+    images = [operator_image, triton_image]
+    with realpods.real_node_cluster("triton-e2e", images, operator_image, NAMESPACE) as cluster:
         yield cluster
-    finally:
-        cluster.down(quiet=True)
-        assert realnode.leftovers(st) == [], "cluster down left these behind"
 
 
 def test_the_example_validates_against_the_crd() -> None:

@@ -33,6 +33,7 @@ import yaml
 
 from voxscale.localcluster import binaries, pki, realnode
 from voxscale.localcluster.cluster import LocalCluster, write_kubeconfig
+from voxscale.localcluster.procs import HostProcess
 
 NAME = "metrics-server"
 NAMESPACE = "kube-system"
@@ -166,7 +167,7 @@ def api_service_available(cluster: LocalCluster) -> bool:
 
 
 @dataclass
-class MetricsServerProcess:
+class MetricsServerProcess(HostProcess):
     """metrics-server as a host process for one local cluster with a real node; `start` registers it."""
 
     cluster: LocalCluster
@@ -188,25 +189,11 @@ class MetricsServerProcess:
         self.port = bridge_port()
         docs = manifests(self.port, ca.pair.cert.read_bytes())
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-        cmd = command(binary, self.port, kubeconfig, serving)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.launch(command(binary, self.port, kubeconfig, serving))
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         """Stop the process and unregister the APIService (an unavailable one would fail discovery)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        super().stop()
         if self.cluster.state is not None:
             self.cluster.kubectl("delete", "apiservice", API_SERVICE, "--ignore-not-found", check=False)

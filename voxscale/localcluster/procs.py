@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -39,3 +40,34 @@ def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+class HostProcess:
+    """A long-running binary on this machine beside the local cluster (prometheus-operator,
+    metrics-server, the image registry), its output in `log_path`. A mixin: the dataclass using it
+    has the `log_path` and `proc` fields and builds the command line in its own `start`."""
+
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def launch(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        """Start `cmd` in a session of its own, so a test run's Ctrl-C reaches it only through stop()."""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL after 20 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

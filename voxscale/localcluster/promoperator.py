@@ -26,6 +26,7 @@ import yaml
 from voxscale.localcluster import binaries
 from voxscale.localcluster.cluster import LocalCluster
 from voxscale.localcluster.harness import free_port
+from voxscale.localcluster.procs import HostProcess
 
 CRD_DIR = "example/prometheus-operator-crd"  # inside the module, one file per CRD
 CONFIG_KEY = "prometheus.yaml.gz"  # the key of the generated Secret `prometheus-<name>`
@@ -146,7 +147,7 @@ def write_rule_files(configmaps: list[dict[str, Any]], rules_dir: Path) -> list[
 
 
 @dataclass
-class PrometheusOperatorProcess:
+class PrometheusOperatorProcess(HostProcess):
     """`operator` (prometheus-operator) as a host process with the given kubeconfig."""
 
     binary: Path  # build(): the built `operator`
@@ -156,23 +157,5 @@ class PrometheusOperatorProcess:
 
     def start(self) -> PrometheusOperatorProcess:
         cmd = [str(self.binary), f"--web.listen-address=127.0.0.1:{free_port()}", "--log-level=info"]
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.launch(cmd, dict(os.environ, KUBECONFIG=str(self.kubeconfig)))
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)

@@ -9,6 +9,7 @@ cluster's Prometheus finds them by Kubernetes service discovery; `SpeechLoad` se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,29 @@ TEXT = "A real server in a real container answers this request through the Servi
 def image(target: str, tag: str | None = None) -> str:
     """What hack/build-images.sh tags: localhost/voxscale/<target>:<VOXSCALE_IMAGE_TAG or dev>."""
     return f"localhost/voxscale/{target}:{tag or os.environ.get('VOXSCALE_IMAGE_TAG', 'dev')}"
+
+
+@contextlib.contextmanager
+def real_node_cluster(
+    name: str, images: list[str], operator_image: str | None = None, namespace: str | None = None
+) -> Iterator[LocalCluster]:
+    """A local cluster with one real node (`voxscale cluster up --real-node`), `images` loaded into
+    its containerd, the operator installed with the chart when `operator_image` is given, and
+    `namespace` created; taken down after, and checked to leave nothing behind on this machine."""
+    cluster = LocalCluster(name)
+    st = cluster.up(gpu_nodes=1, real_node=True, timeout=300)
+    try:
+        cluster.load_images(images)
+        if operator_image is not None:
+            install_operator(st, operator_image)
+        if namespace is not None:
+            cluster.kubectl("create", "namespace", namespace)
+        yield cluster
+    finally:
+        cluster.down(quiet=True)
+        left = realnode.leftovers(st)
+        if left:
+            raise AssertionError(f"cluster down left these behind: {left}")
 
 
 def install_operator(st: ClusterState, operator_image: str, release: str = "voxscale") -> None:

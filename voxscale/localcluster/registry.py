@@ -24,7 +24,7 @@ import yaml
 
 from voxscale.localcluster import binaries, realnode
 from voxscale.localcluster.harness import free_port, wait_for
-from voxscale.localcluster.procs import http_ok
+from voxscale.localcluster.procs import HostProcess, http_ok
 
 if TYPE_CHECKING:
     from voxscale.localcluster.cluster import ClusterState
@@ -76,10 +76,14 @@ class Pushed:
 
 
 @dataclass
-class Registry:
+class Registry(HostProcess):
     root: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log_path: Path = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.root / "registry.log"
 
     @property
     def address(self) -> str:
@@ -91,8 +95,7 @@ class Registry:
         self.port = self.port or free_port()
         path = self.root / "config.yml"
         path.write_text(yaml.safe_dump(config(self.root, self.port)))
-        log = (self.root / "registry.log").open("ab")
-        self.proc = subprocess.Popen([str(binary), "serve", str(path)], stdout=log, stderr=subprocess.STDOUT)
+        self.launch([str(binary), "serve", str(path)])
         try:
             url = f"http://{self.address}/v2/"
             wait_for("the registry to answer /v2/", lambda: self._alive() and http_ok(url), timeout)
@@ -103,19 +106,12 @@ class Registry:
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            tail = (self.root / "registry.log").read_text(errors="replace")[-2000:]
+            tail = self.log()[-2000:]
             raise RuntimeError(f"the registry exited ({self.proc.returncode}): {tail}")
         return True
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        super().stop()
         self.proc = None
 
     def __enter__(self) -> Registry:
