@@ -87,6 +87,8 @@ __all__ = [  # the engine's public face; the data types live in state.py
 
 MIN_COLD_STARTS = 3  # pod starts observed before their P90 replaces the spec's coldStart
 REVERSAL_WINDOW = dt.timedelta(seconds=REVERSAL_WINDOW_S)
+# The swings of demand a scale-down must survive are those of any reversal window this recent.
+WOBBLE_MEMORY = dt.timedelta(hours=1)
 
 
 # ------------------------------------------------------------------------------------ phase 1: floors
@@ -363,11 +365,12 @@ def _demand(
     per_replica = capacity.rps if capacity is not None else slo.capacity_rps
     measured = metrics.values.get(slo.name)
     arrivals, carried, swung = None, None, None
+    inputs = metrics.inputs(slo)
     if measured is not None:
-        arrivals, carried = demand_now(measured, metrics.inputs(slo), headroom, burst)
+        arrivals, carried = demand_now(measured, inputs, headroom, burst)
         # The rebound band swings the demand without the burst headroom, which holds for a swing already.
         swing = 1 + max(REVERSAL_TOLERANCE, _band(slo, metrics, now))
-        swung = max(carried, demand_now(measured, metrics.inputs(slo), headroom)[1] * swing)
+        swung = max(carried, demand_now(measured, inputs, headroom)[1] * swing)
     needed = size(slo, carried, per_replica) if carried is not None else None
     predicted = prediction.peak_rps if isinstance(prediction, fc.Forecast) else None
     forecast_needed = min(size(slo, predicted, per_replica), policy.max_replicas) if predicted is not None else None
@@ -389,7 +392,7 @@ def _demand(
         forecast_note=note,
         lookahead=lookahead,
         last_forecast=last,
-        overload=overload.detect(slo, metrics.inputs(slo), observed.ready * per_replica, arrivals),
+        overload=overload.detect(slo, inputs, observed.ready * per_replica, arrivals),
     )
     return demand, forecast_needed or 0, guard, rebound, pending, last
 
@@ -422,9 +425,11 @@ def _track_loads(
 
 
 def _band(trigger: Trigger, metrics: Metrics, now: dt.datetime) -> float:
-    """The rise of the load a scale-down must survive (antiflap.py): the swing of demand seen over
-    the last reversal window (forecast.wobble), at least the trigger's tolerance."""
-    seen = fc.wobble(metrics.history, now, REVERSAL_WINDOW) if metrics.history is not None else None
+    """The rise of the load a scale-down must survive (antiflap.py): the largest swing of demand
+    within a reversal window over the last WOBBLE_MEMORY (forecast.wobble), at least the trigger's
+    tolerance."""
+    history = metrics.history
+    seen = fc.wobble(history, now, REVERSAL_WINDOW, WOBBLE_MEMORY) if history is not None else None
     return max(trigger.tolerance, seen or 0.0)
 
 

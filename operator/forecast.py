@@ -277,19 +277,35 @@ WOBBLE_MIN_SAMPLES = 3  # samples of the recent span needed before its spread sa
 WOBBLE_CAP = 1.0  # a swing beyond doubling is a burst: overload answers it at once, no band holds for it
 
 
-def wobble(history: RateHistory, now: dt.datetime, span: dt.timedelta) -> float | None:
-    """How far demand swung over the last `span` with nothing else changing: the spread of the
-    history's samples there (highest / lowest - 1), at most WOBBLE_CAP; None with too few samples.
+def wobble(
+    history: RateHistory, now: dt.datetime, span: dt.timedelta, memory: dt.timedelta | None = None
+) -> float | None:
+    """How far demand swung within `span` with nothing else changing: the largest spread (highest /
+    lowest - 1) of the history's samples in any `span` of the last `memory` (default: the last `span`
+    alone), at most WOBBLE_CAP; None with too few samples.
 
     A scale-down the next swing of the same size undoes is a flap; the SLO model keeps its
     scale-downs out of the band this wide (antiflap.py's rebound). A steady load gives a narrow band,
-    a noisy plateau a wide one: the headroom follows the noise actually seen.
+    a noisy plateau a wide one: the headroom follows the noise actually seen. A memory longer than
+    the span keeps the band through a calm spell of a load that swings every so often: a scale-down
+    taken in the calm is undone by the next swing (the generalization bench's diurnal pairs flapped
+    so, minutes apart, all afternoon).
     """
-    rps = history.window(now - span, now)
-    rps = rps[~np.isnan(rps)]
-    if len(rps) < WOBBLE_MIN_SAMPLES or float(np.min(rps)) <= 0:
+    rps = history.window(now - (memory or span), now)
+    width = max(1, len(history.window(now - span, now)))  # the samples one span holds
+    if len(rps) < width:
+        rps = np.concatenate([np.full(width - len(rps), np.nan), rps])
+    windows = np.lib.stride_tricks.sliding_window_view(rps, width)
+    counted = np.count_nonzero(~np.isnan(windows), axis=1) >= WOBBLE_MIN_SAMPLES
+    if not counted.any():
         return None
-    return min(float(np.max(rps) / np.min(rps)) - 1.0, WOBBLE_CAP)
+    windows = windows[counted]
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanmin(windows, axis=1), np.nanmax(windows, axis=1)
+    valid = low > 0
+    if not valid.any():
+        return None
+    return min(float(np.max(high[valid] / low[valid])) - 1.0, WOBBLE_CAP)
 
 
 BURST_MEMORY = dt.timedelta(hours=1)  # bursts this recent are expected again

@@ -51,6 +51,27 @@ def test_wobble_is_the_spread_of_the_recent_samples() -> None:
     assert fc.wobble(old, T0, span) == 0.0
 
 
+def test_the_wobble_memory_keeps_a_swing_through_a_calm_spell() -> None:
+    """A load that swings every half hour: a scale-down taken in the calm ten minutes between is
+    undone by the next swing (pair 54 of the generalization bench flapped so, 24 times a day)."""
+    span, hour = dt.timedelta(minutes=10), dt.timedelta(hours=1)
+    swings = minutes([100.0, 130.0] * 5 + [100.0] * 20, T0)
+    assert fc.wobble(swings, T0, span) == 0.0
+    assert abs((fc.wobble(swings, T0, span, hour) or 0) - 0.3) < 1e-9
+    older = minutes([100.0, 130.0] * 5 + [100.0] * 70, T0)  # the swing left the memory
+    assert fc.wobble(older, T0, span, hour) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.floats(1.0, 1e4), st.just(float("nan"))), min_size=1, max_size=90))
+def test_a_longer_memory_never_narrows_the_band(values: list[float]) -> None:
+    span, hour = dt.timedelta(minutes=10), dt.timedelta(hours=1)
+    history = minutes(values, T0)
+    recent, remembered = fc.wobble(history, T0, span), fc.wobble(history, T0, span, hour)
+    if recent is not None:
+        assert remembered is not None and remembered >= recent - 1e-12
+
+
 # ------------------------------------------------------------------------------------- rebound
 def test_the_slo_model_does_not_scale_down_into_its_own_band() -> None:
     pol = policy(QUICK_DOWN, WIDE)
