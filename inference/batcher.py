@@ -17,9 +17,12 @@ for nobody.
 
 Each of the `workers` runs its batches on a thread of its own (torch's intra-op pool and glibc's
 malloc arena are per thread: rotating through a thread pool paid ~10^4 page faults per synthesis),
-with `threads` intra-op threads, or (`cpus` given: the adaptive layout) the CPUs divided among the
-batches running as it starts. A GPU has one worker (its batches are the parallelism); a CPU replica
-has as many as its CPUs hold (settings_contract.CPU_THREADS).
+with `threads` intra-op threads, or (`cpus` given: the adaptive layout) a width that follows the load:
+a batch that is the only work gets every CPU (one client's latency is the pipeline's on all cores),
+and runs alone - the other workers take nothing until it ends, since a second synthesis beside a
+wide one oversubscribes the cores and stalls both; otherwise each batch gets cpus // workers
+(throughput: one synthesis per core). A GPU has one worker (its batches are the parallelism); a CPU
+replica has as many as its CPUs hold (settings_contract.CPU_THREADS).
 
 Nobody's work is done for nobody: a request whose caller stopped waiting (a sentence's future
 cancelled: the timeout passed or the client went away) or whose synthesis failed leaves the queue at
@@ -166,6 +169,7 @@ class Batcher:
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.workers, self.threads, self.cpus = max(1, workers), threads, cpus
         self.running = 0  # batches being synthesised now (by as many workers)
+        self.wide = False  # a batch given every CPU is running: no other batch starts until it ends
         self.token_budget, self.promote_after = token_budget, promote_after_s
         self.pending: list[_Job] = []  # sentences not yet in a batch
         self.requests: set[_Request] = set()  # admitted and not finished
@@ -195,11 +199,14 @@ class Batcher:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
 
-    def _share_cpus(self, running: int) -> None:
-        """Adaptive layout (`cpus` given): a batch gets the CPUs divided among the batches running as it
-        starts: all of them alone (one client's latency), one each when every worker is busy (throughput)."""
-        if self.cpus is not None:
-            torch.set_num_threads(max(1, self.cpus // running))
+    def _width(self) -> int | None:
+        """Intra-op threads for the batch just taken (adaptive layout; None: the worker's own). Every
+        CPU when nothing else runs or waits; else the CPUs divided among the workers."""
+        if self.cpus is None:
+            return None
+        if self.running == 0 and not self.pending:
+            return self.cpus
+        return max(1, self.cpus // self.workers)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -298,11 +305,11 @@ class Batcher:
     async def _next_batch(self) -> list[_Job]:
         """Wait for a sentence, then up to `max_wait_ms` for a full batch's worth, then plan one."""
         while True:
-            while not self.pending:
+            while not self.pending or self.wide:
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._wait_for_company()
-            if self.pending:  # withdrawals may have emptied the queue meanwhile
+            if self.pending and not self.wide:  # withdrawals may have emptied the queue meanwhile
                 break
         batch = plan_batch(self.pending, self.max_batch, self.token_budget, time.monotonic() - self.promote_after)
         taken = {id(j) for j in batch}
@@ -340,23 +347,30 @@ class Batcher:
     async def _run(self, executor: concurrent.futures.Executor) -> None:
         while True:
             batch = await self._next_batch()
+            width = self._width()  # decided before anything else can start: no await in between
             self._start(batch)
-            await self._run_group(batch, executor)
+            await self._run_group(batch, executor, width)
 
-    async def _run_group(self, group: list[_Job], executor: concurrent.futures.Executor | None = None) -> None:
+    async def _run_group(
+        self, group: list[_Job], executor: concurrent.futures.Executor | None = None, width: int | None = None
+    ) -> None:
         started = time.monotonic()
         requests = _request_ids(group)
         loop = asyncio.get_running_loop()
         self.running += 1
+        self.wide = self.workers > 1 and width is not None and width > 1 and width == self.cpus
         try:
             with self.busy.running():
                 items = [j.item for j in group]
-                results = await loop.run_in_executor(executor, self._synthesize_in, self.running, items, requests)
+                results = await loop.run_in_executor(executor, self._synthesize_in, width, items, requests)
         except Exception as exc:
             self._failed(group, exc, requests)
             return
         finally:
             self.running -= 1
+            if self.wide:
+                self.wide = False
+                self._arrived.set()  # the other workers may start again
         elapsed = time.monotonic() - started
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * elapsed
         self.metrics.histogram(mc.BATCH_SIZE).observe(len(group))
@@ -381,8 +395,9 @@ class Batcher:
             self._drop(job.request, exc)
             self._finish(job)
 
-    def _synthesize_in(self, running: int, items: list[Item], requests: str) -> list[np.ndarray]:
-        self._share_cpus(running)
+    def _synthesize_in(self, width: int | None, items: list[Item], requests: str) -> list[np.ndarray]:
+        if width is not None:
+            torch.set_num_threads(width)
         return self._synthesize_splitting(items, requests)
 
     def _synthesize_splitting(self, items: list[Item], requests: str = "") -> list[np.ndarray]:

@@ -64,7 +64,7 @@ def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 def cpu_layout(threads: int, cpus: int) -> tuple[int, int | None, int | None]:
     """(synthesis workers, intra-op threads per worker, CPUs to share) on a CPU for VOXSCALE_CPU_THREADS.
 
-    0 (adaptive): a worker per CPU, each batch given the CPUs divided among those running as it starts;
+    0 (adaptive): a worker per CPU; a batch that is the only work gets every CPU (batcher.py);
     n >= 1: cpus // n workers of n threads each."""
     if threads <= 0:
         return cpus, None, cpus

@@ -503,3 +503,35 @@ def test_cpu_workers_synthesise_side_by_side_each_on_a_thread_of_its_own() -> No
     _run(scenario())
     assert sorted(name.rsplit("_", 1)[0] for name, _ in threads) == ["voxscale-synth-0", "voxscale-synth-1"]
     assert all(n == 1 for _, n in threads)
+
+
+def test_the_adaptive_layout_gives_a_lone_request_every_cpu_and_a_crowd_one_each() -> None:
+    """VOXSCALE_CPU_THREADS=0 (issue 24): one client's latency is the pipeline's on all cores; several
+    requests run side by side on one core each; nothing starts beside a batch given every core."""
+    runs: list[tuple[int, int, float, float]] = []  # (ids, threads, start, end)
+    together = threading.Barrier(2, timeout=10)
+
+    def synthesize(items: list[Item]) -> list[np.ndarray]:
+        start, width = time.monotonic(), torch.get_num_threads()
+        if len(items[0].ids) == 7:
+            together.wait()  # the crowd's two batches are inside synthesis at once
+        else:
+            time.sleep(0.1)
+        runs.append((len(items[0].ids), width, start, time.monotonic()))
+        return _fake(items)
+
+    async def scenario() -> None:
+        batcher = _batcher(synthesize, max_batch=1, max_wait_ms=0, workers=2, cpus=2)
+        batcher.start()
+        lone = batcher.submit([_item(5)])
+        await asyncio.sleep(0.03)
+        late = batcher.submit([_item(6)])  # arrives while the lone one runs on both cores
+        await asyncio.gather(*lone, *late)
+        await asyncio.gather(*batcher.submit([_item(7)]), *batcher.submit([_item(7)]))
+        await batcher.stop()
+
+    _run(scenario())
+    by_ids = {ids: (width, start, end) for ids, width, start, end in runs}
+    assert by_ids[5][0] == 2 and by_ids[6][0] == 2, runs  # each alone when it started
+    assert by_ids[6][1] >= by_ids[5][2], runs  # waited for the wide batch instead of running beside it
+    assert [w for ids, w, _, _ in runs if ids == 7] == [1, 1], runs

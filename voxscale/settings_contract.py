@@ -109,7 +109,8 @@ CPU_THREADS: Setting[int] = Setting(
     "Intra-op threads per synthesis on a CPU: the replica runs CPUs // n syntheses at once (the cgroup "
     "limit counts), each on a thread of its own. 1 measured best on 2 shared CPUs at 1, 4 and 16 clients "
     "(bench/inference_bench.py --layouts): two threads of one synthesis stall whenever anything else runs. "
-    "0 (adaptive): a worker per CPU, each batch given the CPUs divided among those running as it starts.",
+    "0 (adaptive): a worker per CPU; a batch that is the only work gets every CPU and runs alone, "
+    "otherwise each batch gets one CPU.",
     minimum=0,
 )
 MAX_WAIT_MS: Setting[float] = Setting(
