@@ -505,6 +505,27 @@ def test_cpu_workers_synthesise_side_by_side_each_on_a_thread_of_its_own() -> No
     assert all(n == 1 for _, n in threads)
 
 
+def test_at_low_load_one_worker_does_all_the_work() -> None:
+    """One client's requests, one after another, all run on worker 0: taking turns, two workers' malloc
+    arenas and intra-op pools each stayed half warm."""
+    names: list[str] = []
+
+    def synthesize(items: list[Item]) -> list[np.ndarray]:
+        names.append(threading.current_thread().name.rsplit("_", 1)[0])
+        return _fake(items)
+
+    async def scenario() -> None:
+        batcher = _batcher(synthesize, max_batch=1, max_wait_ms=0, workers=2, threads=1)
+        batcher.start()
+        for n in range(6):
+            await asyncio.gather(*batcher.submit([_item(n + 1)]))
+            await asyncio.sleep(0.01)
+        await batcher.stop()
+
+    _run(scenario())
+    assert names == ["voxscale-synth-0"] * 6, names
+
+
 def test_the_adaptive_layout_gives_a_lone_request_every_cpu_and_a_crowd_one_each() -> None:
     """VOXSCALE_CPU_THREADS=0 (issue 24): one client's latency is the pipeline's on all cores; several
     requests run side by side on one core each; nothing starts beside a batch given every core."""
