@@ -293,6 +293,12 @@ def wobble(
     """
     rps = history.window(now - (memory or span), now)
     width = max(1, len(history.window(now - span, now)))  # the samples one span holds
+    return _wobble(_bytes(rps), width)
+
+
+@functools.lru_cache(maxsize=64)  # every tick asks for each trigger's band; the samples change once a step
+def _wobble(samples: bytes, width: int) -> float | None:
+    rps = np.frombuffer(samples)
     if len(rps) < width:
         rps = np.concatenate([np.full(width - len(rps), np.nan), rps])
     windows = np.lib.stride_tricks.sliding_window_view(rps, width)
